@@ -1,0 +1,284 @@
+"""Pure-Python twin of ``dsamig._native``: the readable specification.
+
+Every function and class here has the same name, signature and results as its
+native counterpart.  Tests run both and compare; ``DSAMIG_NO_EXTENSIONS=1``
+makes dsamig run on this module alone (slowly: it does per-page work in
+Python, which the native module exists to avoid).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+import time
+import mmap
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+SIMD_LEVELS = ("generic", "sse2", "avx2")
+
+_POLY = 0x82F63B78  # reflected Castagnoli polynomial
+
+
+def _make_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ _POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_TABLE = _make_table()
+
+
+def crc32c(data: Buffer, crc: int = 0) -> int:
+    """CRC32C of ``data`` continuing from ``crc``: crc32c(b, crc32c(a)) == crc32c(a+b)."""
+    table = _TABLE
+    value = crc ^ 0xFFFFFFFF
+    for byte in bytes(data):
+        value = table[(value ^ byte) & 0xFF] ^ (value >> 8)
+    return value ^ 0xFFFFFFFF
+
+
+def crc32c_impl() -> str:
+    """Which CRC32C implementation runs."""
+    return "python"
+
+
+def crc32c_force_portable(on: bool) -> None:
+    """No-op: the twin has only one implementation."""
+
+
+def simd_level() -> str:
+    """The twin compares bytes in Python: no SIMD."""
+    return "python"
+
+
+def force_simd(level: str | None) -> None:
+    """No-op: the twin has only one implementation."""
+
+
+def _group_bitmap_bytes(pages: int, group_pages: int) -> int:
+    full, rest = divmod(pages, group_pages)
+    return full * ((group_pages + 7) // 8) + (rest + 7) // 8
+
+
+def bitmap_bytes(length: int, page_size: int, group_pages: int = 0) -> int:
+    """Bytes of the bitmap that zero_bitmap() returns for these arguments."""
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    pages = -(-length // page_size)
+    return _group_bitmap_bytes(pages, group_pages or max(1, pages))
+
+
+def zero_bitmap(data: Buffer, page_size: int, group_pages: int = 0) -> tuple[bytes, int]:
+    """Scan ``data`` page by page; return ``(bitmap, zero_pages)``.
+
+    Bit i of a group's bitmap (byte i//8, bit i%8, LSB first) is set when page
+    i of the group is all zero.  Each group of ``group_pages`` pages (0: one
+    group for everything) starts on a new byte.  The last page may be short.
+    """
+    if page_size <= 0:
+        raise ValueError("page_size must be positive")
+    view = memoryview(data).cast("B")
+    length = len(view)
+    pages = -(-length // page_size)
+    group_pages = group_pages or max(1, pages)
+    out = bytearray(_group_bitmap_bytes(pages, group_pages))
+    zero_page = bytes(page_size)
+    zero = 0
+    byte_base = 0
+    for first in range(0, pages, group_pages):
+        count = min(group_pages, pages - first)
+        for i in range(count):
+            start = (first + i) * page_size
+            page = view[start : start + page_size]
+            if page == zero_page[: len(page)]:
+                out[byte_base + i // 8] |= 1 << (i % 8)
+                zero += 1
+        byte_base += (count + 7) // 8
+    return bytes(out), zero
+
+
+def normal_runs(bitmap: Buffer, page_count: int) -> list[tuple[int, int]]:
+    """Runs of normal (clear-bit) pages as ``[(first, count), ...]``."""
+    bm = bytes(bitmap)
+    if len(bm) * 8 < page_count:
+        raise ValueError("bitmap shorter than page_count")
+    runs: list[tuple[int, int]] = []
+    start = -1
+    for i in range(page_count):
+        is_zero = (bm[i >> 3] >> (i & 7)) & 1
+        if not is_zero and start < 0:
+            start = i
+        elif is_zero and start >= 0:
+            runs.append((start, i - start))
+            start = -1
+    if start >= 0:
+        runs.append((start, page_count - start))
+    return runs
+
+
+def packet_payload(
+    data: Buffer, bitmap: Buffer, page_size: int
+) -> tuple[list[memoryview], int, int]:
+    """The payload of one packet: ``(views, payload_length, crc32c)``."""
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    length = len(mv)
+    views: list[memoryview] = []
+    crc = 0
+    total = 0
+    for first, count in normal_runs(bitmap, -(-length // page_size)):
+        piece = mv[first * page_size : min((first + count) * page_size, length)]
+        crc = crc32c(piece, crc)
+        total += len(piece)
+        views.append(piece)
+    return views, total, crc
+
+
+def write_runs(
+    fd: int, payload: Buffer, bitmap: Buffer, page_size: int, offset: int, span: int
+) -> int:
+    """Write each run of normal pages of a packet at its place in ``fd``."""
+    data = memoryview(payload).cast("B")
+    pos = 0
+    for first, count in normal_runs(bitmap, -(-span // page_size)):
+        start = first * page_size
+        size = min((first + count) * page_size, span) - start
+        if pos + size > len(data):
+            raise ValueError("payload shorter than the normal pages of its bitmap")
+        done = 0
+        while done < size:
+            n = os.pwrite(fd, data[pos + done : pos + size], offset + start + done)
+            if n == 0:
+                raise OSError(28, os.strerror(28))
+            done += n
+        pos += size
+    if pos != len(data):
+        raise ValueError("payload longer than the normal pages of its bitmap")
+    return pos
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_PR_SET_NAME = 15
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling OS thread (15 characters at most)."""
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def thread_cpu_s() -> float:
+    """CPU seconds used so far by the calling thread."""
+    return time.thread_time()
+
+
+class CpuEngineCore:
+    """Twin of the native CPU core: worker threads, an eventfd, a done list."""
+
+    def __init__(self, threads: int = 1, prefault: bool = True) -> None:
+        if not 1 <= threads <= 64:
+            raise OSError(22, "cannot start CPU engine workers")
+        self.threads = threads
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list[tuple[int, memoryview, int, int]] = []
+        self._done: list[tuple[int, bytes, int, int, int]] = []
+        self._inflight = 0
+        self._next_token = 0
+        self._closed = False
+        self._stopping = False
+        self._stats = {"batches": 0, "pages": 0, "zero-pages": 0, "wakeups": 0}
+        self._workers = [
+            threading.Thread(target=self._work, args=(i,), name=f"dsamig-cpu-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def fileno(self) -> int:
+        """The eventfd that becomes readable when batches have completed."""
+        if self._efd < 0:
+            raise ValueError("engine core is closed")
+        return self._efd
+
+    def submit(self, buffer: Buffer, page_size: int, group_pages: int) -> int:
+        """Queue a batch of pages; return its token."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        if page_size <= 0 or group_pages <= 0:
+            raise ValueError("page_size and group_pages must be positive")
+        with self._cond:
+            self._next_token += 1
+            self._queue.append((self._next_token, memoryview(buffer), page_size, group_pages))
+            self._inflight += 1
+            self._cond.notify()
+            return self._next_token
+
+    def _post(self, item: tuple[int, bytes, int, int, int]) -> None:
+        with self._lock:
+            was_empty = not self._done
+            self._done.append(item)
+            if was_empty:
+                self._stats["wakeups"] += 1
+        if was_empty:
+            os.eventfd_write(self._efd, 1)
+
+    def _work(self, index: int) -> None:
+        set_thread_name(f"dsamig-cpu-{index}")
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                token, view, page_size, group_pages = self._queue.pop(0)
+            bitmaps, zero = zero_bitmap(view, page_size, group_pages)
+            pages = -(-len(view) // page_size)
+            with self._lock:
+                self._stats["batches"] += 1
+                self._stats["pages"] += pages
+                self._stats["zero-pages"] += zero
+            self._post((token, bitmaps, zero, 0, pages))
+
+    def collect(self) -> list[tuple[int, bytes, int, int, int]]:
+        """Finished batches: ``[(token, bitmaps, zero_pages, status, cpu_pages)]``."""
+        if self._efd < 0:
+            return []
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            done, self._done = self._done, []
+            self._inflight -= len(done)
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight
+
+    def stats(self) -> dict[str, float]:
+        """Counters of this core."""
+        with self._lock:
+            return {**self._stats, "worker-cpu-s": 0.0}
+
+    def close(self) -> None:
+        """Stop the workers (idempotent); unstarted batches come back ECANCELED."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._stopping = True
+            left, self._queue = self._queue, []
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join()
+        for token, view, page_size, group_pages in left:
+            self._post((token, b"\0" * bitmap_bytes(len(view), page_size, group_pages), 0,
+                        125, 0))
