@@ -1,0 +1,596 @@
+"""Frames of the dsamig wire protocol, version 1, and their encoder.
+
+docs/protocol.md is the normative description; this module follows it field by
+field. Every layout is a precompiled :class:`struct.Struct`: the receiver
+decodes one PACKET header per packet (512 KiB by default) in Python, so the
+per-frame cost is a couple of C calls and one small object.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Final, Literal, TypeAlias
+
+from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+PREAMBLE: Final = b"\x89DSAMIG\n"
+PROTOCOL_VERSION: Final = 1
+FRAME_HEADER_SIZE: Final = 8
+MAX_BODY: Final = 65536
+MAX_CHANNELS: Final = 64
+MAX_NAME: Final = 255
+MAX_ERROR_MESSAGE: Final = 4096
+MAX_IMAGE_SIZE: Final = 2**50
+MIN_PAGE_SIZE: Final = 512
+MAX_PAGE_SIZE: Final = 1 << 20
+MAX_PACKET_PAGES: Final = 4096
+# payload_length is a u32, so a packet's pages must fit in one.
+MAX_PACKET_BYTES: Final = 0xFFFFFFFF
+CHECKSUM_CRC32C: Final = 1
+DIGEST_SHA256_RECORDS: Final = 1
+DIGEST_SIZE: Final = 32
+
+# HELLO flags
+HELLO_MANIFEST: Final = 0x01
+# PACKET flags: reserved for non-contiguous pages (live rounds), rejected in v1.
+PACKET_PAGE_LIST: Final = 0x01
+
+PACKET_FIXED_BODY: Final = 32
+HELLO_FIXED_BODY: Final = 32
+MANIFEST_SIZE: Final = 32
+
+_U16: Final = 0xFFFF
+_U32: Final = 0xFFFFFFFF
+_U64: Final = 0xFFFFFFFFFFFFFFFF
+
+
+class FrameType(enum.IntEnum):
+    """The ``type`` byte of a frame header."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    PACKET = 0x10
+    ZERO_RANGE = 0x11
+    END = 0x12
+    COMMIT_REQUEST = 0x13
+    COMMIT = 0x14
+    ERROR = 0x7F
+
+
+class Sentinel(enum.Enum):
+    """Non-frame results of :meth:`FrameDecoder.next_event`."""
+
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+#: More bytes must be fed before the next event can be produced.
+NEED_DATA: Final = Sentinel.NEED_DATA
+#: The peer closed the connection cleanly, between frames.
+CLOSED: Final = Sentinel.CLOSED
+
+# Wire layouts, all little-endian (docs/protocol.md). Shared with the decoder.
+HEADER_STRUCT: Final = struct.Struct("<BBHI")
+HELLO_STRUCT: Final = struct.Struct("<HHI16sHHHH")
+MANIFEST_STRUCT: Final = struct.Struct("<QIIQBB6s")
+WELCOME_STRUCT: Final = struct.Struct("<HHI16s")
+PACKET_STRUCT: Final = struct.Struct("<QQIIIHH")
+# Frame header and the fixed PACKET body in one pack: the sender's hot path.
+PACKET_FRAME_STRUCT: Final = struct.Struct("<BBHIQQIIIHH")
+ZERO_RANGE_STRUCT: Final = struct.Struct("<QQ")
+END_STRUCT: Final = struct.Struct("<QQ")
+COMMIT_REQUEST_STRUCT: Final = struct.Struct("<QQQ32s")
+COMMIT_STRUCT: Final = struct.Struct("<32s")
+ERROR_STRUCT: Final = struct.Struct("<HH")
+
+_MANIFEST_RESERVED: Final = bytes(6)
+_T_PACKET: Final = int(FrameType.PACKET)
+
+
+def _range_problem(what: str, value: int, low: int, high: int) -> str | None:
+    """Describe ``value`` if it is outside ``low..high``, else return None."""
+    if low <= value <= high:
+        return None
+    return f"{what} {value} out of range ({low}..{high})"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What channel 0's HELLO says about the image: sizes and algorithms.
+
+    The derived counts are computed once at construction, because the
+    receiver consults them for every packet.
+    """
+
+    image_size: int
+    page_size: int = 4096
+    packet_pages: int = 128
+    checksum: int = CHECKSUM_CRC32C
+    digest: int = DIGEST_SHA256_RECORDS
+    _page_count: int = field(init=False, repr=False, compare=False)
+    _packet_count: int = field(init=False, repr=False, compare=False)
+    _tail_length: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        page_count = packet_count = tail = 0
+        # An invalid manifest must still construct (the decoder builds it and
+        # then calls validate()), so guard the arithmetic instead of raising.
+        if self.page_size > 0 and self.packet_pages > 0 and self.image_size > 0:
+            page_count = -(-self.image_size // self.page_size)
+            packet_count = -(-page_count // self.packet_pages)
+            tail = self.image_size - (page_count - 1) * self.page_size
+        object.__setattr__(self, "_page_count", page_count)
+        object.__setattr__(self, "_packet_count", packet_count)
+        object.__setattr__(self, "_tail_length", tail)
+
+    @property
+    def page_count(self) -> int:
+        """Pages in the image: ceil(image_size / page_size)."""
+        return self._page_count
+
+    @property
+    def packet_count(self) -> int:
+        """Packets in the image: ceil(page_count / packet_pages)."""
+        return self._packet_count
+
+    @staticmethod
+    def bitmap_length(page_count: int) -> int:
+        """Bytes of zero bitmap for a packet of ``page_count`` pages."""
+        return (page_count + 7) >> 3
+
+    def pages_in_packet(self, packet_number: int) -> int:
+        """Pages in packet ``packet_number``; the last packet may be shorter.
+
+        Raises ValueError for a packet number outside the image.
+        """
+        last = self._packet_count - 1
+        if 0 <= packet_number < last:
+            return self.packet_pages
+        if packet_number == last and last >= 0:
+            return self._page_count - packet_number * self.packet_pages
+        raise ValueError(
+            f"packet_number {packet_number} out of range (packet_count {self._packet_count})"
+        )
+
+    def page_length(self, page_index: int) -> int:
+        """Bytes of page ``page_index``: page_size, or the image's short tail.
+
+        Raises ValueError for a page index outside the image.
+        """
+        last = self._page_count - 1
+        if 0 <= page_index < last:
+            return self.page_size
+        if page_index == last and last >= 0:
+            return self._tail_length
+        raise ValueError(f"page_index {page_index} out of range (page_count {self._page_count})")
+
+    def payload_length(self, packet_number: int, zero_bitmap: bytes) -> int:
+        """Exact payload bytes of a packet: the lengths of its normal pages.
+
+        ``zero_bitmap`` must be the packet's well-formed bitmap (right length,
+        padding bits clear), as the decoder guarantees. Only the image's last
+        page can be short, so only its bit is tested; the rest is a popcount.
+        """
+        pages = self.pages_in_packet(packet_number)
+        normal = pages - int.from_bytes(zero_bitmap, "little").bit_count()
+        length = normal * self.page_size
+        if packet_number == self._packet_count - 1 and self._tail_length != self.page_size:
+            last = pages - 1
+            if not (zero_bitmap[last >> 3] >> (last & 7)) & 1:
+                length -= self.page_size - self._tail_length
+        return length
+
+    def full_zero_bitmap(self, packet_number: int) -> bytes:
+        """The bitmap of packet ``packet_number`` with every page marked zero."""
+        pages = self.pages_in_packet(packet_number)
+        return ((1 << pages) - 1).to_bytes((pages + 7) >> 3, "little")
+
+    def problem(self) -> str | None:
+        """Describe the first rule this manifest breaks, or return None."""
+        ps = self.page_size
+        if not (MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE and ps & (ps - 1) == 0):
+            return (
+                f"manifest page_size {ps} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}"
+            )
+        message = _range_problem(
+            "manifest packet_pages", self.packet_pages, 1, MAX_PACKET_PAGES
+        ) or _range_problem("manifest image_size", self.image_size, 0, MAX_IMAGE_SIZE)
+        if message:
+            return message
+        if ps * self.packet_pages > MAX_PACKET_BYTES:
+            return (
+                f"manifest packet_pages {self.packet_pages} x page_size {ps} exceeds "
+                f"{MAX_PACKET_BYTES} bytes (payload_length is 32 bits)"
+            )
+        if self.checksum != CHECKSUM_CRC32C:
+            return f"manifest checksum {self.checksum} not supported (1 = CRC32C)"
+        if self.digest != DIGEST_SHA256_RECORDS:
+            return f"manifest digest {self.digest} not supported (1 = SHA-256 over records)"
+        return None
+
+    def validate(self) -> None:
+        """Raise RemoteProtocolError if the manifest breaks a rule of v1."""
+        message = self.problem()
+        if message is not None:
+            raise RemoteProtocolError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """HELLO: opens a channel; channel 0 carries the manifest."""
+
+    job_id: uuid.UUID
+    channel_index: int
+    channel_count: int
+    manifest: Manifest | None = None
+    name: str = ""
+    features: int = 0
+    version: int = PROTOCOL_VERSION
+    auth: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """WELCOME: the receiver accepts the channel."""
+
+    job_id: uuid.UUID
+    features: int = 0
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class PacketHeader:
+    """PACKET without its payload; ``payload_length`` payload bytes follow it."""
+
+    packet_number: int
+    first_page: int
+    page_count: int
+    payload_length: int
+    payload_crc: int
+    zero_bitmap: bytes
+    region: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroRange:
+    """ZERO_RANGE: ``packet_count`` whole packets, all pages zero."""
+
+    first_packet: int
+    packet_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """END: the channel is done; its totals, for the receiver to compare."""
+
+    packets: int
+    payload_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """COMMIT_REQUEST: channel 0 asks the receiver to commit the job."""
+
+    packet_count: int
+    zero_pages: int
+    normal_pages: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """COMMIT: the destination is durable; echoes the receiver's digest."""
+
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """ERROR: a coded failure; its sender closes the channel.
+
+    ``code`` is a plain int when the peer used a code this version does not
+    know, so that the message still reaches the operator.
+    """
+
+    code: ErrorCode | int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadChunk:
+    """Bytes of the payload of the PACKET decoded last."""
+
+    data: bytes
+
+
+Frame: TypeAlias = Hello | Welcome | PacketHeader | ZeroRange | End | CommitRequest | Commit | Error
+Event: TypeAlias = Frame | PayloadChunk | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
+
+_FRAME_TYPES: Final[dict[type, FrameType]] = {
+    Hello: FrameType.HELLO,
+    Welcome: FrameType.WELCOME,
+    PacketHeader: FrameType.PACKET,
+    ZeroRange: FrameType.ZERO_RANGE,
+    End: FrameType.END,
+    CommitRequest: FrameType.COMMIT_REQUEST,
+    Commit: FrameType.COMMIT,
+    Error: FrameType.ERROR,
+}
+
+
+def frame_type(frame: Frame) -> FrameType:
+    """The FrameType that ``frame`` is encoded as."""
+    try:
+        return _FRAME_TYPES[type(frame)]
+    except KeyError:
+        raise LocalProtocolError(f"not a frame: {frame!r}") from None
+
+
+def encode_preamble() -> bytes:
+    """The 8 bytes a sender writes first on every channel."""
+    return PREAMBLE
+
+
+def _check(*problems: str | None) -> None:
+    for message in problems:
+        if message is not None:
+            raise LocalProtocolError(message)
+
+
+def _packet_problem(
+    packet_number: int,
+    first_page: int,
+    page_count: int,
+    payload_length: int,
+    payload_crc: int,
+    zero_bitmap: bytes,
+) -> str | None:
+    """Describe the first encodable-range rule a PACKET breaks, or None."""
+    message = (
+        _range_problem("PACKET packet_number", packet_number, 0, _U64)
+        or _range_problem("PACKET first_page", first_page, 0, _U64)
+        or _range_problem("PACKET page_count", page_count, 1, MAX_PACKET_PAGES)
+        or _range_problem(
+            "PACKET payload_length",
+            payload_length,
+            0,
+            min(_U32, page_count * MAX_PAGE_SIZE),
+        )
+        or _range_problem("PACKET payload_crc", payload_crc, 0, _U32)
+    )
+    if message:
+        return message
+    expected = (page_count + 7) >> 3
+    if len(zero_bitmap) != expected:
+        return (
+            f"PACKET zero_bitmap of {len(zero_bitmap)} bytes, "
+            f"expected {expected} for page_count {page_count}"
+        )
+    if page_count & 7 and zero_bitmap[-1] >> (page_count & 7):
+        return f"PACKET zero_bitmap padding bits set in last byte 0x{zero_bitmap[-1]:02x}"
+    return None
+
+
+def encode_packet_header(
+    packet_number: int,
+    first_page: int,
+    page_count: int,
+    payload_length: int,
+    payload_crc: int,
+    zero_bitmap: bytes,
+) -> bytes:
+    """Encode a PACKET frame header and body (not its payload) without a dataclass.
+
+    The sender calls this once per packet; it is ``encode(PacketHeader(...))``
+    with region 0, byte for byte.
+    """
+    # Cheap checks first; the detailed (slower) description only on failure.
+    if (
+        0 < page_count <= MAX_PACKET_PAGES
+        and len(zero_bitmap) == (page_count + 7) >> 3
+        and payload_length <= page_count * MAX_PAGE_SIZE
+        and not (page_count & 7 and zero_bitmap[-1] >> (page_count & 7))
+    ):
+        try:
+            head = PACKET_FRAME_STRUCT.pack(
+                _T_PACKET,
+                0,
+                0,
+                PACKET_FIXED_BODY + len(zero_bitmap),
+                packet_number,
+                first_page,
+                page_count,
+                payload_length,
+                payload_crc,
+                0,
+                0,
+            )
+        except struct.error:
+            pass
+        else:
+            return head + zero_bitmap
+    raise LocalProtocolError(
+        _packet_problem(
+            packet_number, first_page, page_count, payload_length, payload_crc, zero_bitmap
+        )
+        or f"PACKET fields not encodable: {packet_number=} {first_page=} {page_count=} "
+        f"{payload_length=} {payload_crc=}"
+    )
+
+
+def _frame(ftype: FrameType, flags: int, body: bytes) -> bytes:
+    if len(body) > MAX_BODY:
+        raise LocalProtocolError(
+            f"{ftype.name} body_length {len(body)} exceeds the limit of {MAX_BODY}"
+        )
+    return HEADER_STRUCT.pack(ftype, flags, 0, len(body)) + body
+
+
+def _encode_manifest(manifest: Manifest) -> bytes:
+    _check(manifest.problem())
+    return MANIFEST_STRUCT.pack(
+        manifest.image_size,
+        manifest.page_size,
+        manifest.packet_pages,
+        manifest.packet_count,
+        manifest.checksum,
+        manifest.digest,
+        _MANIFEST_RESERVED,
+    )
+
+
+def _encode_hello(frame: Hello) -> bytes:
+    try:
+        name = frame.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"HELLO name {frame.name!r} is not encodable as UTF-8") from None
+    _check(
+        _range_problem("HELLO version", frame.version, 0, _U16),
+        _range_problem("HELLO features", frame.features, 0, _U32),
+        _range_problem("HELLO channel_count", frame.channel_count, 1, MAX_CHANNELS),
+        _range_problem("HELLO channel_index", frame.channel_index, 0, frame.channel_count - 1),
+        _range_problem("HELLO name_length", len(name), 0, MAX_NAME),
+        _range_problem("HELLO auth_length", len(frame.auth), 0, _U16),
+    )
+    flags = 0
+    manifest = b""
+    if frame.manifest is not None:
+        flags = HELLO_MANIFEST
+        manifest = _encode_manifest(frame.manifest)
+    fixed = HELLO_STRUCT.pack(
+        frame.version,
+        0,
+        frame.features,
+        frame.job_id.bytes,
+        frame.channel_index,
+        frame.channel_count,
+        len(frame.auth),
+        len(name),
+    )
+    return _frame(FrameType.HELLO, flags, fixed + manifest + bytes(frame.auth) + name)
+
+
+def _encode_digest(what: str, digest: bytes) -> bytes:
+    if len(digest) != DIGEST_SIZE:
+        raise LocalProtocolError(f"{what} of {len(digest)} bytes, expected {DIGEST_SIZE}")
+    return bytes(digest)
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    """UTF-8 of ``text``, cut to at most ``limit`` bytes on a character boundary."""
+    # "replace" so that a message with lone surrogates still gets reported.
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    # Decoding with "ignore" drops the partial character the cut left behind.
+    return data[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode ``frame`` as header + body (a PACKET's payload is not included).
+
+    Raises LocalProtocolError for values the wire format cannot carry. ERROR
+    messages longer than MAX_ERROR_MESSAGE bytes are truncated, not refused,
+    since failing to report a failure helps nobody.
+    """
+    if isinstance(frame, PacketHeader):
+        _check(_range_problem("PACKET region", frame.region, 0, 0))
+        return encode_packet_header(
+            frame.packet_number,
+            frame.first_page,
+            frame.page_count,
+            frame.payload_length,
+            frame.payload_crc,
+            frame.zero_bitmap,
+        )
+    if isinstance(frame, ZeroRange):
+        _check(
+            _range_problem("ZERO_RANGE first_packet", frame.first_packet, 0, _U64),
+            _range_problem("ZERO_RANGE packet_count", frame.packet_count, 1, _U64),
+        )
+        return _frame(
+            FrameType.ZERO_RANGE, 0, ZERO_RANGE_STRUCT.pack(frame.first_packet, frame.packet_count)
+        )
+    if isinstance(frame, Hello):
+        return _encode_hello(frame)
+    if isinstance(frame, Welcome):
+        _check(
+            _range_problem("WELCOME version", frame.version, 0, _U16),
+            _range_problem("WELCOME features", frame.features, 0, _U32),
+        )
+        body = WELCOME_STRUCT.pack(frame.version, 0, frame.features, frame.job_id.bytes)
+        return _frame(FrameType.WELCOME, 0, body)
+    if isinstance(frame, End):
+        _check(
+            _range_problem("END packets", frame.packets, 0, _U64),
+            _range_problem("END payload_bytes", frame.payload_bytes, 0, _U64),
+        )
+        return _frame(FrameType.END, 0, END_STRUCT.pack(frame.packets, frame.payload_bytes))
+    if isinstance(frame, CommitRequest):
+        _check(
+            _range_problem("COMMIT_REQUEST packet_count", frame.packet_count, 0, _U64),
+            _range_problem("COMMIT_REQUEST zero_pages", frame.zero_pages, 0, _U64),
+            _range_problem("COMMIT_REQUEST normal_pages", frame.normal_pages, 0, _U64),
+        )
+        digest = _encode_digest("COMMIT_REQUEST digest", frame.digest)
+        body = COMMIT_REQUEST_STRUCT.pack(
+            frame.packet_count, frame.zero_pages, frame.normal_pages, digest
+        )
+        return _frame(FrameType.COMMIT_REQUEST, 0, body)
+    if isinstance(frame, Commit):
+        digest = _encode_digest("COMMIT digest", frame.digest)
+        return _frame(FrameType.COMMIT, 0, COMMIT_STRUCT.pack(digest))
+    if isinstance(frame, Error):
+        _check(_range_problem("ERROR code", int(frame.code), 0, _U16))
+        message = _truncate_utf8(frame.message, MAX_ERROR_MESSAGE)
+        return _frame(
+            FrameType.ERROR, 0, ERROR_STRUCT.pack(int(frame.code), len(message)) + message
+        )
+    raise LocalProtocolError(f"not a frame: {frame!r}")
+
+
+__all__ = [
+    "CHECKSUM_CRC32C",
+    "CLOSED",
+    "DIGEST_SHA256_RECORDS",
+    "DIGEST_SIZE",
+    "FRAME_HEADER_SIZE",
+    "HELLO_MANIFEST",
+    "MAX_BODY",
+    "MAX_CHANNELS",
+    "MAX_ERROR_MESSAGE",
+    "MAX_IMAGE_SIZE",
+    "MAX_NAME",
+    "MAX_PACKET_BYTES",
+    "MAX_PACKET_PAGES",
+    "MAX_PAGE_SIZE",
+    "MIN_PAGE_SIZE",
+    "NEED_DATA",
+    "PACKET_PAGE_LIST",
+    "PREAMBLE",
+    "PROTOCOL_VERSION",
+    "Commit",
+    "CommitRequest",
+    "End",
+    "Error",
+    "Event",
+    "Frame",
+    "FrameType",
+    "Hello",
+    "Manifest",
+    "PacketHeader",
+    "PayloadChunk",
+    "Sentinel",
+    "Welcome",
+    "ZeroRange",
+    "encode",
+    "encode_packet_header",
+    "encode_preamble",
+    "frame_type",
+]

@@ -1,0 +1,711 @@
+"""Channel state machines and job-wide bookkeeping of the dsamig protocol.
+
+Every allowed transition of a channel is one row of :data:`RECEIVER_TRANSITIONS`
+or :data:`SENDER_TRANSITIONS`; anything not in the table is a protocol error,
+RemoteProtocolError when the peer did it and LocalProtocolError when we were
+about to. ERROR frames are the exception that the tables spell out once for
+every state: either side may report a failure at any time.
+
+:class:`PacketTracker` (receiver, one per job, shared by its channels) checks
+each packet against the manifest and remembers what arrived; :class:`JobDigest`
+computes the job digest both sides compare before the receiver commits.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+import sys
+from array import array
+from typing import Final, TypeVar
+
+from dsamig.checksum import crc32c
+from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from dsamig.proto.frames import (
+    DIGEST_SIZE,
+    PROTOCOL_VERSION,
+    Commit,
+    CommitRequest,
+    End,
+    Error,
+    Frame,
+    FrameType,
+    Hello,
+    Manifest,
+    PacketHeader,
+    Welcome,
+    ZeroRange,
+    frame_type,
+)
+
+# Records are u32 on the wire; 'I' is 4 bytes on every platform we build for.
+if array("I").itemsize != 4:  # pragma: no cover - exotic platforms only
+    raise ImportError("dsamig.proto.state needs a 4-byte array('I')")
+
+_U32_LE: Final = struct.Struct("<I")
+
+#: Default ceiling on a receiver job's packet_count: 8 TiB at the default
+#: 512 KiB packets, with 5 bytes of bookkeeping per packet (80 MiB). A hostile
+#: manifest must not make the receiver allocate before any data arrives.
+DEFAULT_MAX_PACKETS: Final = 1 << 24
+
+
+class Direction(enum.Enum):
+    """Whether a frame is received from the peer or sent to it."""
+
+    RECV = "recv"
+    SEND = "send"
+
+
+RECV: Final = Direction.RECV
+SEND: Final = Direction.SEND
+
+
+class ReceiverState(enum.Enum):
+    """States of one channel on the receiving side."""
+
+    AWAIT_HELLO = "AWAIT_HELLO"
+    #: HELLO accepted; WELCOME (or ERROR) not sent yet.
+    HANDSHAKE = "HANDSHAKE"
+    STREAMING = "STREAMING"
+    ENDED = "ENDED"
+    #: COMMIT_REQUEST received on channel 0; COMMIT not sent yet.
+    COMMITTING = "COMMITTING"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+class SenderState(enum.Enum):
+    """States of one channel on the sending side."""
+
+    #: Nothing sent yet (the preamble goes out with HELLO).
+    IDLE = "IDLE"
+    AWAIT_WELCOME = "AWAIT_WELCOME"
+    STREAMING = "STREAMING"
+    ENDED = "ENDED"
+    #: Channel 0 sent COMMIT_REQUEST and waits for COMMIT.
+    AWAIT_COMMIT = "AWAIT_COMMIT"
+    DONE = "DONE"
+    ERROR = "ERROR"
+
+
+_R = ReceiverState
+_S = SenderState
+_T = FrameType
+
+#: (state, direction, frame type) -> next state, for a receiver's channel.
+RECEIVER_TRANSITIONS: Final[dict[tuple[ReceiverState, Direction, FrameType], ReceiverState]] = {
+    (_R.AWAIT_HELLO, RECV, _T.HELLO): _R.HANDSHAKE,
+    (_R.HANDSHAKE, SEND, _T.WELCOME): _R.STREAMING,
+    (_R.STREAMING, RECV, _T.PACKET): _R.STREAMING,
+    (_R.STREAMING, RECV, _T.ZERO_RANGE): _R.STREAMING,
+    (_R.STREAMING, RECV, _T.END): _R.ENDED,
+    (_R.ENDED, RECV, _T.COMMIT_REQUEST): _R.COMMITTING,
+    (_R.COMMITTING, SEND, _T.COMMIT): _R.CLOSED,
+    # The peer may report a failure in any state but after its own ERROR; we
+    # may report one in any state but after a clean close (once: see below).
+    **{(state, RECV, _T.ERROR): _R.ERROR for state in _R if state is not _R.ERROR},
+    **{(state, SEND, _T.ERROR): _R.ERROR for state in _R if state is not _R.CLOSED},
+}
+
+#: (state, direction, frame type) -> next state, for a sender's channel.
+SENDER_TRANSITIONS: Final[dict[tuple[SenderState, Direction, FrameType], SenderState]] = {
+    (_S.IDLE, SEND, _T.HELLO): _S.AWAIT_WELCOME,
+    (_S.AWAIT_WELCOME, RECV, _T.WELCOME): _S.STREAMING,
+    (_S.STREAMING, SEND, _T.PACKET): _S.STREAMING,
+    (_S.STREAMING, SEND, _T.ZERO_RANGE): _S.STREAMING,
+    (_S.STREAMING, SEND, _T.END): _S.ENDED,
+    (_S.ENDED, SEND, _T.COMMIT_REQUEST): _S.AWAIT_COMMIT,
+    (_S.AWAIT_COMMIT, RECV, _T.COMMIT): _S.DONE,
+    **{(state, RECV, _T.ERROR): _S.ERROR for state in _S if state is not _S.ERROR},
+    **{(state, SEND, _T.ERROR): _S.ERROR for state in _S if state is not _S.DONE},
+}
+
+
+_StateT = TypeVar("_StateT", ReceiverState, SenderState)
+
+
+#: States in which the peer may close the connection cleanly (besides ENDED
+#: on a channel other than 0, which has nothing left to do).
+RECEIVER_CLOSE_OK: Final = frozenset({_R.CLOSED, _R.ERROR})
+SENDER_CLOSE_OK: Final = frozenset({_S.DONE, _S.ERROR})
+
+
+def _expected(
+    table: dict[tuple[_StateT, Direction, FrameType], _StateT],
+    state: _StateT,
+    direction: Direction,
+) -> str:
+    """Name the frame types the table allows in ``state``, for error messages."""
+    names = [t.name for (s, d, t) in table if s is state and d is direction and t is not _T.ERROR]
+    return " or ".join(names) if names else "nothing"
+
+
+class ReceiverChannelState:
+    """Order of frames on one channel, seen from the receiver.
+
+    Call :meth:`on_frame` for every frame the decoder yields and
+    :meth:`on_send` for every frame before sending it. Counts the packets and
+    payload bytes of the channel to check them against its END.
+    """
+
+    __slots__ = (
+        "_error_sent",
+        "channel_index",
+        "end",
+        "error",
+        "hello",
+        "packets",
+        "payload_bytes",
+        "state",
+    )
+
+    def __init__(self) -> None:
+        self.state = ReceiverState.AWAIT_HELLO
+        self.hello: Hello | None = None
+        #: From the HELLO; None until it arrived.
+        self.channel_index: int | None = None
+        #: Packets announced on this channel (a ZERO_RANGE counts each packet).
+        self.packets = 0
+        #: Payload bytes announced by this channel's PACKET headers.
+        self.payload_bytes = 0
+        self.end: End | None = None
+        #: The peer's ERROR frame, once one arrived.
+        self.error: Error | None = None
+        self._error_sent = False
+
+    def on_frame(self, frame: Frame) -> None:
+        """Apply a frame received from the sender.
+
+        Raises RemoteProtocolError (the channel then is in ERROR) if the frame
+        is not allowed now or disagrees with the channel's counters.
+        """
+        try:
+            self._on_frame(frame)
+        except RemoteProtocolError:
+            self.state = ReceiverState.ERROR
+            raise
+
+    def _on_frame(self, frame: Frame) -> None:
+        ftype = frame_type(frame)
+        state = self.state
+        if isinstance(frame, Hello) and state is ReceiverState.AWAIT_HELLO:
+            # Checked before the table row applies: a HELLO of another version
+            # gets a VERSION answer, not a confusing PROTOCOL one.
+            if frame.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"protocol version {frame.version} not supported "
+                    f"(this receiver speaks {PROTOCOL_VERSION})",
+                    ErrorCode.VERSION,
+                )
+            if frame.channel_index == 0 and frame.manifest is None:
+                raise RemoteProtocolError("HELLO on channel 0 without a manifest")
+            if frame.channel_index != 0 and frame.manifest is not None:
+                raise RemoteProtocolError(
+                    f"HELLO on channel {frame.channel_index} with a manifest "
+                    "(only channel 0 has one)"
+                )
+        new_state = RECEIVER_TRANSITIONS.get((state, RECV, ftype))
+        if new_state is None:
+            where = "" if self.channel_index is None else f" on channel {self.channel_index}"
+            raise RemoteProtocolError(
+                f"{ftype.name} received in state {state.name}{where}; expected "
+                f"{_expected(RECEIVER_TRANSITIONS, state, RECV)}"
+            )
+        if isinstance(frame, PacketHeader):
+            self.packets += 1
+            self.payload_bytes += frame.payload_length
+        elif isinstance(frame, ZeroRange):
+            self.packets += frame.packet_count
+        elif isinstance(frame, Hello):
+            self.hello = frame
+            self.channel_index = frame.channel_index
+        elif isinstance(frame, End):
+            if frame.packets != self.packets:
+                raise RemoteProtocolError(
+                    f"END packets {frame.packets} does not match the {self.packets} "
+                    f"packets received on channel {self.channel_index}"
+                )
+            if frame.payload_bytes != self.payload_bytes:
+                raise RemoteProtocolError(
+                    f"END payload_bytes {frame.payload_bytes} does not match the "
+                    f"{self.payload_bytes} payload bytes received on channel {self.channel_index}"
+                )
+            self.end = frame
+        elif isinstance(frame, CommitRequest):
+            if self.channel_index != 0:
+                raise RemoteProtocolError(
+                    f"COMMIT_REQUEST on channel {self.channel_index} (only channel 0 may commit)"
+                )
+        elif isinstance(frame, Error):
+            self.error = frame
+        self.state = new_state
+
+    def on_eof(self) -> None:
+        """Apply the peer closing the connection (the decoder returned CLOSED).
+
+        Closing is clean after COMMIT, after an ERROR, and after END on a
+        channel other than 0; anywhere else the sender gave up half way, and
+        RemoteProtocolError is raised (the channel then is in ERROR).
+        """
+        state = self.state
+        if state in RECEIVER_CLOSE_OK or (state is _R.ENDED and self.channel_index != 0):
+            return
+        self.state = _R.ERROR
+        where = "" if self.channel_index is None else f" on channel {self.channel_index}"
+        raise RemoteProtocolError(f"connection closed by the sender in state {state.name}{where}")
+
+    def on_send(self, frame: Frame) -> None:
+        """Check a frame we are about to send; raises LocalProtocolError if out of order."""
+        ftype = frame_type(frame)
+        state = self.state
+        new_state = RECEIVER_TRANSITIONS.get((state, SEND, ftype))
+        if new_state is None or (ftype is _T.ERROR and self._error_sent):
+            raise LocalProtocolError(f"cannot send {ftype.name} in state {state.name}")
+        if isinstance(frame, Welcome):
+            assert self.hello is not None  # HANDSHAKE is only reached through HELLO
+            if frame.job_id != self.hello.job_id:
+                raise LocalProtocolError(
+                    f"WELCOME job_id {frame.job_id} does not echo HELLO job_id {self.hello.job_id}"
+                )
+            if frame.version != PROTOCOL_VERSION:
+                raise LocalProtocolError(
+                    f"WELCOME version {frame.version} is not {PROTOCOL_VERSION}"
+                )
+            if frame.features & ~self.hello.features:
+                raise LocalProtocolError(
+                    f"WELCOME features 0x{frame.features:x} not offered by HELLO "
+                    f"(0x{self.hello.features:x})"
+                )
+        elif isinstance(frame, Error):
+            self._error_sent = True
+        self.state = new_state
+
+
+class SenderChannelState:
+    """Order of frames on one channel, seen from the sender.
+
+    Call :meth:`on_send` before sending each frame and :meth:`on_frame` for
+    each frame the receiver sent (WELCOME, COMMIT, ERROR).
+    """
+
+    __slots__ = (
+        "_error_sent",
+        "channel_index",
+        "commit",
+        "commit_request",
+        "error",
+        "hello",
+        "packets",
+        "payload_bytes",
+        "state",
+        "welcome",
+    )
+
+    def __init__(self) -> None:
+        self.state = SenderState.IDLE
+        self.hello: Hello | None = None
+        self.channel_index: int | None = None
+        self.welcome: Welcome | None = None
+        #: Packets sent on this channel (a ZERO_RANGE counts each packet).
+        self.packets = 0
+        #: Payload bytes announced by this channel's PACKET headers.
+        self.payload_bytes = 0
+        self.commit_request: CommitRequest | None = None
+        self.commit: Commit | None = None
+        #: The receiver's ERROR frame, once one arrived.
+        self.error: Error | None = None
+        self._error_sent = False
+
+    def on_send(self, frame: Frame) -> None:
+        """Check a frame we are about to send; raises LocalProtocolError if out of order."""
+        ftype = frame_type(frame)
+        state = self.state
+        new_state = SENDER_TRANSITIONS.get((state, SEND, ftype))
+        if new_state is None or (ftype is _T.ERROR and self._error_sent):
+            raise LocalProtocolError(f"cannot send {ftype.name} in state {state.name}")
+        if isinstance(frame, PacketHeader):
+            self.packets += 1
+            self.payload_bytes += frame.payload_length
+        elif isinstance(frame, ZeroRange):
+            self.packets += frame.packet_count
+        elif isinstance(frame, Hello):
+            if frame.version != PROTOCOL_VERSION:
+                raise LocalProtocolError(f"HELLO version {frame.version} is not {PROTOCOL_VERSION}")
+            if (frame.channel_index == 0) != (frame.manifest is not None):
+                raise LocalProtocolError(
+                    f"HELLO on channel {frame.channel_index}: the manifest goes on channel 0 only"
+                )
+            self.hello = frame
+            self.channel_index = frame.channel_index
+        elif isinstance(frame, End):
+            if (frame.packets, frame.payload_bytes) != (self.packets, self.payload_bytes):
+                raise LocalProtocolError(
+                    f"END packets {frame.packets} payload_bytes {frame.payload_bytes} does not "
+                    f"match the {self.packets} packets and {self.payload_bytes} payload bytes sent"
+                )
+        elif isinstance(frame, CommitRequest):
+            if self.channel_index != 0:
+                raise LocalProtocolError(
+                    f"COMMIT_REQUEST on channel {self.channel_index} (only channel 0 may commit)"
+                )
+            self.commit_request = frame
+        elif isinstance(frame, Error):
+            self._error_sent = True
+        self.state = new_state
+
+    def on_send_data(self, packets: int, payload_bytes: int) -> None:
+        """Count data frames sent without building frame objects (the hot path).
+
+        Equivalent to :meth:`on_send` for PACKET and ZERO_RANGE frames that
+        together cover ``packets`` packets and ``payload_bytes`` bytes.
+        """
+        if self.state is not SenderState.STREAMING:
+            raise LocalProtocolError(f"cannot send data in state {self.state.name}")
+        self.packets += packets
+        self.payload_bytes += payload_bytes
+
+    def on_eof(self) -> None:
+        """Apply the receiver closing the connection (the decoder returned CLOSED).
+
+        Closing is clean after COMMIT, after an ERROR, and after END on a
+        channel other than 0; anywhere else RemoteProtocolError is raised
+        (the channel then is in ERROR).
+        """
+        state = self.state
+        if state in SENDER_CLOSE_OK or (state is _S.ENDED and self.channel_index != 0):
+            return
+        self.state = _S.ERROR
+        where = "" if self.channel_index is None else f" on channel {self.channel_index}"
+        raise RemoteProtocolError(f"connection closed by the receiver in state {state.name}{where}")
+
+    def on_frame(self, frame: Frame) -> None:
+        """Apply a frame received from the receiver.
+
+        Raises RemoteProtocolError (the channel then is in ERROR) if the frame
+        is not allowed now, names another job or version, or its COMMIT
+        digest differs from the one we requested.
+        """
+        try:
+            self._on_frame(frame)
+        except RemoteProtocolError:
+            self.state = SenderState.ERROR
+            raise
+
+    def _on_frame(self, frame: Frame) -> None:
+        ftype = frame_type(frame)
+        state = self.state
+        new_state = SENDER_TRANSITIONS.get((state, RECV, ftype))
+        if new_state is None:
+            raise RemoteProtocolError(
+                f"{ftype.name} received in state {state.name}; expected "
+                f"{_expected(SENDER_TRANSITIONS, state, RECV)}"
+            )
+        if isinstance(frame, Welcome):
+            assert self.hello is not None  # AWAIT_WELCOME is only reached through HELLO
+            if frame.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"WELCOME version {frame.version} not supported "
+                    f"(this sender speaks {PROTOCOL_VERSION})",
+                    ErrorCode.VERSION,
+                )
+            if frame.job_id != self.hello.job_id:
+                raise RemoteProtocolError(
+                    f"WELCOME job_id {frame.job_id} does not match HELLO job_id {self.hello.job_id}"
+                )
+            if frame.features & ~self.hello.features:
+                raise RemoteProtocolError(
+                    f"WELCOME features 0x{frame.features:x} not offered by HELLO "
+                    f"(0x{self.hello.features:x})"
+                )
+            self.welcome = frame
+        elif isinstance(frame, Commit):
+            assert self.commit_request is not None  # AWAIT_COMMIT follows COMMIT_REQUEST
+            if frame.digest != self.commit_request.digest:
+                raise RemoteProtocolError(
+                    f"COMMIT digest {frame.digest.hex()} does not match the requested "
+                    f"{self.commit_request.digest.hex()}",
+                    ErrorCode.INTEGRITY,
+                )
+            self.commit = frame
+        elif isinstance(frame, Error):
+            self.error = frame
+        self.state = new_state
+
+
+def packet_record(zero_bitmap: bytes, payload_crc: int) -> int:
+    """A packet's digest record: CRC32C(zero_bitmap ‖ payload_crc as u32 LE)."""
+    return crc32c(zero_bitmap + _U32_LE.pack(payload_crc))
+
+
+class JobDigest:
+    """The job digest: SHA-256 over every packet's record, in packet order.
+
+    Records live in one ``array('I')`` so that a ZERO_RANGE of any length is
+    a single slice assignment, not a Python loop.
+    """
+
+    __slots__ = ("_full_record", "_last_record", "_packet_count", "_records")
+
+    def __init__(self, manifest: Manifest) -> None:
+        count = manifest.packet_count
+        self._packet_count = count
+        self._records = array("I", [0]) * count
+        full = ((1 << manifest.packet_pages) - 1).to_bytes(
+            Manifest.bitmap_length(manifest.packet_pages), "little"
+        )
+        self._full_record = packet_record(full, 0)
+        # The last packet may have fewer pages, hence another full-zero bitmap.
+        self._last_record = (
+            packet_record(manifest.full_zero_bitmap(count - 1), 0) if count else self._full_record
+        )
+
+    def _check_range(self, first: int, count: int) -> None:
+        if not (first >= 0 and count >= 1 and first + count <= self._packet_count):
+            raise ValueError(
+                f"packets {first}..{first + count - 1} out of range "
+                f"(packet_count {self._packet_count})"
+            )
+
+    def record_packet(self, packet_number: int, zero_bitmap: bytes, payload_crc: int) -> None:
+        """Record a packet sent (or verified) with this bitmap and payload CRC."""
+        self._check_range(packet_number, 1)
+        self._records[packet_number] = packet_record(zero_bitmap, payload_crc)
+
+    def record_zero_range(self, first_packet: int, packet_count: int) -> None:
+        """Record whole packets that are all zero (as ZERO_RANGE sends them)."""
+        self._check_range(first_packet, packet_count)
+        end = first_packet + packet_count
+        self._records[first_packet:end] = array("I", [self._full_record]) * packet_count
+        if end == self._packet_count:
+            self._records[end - 1] = self._last_record
+
+    def record(self, packet_number: int) -> int:
+        """The record stored for ``packet_number`` (0 if none was recorded)."""
+        self._check_range(packet_number, 1)
+        return self._records[packet_number]
+
+    def digest(self) -> bytes:
+        """SHA-256 over the records, each as u32 LE, packets 0 .. packet_count-1."""
+        records = self._records
+        if sys.byteorder != "little":  # pragma: no cover - no big-endian DSA hosts
+            records = array("I", records)
+            records.byteswap()
+        return hashlib.sha256(memoryview(records).cast("B")).digest()
+
+
+_FREE: Final = 0
+_CLAIMED: Final = 1
+_DONE: Final = 2
+
+
+class PacketTracker:
+    """Receiver's job-wide record of which packets arrived, checked against the manifest.
+
+    ``check_packet`` / ``check_zero_range`` validate a frame and claim its
+    packets at once, so that the same packet arriving on two channels is
+    caught before its payload is written; ``packet_done`` /
+    ``zero_range_done`` record them once the payload is stored and verified.
+    """
+
+    __slots__ = (
+        "_digest",
+        "_status",
+        "manifest",
+        "normal_pages",
+        "payload_bytes",
+        "received_packets",
+        "zero_pages",
+    )
+
+    def __init__(self, manifest: Manifest, *, max_packets: int = DEFAULT_MAX_PACKETS) -> None:
+        manifest.validate()
+        if manifest.packet_count > max_packets:
+            raise RemoteProtocolError(
+                f"manifest packet_count {manifest.packet_count} exceeds this receiver's "
+                f"limit of {max_packets}",
+                ErrorCode.REJECTED,
+            )
+        self.manifest = manifest
+        # Per packet: _FREE, _CLAIMED or _DONE.
+        self._status = bytearray(manifest.packet_count)
+        self._digest = JobDigest(manifest)
+        #: Packets recorded as done (a ZERO_RANGE counts each packet).
+        self.received_packets = 0
+        self.zero_pages = 0
+        self.normal_pages = 0
+        self.payload_bytes = 0
+
+    def check_packet(self, hdr: PacketHeader) -> None:
+        """Validate a PACKET header against the manifest and claim its packet.
+
+        Raises RemoteProtocolError for a packet number out of range, a wrong
+        first_page, page_count or payload_length, or a packet already
+        received. ``hdr`` must come from the decoder (well-formed bitmap).
+        """
+        manifest = self.manifest
+        n = hdr.packet_number
+        if n >= manifest.packet_count:
+            raise RemoteProtocolError(
+                f"PACKET packet_number {n} out of range (packet_count {manifest.packet_count})"
+            )
+        if self._status[n]:
+            raise RemoteProtocolError(f"PACKET packet_number {n} received twice")
+        first_page = n * manifest.packet_pages
+        if hdr.first_page != first_page:
+            raise RemoteProtocolError(
+                f"PACKET {n} first_page {hdr.first_page}, expected {first_page}"
+            )
+        pages = manifest.pages_in_packet(n)
+        if hdr.page_count != pages:
+            raise RemoteProtocolError(f"PACKET {n} page_count {hdr.page_count}, expected {pages}")
+        length = manifest.payload_length(n, hdr.zero_bitmap)
+        if hdr.payload_length != length:
+            raise RemoteProtocolError(
+                f"PACKET {n} payload_length {hdr.payload_length}, expected {length} "
+                "for its zero_bitmap"
+            )
+        self._status[n] = _CLAIMED
+
+    def packet_done(self, hdr: PacketHeader, payload_crc_verified: int) -> None:
+        """Record a packet whose payload is stored; ``payload_crc_verified`` is
+        the CRC32C computed over what arrived.
+
+        Raises RemoteProtocolError with code INTEGRITY if it differs from the
+        header's payload_crc, and LocalProtocolError if the packet was not
+        claimed by check_packet.
+        """
+        n = hdr.packet_number
+        if not (0 <= n < self.manifest.packet_count and self._status[n] == _CLAIMED):
+            raise LocalProtocolError(f"packet_done({n}) without a successful check_packet")
+        if payload_crc_verified != hdr.payload_crc:
+            raise RemoteProtocolError(
+                f"PACKET {n} payload_crc 0x{hdr.payload_crc:08x} does not match the "
+                f"payload (CRC32C 0x{payload_crc_verified:08x})",
+                ErrorCode.INTEGRITY,
+            )
+        self._status[n] = _DONE
+        self._digest.record_packet(n, hdr.zero_bitmap, payload_crc_verified)
+        zero = int.from_bytes(hdr.zero_bitmap, "little").bit_count()
+        self.received_packets += 1
+        self.zero_pages += zero
+        self.normal_pages += hdr.page_count - zero
+        self.payload_bytes += hdr.payload_length
+
+    def check_zero_range(self, zr: ZeroRange) -> None:
+        """Validate a ZERO_RANGE against the manifest and claim its packets.
+
+        Raises RemoteProtocolError if it reaches past the last packet or
+        overlaps a packet already received.
+        """
+        packet_count = self.manifest.packet_count
+        first, count = zr.first_packet, zr.packet_count
+        if first >= packet_count:
+            raise RemoteProtocolError(
+                f"ZERO_RANGE first_packet {first} out of range (packet_count {packet_count})"
+            )
+        if count < 1 or first + count > packet_count:
+            raise RemoteProtocolError(
+                f"ZERO_RANGE first_packet {first} + packet_count {count} exceeds "
+                f"packet_count {packet_count}"
+            )
+        end = first + count
+        status = self._status
+        if status.count(_FREE, first, end) != count:
+            # Error path only: name the first packet that is taken.
+            taken = min(
+                i
+                for i in (status.find(_CLAIMED, first, end), status.find(_DONE, first, end))
+                if i >= 0
+            )
+            raise RemoteProtocolError(
+                f"ZERO_RANGE packets {first}..{end - 1} overlap packet {taken}, already received"
+            )
+        status[first:end] = bytes([_CLAIMED]) * count
+
+    def zero_range_done(self, zr: ZeroRange) -> None:
+        """Record a ZERO_RANGE accepted by check_zero_range."""
+        first, count = zr.first_packet, zr.packet_count
+        end = first + count
+        status = self._status
+        if not (
+            first >= 0
+            and count >= 1
+            and end <= len(status)
+            and status.count(_CLAIMED, first, end) == count
+        ):
+            raise LocalProtocolError(
+                f"zero_range_done({first}, {count}) without a successful check_zero_range"
+            )
+        status[first:end] = bytes([_DONE]) * count
+        self._digest.record_zero_range(first, count)
+        manifest = self.manifest
+        pages = (
+            min(end * manifest.packet_pages, manifest.page_count) - first * manifest.packet_pages
+        )
+        self.received_packets += count
+        self.zero_pages += pages
+
+    @property
+    def complete(self) -> bool:
+        """Whether every packet of the image has been recorded."""
+        return self.received_packets == self.manifest.packet_count
+
+    def missing(self) -> int:
+        """Packets not recorded yet."""
+        return self.manifest.packet_count - self.received_packets
+
+    def digest(self) -> bytes:
+        """The job digest of what was verified so far."""
+        return self._digest.digest()
+
+    def check_commit_request(self, request: CommitRequest) -> bytes:
+        """Compare a COMMIT_REQUEST with what arrived; return the digest to echo.
+
+        Call it once every channel has ENDed (channels are separate
+        connections, so COMMIT_REQUEST can be read before another channel's
+        last frames). Raises RemoteProtocolError: PROTOCOL if packets are
+        still missing, INTEGRITY if a total or the digest differs.
+        """
+        if not self.complete:
+            raise RemoteProtocolError(
+                f"COMMIT_REQUEST with {self.missing()} of {self.manifest.packet_count} "
+                "packets missing"
+            )
+        for what, theirs, ours in (
+            ("packet_count", request.packet_count, self.manifest.packet_count),
+            ("zero_pages", request.zero_pages, self.zero_pages),
+            ("normal_pages", request.normal_pages, self.normal_pages),
+        ):
+            if theirs != ours:
+                raise RemoteProtocolError(
+                    f"COMMIT_REQUEST {what} {theirs} does not match the receiver's {ours}",
+                    ErrorCode.INTEGRITY,
+                )
+        digest = self.digest()
+        if request.digest != digest:
+            raise RemoteProtocolError(
+                f"COMMIT_REQUEST digest {request.digest.hex()} does not match the "
+                f"receiver's {digest.hex()}",
+                ErrorCode.INTEGRITY,
+            )
+        assert len(digest) == DIGEST_SIZE
+        return digest
+
+
+__all__ = [
+    "DEFAULT_MAX_PACKETS",
+    "RECEIVER_CLOSE_OK",
+    "RECEIVER_TRANSITIONS",
+    "SENDER_CLOSE_OK",
+    "SENDER_TRANSITIONS",
+    "Direction",
+    "JobDigest",
+    "PacketTracker",
+    "ReceiverChannelState",
+    "ReceiverState",
+    "SenderChannelState",
+    "SenderState",
+    "packet_record",
+]
