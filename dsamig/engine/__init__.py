@@ -1,0 +1,13 @@
+"""Zero-page detection engines behind one asynchronous contract."""
+
+from dsamig.engine.base import Detection, EngineClosedError, NativeEngine, ZeroPageEngine
+from dsamig.engine.select import ENGINE_NAMES, create_engine
+
+__all__ = [
+    "ENGINE_NAMES",
+    "Detection",
+    "EngineClosedError",
+    "NativeEngine",
+    "ZeroPageEngine",
+    "create_engine",
+]

@@ -1,0 +1,148 @@
+"""The one-shot commands: ``dsamig send`` and ``dsamig receive``.
+
+Each builds the layers below from its options, runs one loop and turns the
+outcome into an exit code; argument parsing stays in ``dsamig.cli``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import uvloop
+
+from dsamig.errors import EXIT_OK, EXIT_TRANSFER, DsamigError, SinkError
+from dsamig.native import impl
+from dsamig.pages import PageSink
+from dsamig.proto import Hello
+from dsamig.report import ProgressBar, print_json, summary_table
+from dsamig.stats import JobStats
+from dsamig.transport.common import Timeouts, parse_address
+from dsamig.transport.receiver import ReceiverJob, ReceiverServer
+from dsamig.transport.sender import SendOptions, Sender, send_image
+
+T = TypeVar("T")
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a fresh uvloop event loop, in a thread named for top -H."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def report(stats: JobStats, as_json: bool) -> None:
+    """Print a finished job's stats: JSON on stdout, or a table for people."""
+    if as_json:
+        print_json(stats)
+    else:
+        print(summary_table(stats), flush=True)
+
+
+@dataclass
+class SendCommand:
+    """``dsamig send IMAGE --to HOST:PORT ...``."""
+
+    image: str
+    options: SendOptions
+    as_json: bool = False
+
+    def run(self) -> int:
+        impl.set_thread_name("dsamig-send")
+        return run_loop(self._main())
+
+    async def _main(self) -> int:
+        try:
+            stats = await self._send()
+        except DsamigError as exc:
+            stats = getattr(exc, "stats", None)
+            if stats is not None and self.as_json:
+                print_json(stats)
+            raise
+        report(stats, self.as_json)
+        return EXIT_OK
+
+    async def _send(self) -> JobStats:
+        if self.as_json:
+            return await send_image(self.image, self.options)
+        # With a progress bar: same as send_image, with the bar on the job's stats.
+        from dsamig.pages import PageSource
+
+        source = PageSource(self.image)
+        try:
+            sender = Sender(source, self.options)
+            bar = ProgressBar(sender.stats)
+            bar.start()
+            try:
+                return await sender.run()
+            except DsamigError as exc:
+                exc.stats = sender.stats  # type: ignore[attr-defined]
+                raise
+            finally:
+                bar.stop()
+        finally:
+            source.close()
+
+
+@dataclass
+class ReceiveCommand:
+    """``dsamig receive --listen HOST:PORT --output PATH [--once]``."""
+
+    listen: str
+    output: str
+    once: bool = False
+    as_json: bool = False
+    timeouts: Timeouts | None = None
+
+    def run(self) -> int:
+        impl.set_thread_name("dsamig-recv")
+        return run_loop(self._main())
+
+    def _sink(self, hello: Hello) -> PageSink:
+        assert hello.manifest is not None
+        return PageSink(self.output, hello.manifest.image_size)
+
+    async def _main(self) -> int:
+        host, port = parse_address(self.listen)
+        output_dir = os.path.dirname(os.path.abspath(self.output))
+        if not os.path.isdir(output_dir):
+            raise SinkError(f"output directory {output_dir!r} does not exist")
+        if os.path.isdir(self.output):
+            raise SinkError(f"output {self.output!r} is a directory")
+        finished: asyncio.Queue[ReceiverJob] = asyncio.Queue()
+        server = ReceiverServer(
+            host, port, self._sink, timeouts=self.timeouts, max_jobs=1,
+            on_job_finished=finished.put_nowait,
+        )
+        bound = await server.start()
+        print(f"dsamig: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        exit_code = EXIT_OK
+        try:
+            while True:
+                getter = asyncio.ensure_future(finished.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not getter.done():
+                    getter.cancel()
+                    await server.close("receiver interrupted")
+                    return 130
+                job = getter.result()
+                report(job.stats, self.as_json)
+                if job.stats.error:
+                    print(f"dsamig: error: {job.stats.error}", file=sys.stderr, flush=True)
+                exit_code = EXIT_OK if job.stats.status == "completed" else EXIT_TRANSFER
+                if self.once:
+                    return exit_code
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await server.close()

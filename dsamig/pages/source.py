@@ -1,0 +1,110 @@
+"""The image being sent: mapped read-only, read in packets, released behind us."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+
+from dsamig.errors import SourceError
+
+
+class PageSource:
+    """A memory image opened for sending.
+
+    The file is mapped read-only: the engine scans the mapping and the
+    transport hands slices of it to the kernel without copying.  Ranges that
+    were sent are released (``MADV_DONTNEED``) so the sender's resident memory
+    stays flat however big the image is; the page cache keeps the data.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"image {path!r} does not exist") from None
+        except IsADirectoryError:
+            raise SourceError(f"image {path!r} is a directory") from None
+        except PermissionError:
+            raise SourceError(f"image {path!r} is not readable (permission denied)") from None
+        except OSError as exc:
+            raise SourceError(f"cannot open image {path!r}: {exc.strerror}") from None
+        try:
+            st = os.fstat(self._fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise SourceError(f"image {path!r} is a directory")
+            if stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+            elif stat.S_ISBLK(st.st_mode):
+                self.size = os.lseek(self._fd, 0, os.SEEK_END)
+            else:
+                raise SourceError(f"image {path!r} is not a regular file or block device")
+            self._map: mmap.mmap | None = None
+            self.view = memoryview(b"")
+            if self.size:
+                self._map = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+                self.view = memoryview(self._map)
+        except OSError as exc:
+            os.close(self._fd)
+            raise SourceError(f"cannot map image {path!r}: {exc.strerror}") from None
+        except SourceError:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges ``[(start, end)]`` that may hold data; the rest are holes.
+
+        A sparse image (a RAM file on tmpfs, a snapshot written with holes)
+        reads as zeros in its holes, so they need no scanning at all.  Where the
+        file system cannot tell, the whole image is one range.
+        """
+        ranges: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            while pos < self.size:
+                try:
+                    start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole from pos to the end
+                        break
+                    raise
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+                ranges.append((start, end))
+                pos = end
+        except OSError:
+            return [(0, self.size)] if self.size else []
+        return ranges
+
+    def release(self, start: int, end: int) -> None:
+        """Drop our mapping of ``[start, end)`` (page aligned inward); data stays cached."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        start = -(-start // page) * page
+        end = min(end, self.size) // page * page
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        """Unmap and close; idempotent.  Buffers handed out must be released first."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.view.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:
+            # A slice is still referenced (a traceback, a transport being torn
+            # down); the mapping goes away with the last reference.
+            pass
+        os.close(self._fd)
+
+    def __enter__(self) -> PageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""Job statistics with QEMU ``query-migrate`` names, plus per-thread CPU time."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's threads, summed by thread name.
+
+    Read from ``/proc/self/task``; dsamig names its threads (``dsamig-send``,
+    ``dsamig-cpu-0``, ...) so these figures match what ``top -H`` shows.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                raw = f.read().decode(errors="replace")
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # fields[11], fields[12] are utime and stime (stat fields 14 and 15)
+        seconds = (int(fields[11]) + int(fields[12])) / ticks
+        out[name] = round(out.get(name, 0.0) + seconds, 3)
+    return out
+
+
+@dataclass
+class ChannelStats:
+    """Figures of one TCP channel."""
+
+    index: int
+    transferred: int = 0  # bytes on the wire, headers included
+    packets: int = 0
+    payload_bytes: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "index": self.index,
+            "transferred": self.transferred,
+            "packets": self.packets,
+            "payload-bytes": self.payload_bytes,
+        }
+
+
+@dataclass
+class JobStats:
+    """Figures of one job, on either side.  ``to_dict`` gives the ``--json`` object."""
+
+    role: str
+    total: int = 0  # image bytes
+    page_size: int = 4096
+    channels: list[ChannelStats] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+    status: str = "setup"
+    error: str | None = None
+    duplicate: int = 0  # zero pages
+    normal: int = 0  # normal pages
+    normal_bytes: int = 0
+    done_bytes: int = 0  # image bytes handled so far (zero or sent)
+    started: float = field(default_factory=time.monotonic)
+    setup_done: float | None = None
+    finished: float | None = None
+    cpu_start: float = field(default_factory=time.process_time)
+    cpu_end: float | None = None
+    threads_start: dict[str, float] = field(default_factory=thread_cpu_seconds)
+    threads: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def transferred(self) -> int:
+        return sum(c.transferred for c in self.channels)
+
+    def mark_setup_done(self) -> None:
+        self.setup_done = time.monotonic()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Freeze the clock and the CPU figures."""
+        if self.finished is not None:
+            return
+        self.finished = time.monotonic()
+        self.status = status
+        self.error = error
+        self.cpu_end = time.process_time()
+        now = thread_cpu_seconds()
+        self.threads = {
+            name: round(seconds - self.threads_start.get(name, 0.0), 3)
+            for name, seconds in sorted(now.items())
+            if seconds - self.threads_start.get(name, 0.0) > 0 or name.startswith("dsamig")
+        }
+
+    @property
+    def elapsed_s(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return max(end - self.started, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        """QEMU ``query-migrate`` names where one exists, dsamig's own beside them."""
+        elapsed = self.elapsed_s
+        setup_ms = 0 if self.setup_done is None else (self.setup_done - self.started) * 1000
+        pages = self.duplicate + self.normal
+        cpu_end = self.cpu_end if self.cpu_end is not None else time.process_time()
+        out: dict[str, Any] = {
+            "role": self.role,
+            "status": self.status,
+            "total-time": round(elapsed * 1000, 3),
+            "setup-time": round(setup_ms, 3),
+            "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
+            "transferred": self.transferred,
+            "total": self.total,
+            "remaining": max(self.total - self.done_bytes, 0),
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal_bytes,
+            "pages-per-second": round(pages / elapsed),
+            "page-size": self.page_size,
+            "channels": len(self.channels),
+            "channel-stats": [c.to_dict() for c in self.channels],
+            "engine": self.engine,
+            "cpu-s": round(cpu_end - self.cpu_start, 3),
+            "thread-cpu-s": self.threads,
+        }
+        if self.error is not None:
+            out["error-desc"] = self.error
+        return out

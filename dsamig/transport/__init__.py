@@ -1,0 +1,1 @@
+"""Channels: the sender's pumps and the receiver's listener and jobs."""

@@ -1,0 +1,74 @@
+"""Pieces shared by the sending and receiving sides of a channel."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from dsamig.errors import ConfigError, NetworkError
+
+DEFAULT_PORT = 7780
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every wait of a transfer has one of these bounds (seconds)."""
+
+    connect_s: float = 10.0
+    handshake_s: float = 10.0
+    idle_s: float = 60.0  # no progress on a channel for this long fails the job
+    commit_s: float = 600.0  # fsync of a large image on a slow disk
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` into ``(host, port)``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, str(default_port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(f"address {text!r} has no host (expected HOST:PORT)")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"address {text!r}: port {port} out of range 0..65535")
+    return host, port
+
+
+class Drain:
+    """Write flow control for a Protocol: ``await wait()`` while the transport is paused."""
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        self._waiter = None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def wait(self, timeout_s: float, what: str) -> None:
+        if not self._paused:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waiter), timeout_s)
+        except TimeoutError:
+            raise NetworkError(f"{what}: peer stopped reading for {timeout_s:g} s") from None
