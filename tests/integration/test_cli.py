@@ -1,0 +1,77 @@
+"""The CLI through subprocesses: send, receive, demo, --json output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.conftest import read_bytes
+from tests.integration.helpers import Receiver, dsamig, last_json
+
+
+def test_send_receive_json(tmp_path, image_factory) -> None:
+    image, zero, normal = image_factory(3 * 1024 * 1024 + 100, seed=2)
+    output = str(tmp_path / "dest.img")
+    receiver = Receiver.start(output, "--once", "--json")
+    try:
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--channels", "3",
+                      "--json")
+        code, out, err = receiver.finish()
+    finally:
+        receiver.kill()
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0, err
+    assert read_bytes(output) == read_bytes(image)
+    for stats in (last_json(sent.stdout), last_json(out)):
+        assert stats["status"] == "completed"
+        assert stats["duplicate"] == zero and stats["normal"] == normal
+        assert stats["channels"] == 3 and len(stats["channel-stats"]) == 3
+        assert stats["total"] == os.path.getsize(image)
+    sender_stats = last_json(sent.stdout)
+    assert sender_stats["engine"]["backend"] == "cpu"
+    assert "dsamig-send" in sender_stats["thread-cpu-s"]
+    assert "dsamig-cpu-0" in sender_stats["thread-cpu-s"]
+    assert "dsamig-recv" in last_json(out)["thread-cpu-s"]
+
+
+def test_send_engine_none_and_packet_size(tmp_path, image_factory) -> None:
+    image, zero, normal = image_factory(1024 * 1024, seed=4)
+    output = str(tmp_path / "dest.img")
+    receiver = Receiver.start(output, "--once", "--json")
+    try:
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--engine", "none",
+                      "--packet-size", "64KiB", "--json")
+        code, out, _ = receiver.finish()
+    finally:
+        receiver.kill()
+    assert sent.returncode == 0 and code == 0
+    assert last_json(out)["normal"] == zero + normal
+    assert last_json(sent.stdout)["engine"]["backend"] == "none"
+    assert read_bytes(output) == read_bytes(image)
+
+
+def test_human_summary(tmp_path, image_factory) -> None:
+    image, _, _ = image_factory(512 * 1024, seed=6)
+    receiver = Receiver.start(str(tmp_path / "d"), "--once")
+    try:
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}")
+        code, out, _ = receiver.finish()
+    finally:
+        receiver.kill()
+    assert sent.returncode == 0 and code == 0
+    assert "dsamig sender" in sent.stdout and "zero pages" in sent.stdout
+    assert "dsamig receiver" in out and "completed" in out
+
+
+def test_demo_runs_with_no_arguments_needed() -> None:
+    result = dsamig("demo", "--size", "16MiB", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["identical"] is True
+    assert summary["receiver"]["status"] == "completed"
+
+
+def test_version_and_help() -> None:
+    assert dsamig("--version").stdout.startswith("dsamig ")
+    helped = dsamig("send", "--help")
+    assert helped.returncode == 0 and "--channels" in helped.stdout

@@ -1,0 +1,109 @@
+"""Real loopback transfers: exact bytes, exact page counts, sparse destinations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import read_bytes
+from tests.integration.helpers import transfer_in_process
+
+PAGE = 4096
+PACKET = 128 * PAGE
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, PAGE - 1, PAGE, PAGE + 1, PACKET - 1, PACKET, PACKET + 1, 3 * PACKET + 5 * PAGE + 123,
+     9 * 1024 * 1024 + 7],
+)
+async def test_byte_identical(tmp_path, image_factory, channels: int, size: int) -> None:
+    image, zero, normal = image_factory(size, seed=size)
+    output = str(tmp_path / "out.img")
+    sent, received = await transfer_in_process(image, output, channels=channels)
+    assert read_bytes(output) == read_bytes(image)
+    assert (sent.duplicate, sent.normal) == (zero, normal)
+    assert (received.duplicate, received.normal) == (zero, normal)
+    assert sent.status == received.status == "completed"
+    assert not os.path.exists(output + ".partial")
+
+
+@pytest.mark.parametrize("engine", ["cpu", "none"])
+async def test_engines_give_same_bytes(tmp_path, image_factory, engine: str) -> None:
+    image, zero, normal = image_factory(2 * PACKET + 3 * PAGE, seed=3)
+    output = str(tmp_path / "out.img")
+    sent, received = await transfer_in_process(image, output, channels=2, engine=engine)
+    assert read_bytes(output) == read_bytes(image)
+    if engine == "none":
+        assert (received.duplicate, received.normal) == (0, zero + normal)
+        assert received.normal_bytes == os.path.getsize(image)
+    else:
+        assert (received.duplicate, received.normal) == (zero, normal)
+
+
+@pytest.mark.parametrize("offset", [0, 2047, 4095])
+async def test_single_byte_makes_a_normal_page(tmp_path, offset: int) -> None:
+    image = tmp_path / "img"
+    data = bytearray(300 * PAGE)
+    data[137 * PAGE + offset] = 0x01
+    image.write_bytes(data)
+    output = str(tmp_path / "out.img")
+    sent, received = await transfer_in_process(str(image), output, channels=3)
+    assert read_bytes(output) == bytes(data)
+    assert (received.duplicate, received.normal) == (299, 1)
+    assert received.normal_bytes == PAGE
+
+
+async def test_destination_is_sparse(tmp_path, image_factory) -> None:
+    image, zero, normal = image_factory(64 * 1024 * 1024, seed=5, zero_every=2)
+    output = str(tmp_path / "out.img")
+    await transfer_in_process(image, output, channels=4)
+    allocated = os.stat(output).st_blocks * 512
+    assert read_bytes(output) == read_bytes(image)
+    # Zero pages were never written: about the normal pages are allocated.
+    assert normal * PAGE <= allocated <= normal * PAGE + 1024 * 1024
+
+
+async def test_sparse_source_holes_are_not_scanned(tmp_path) -> None:
+    image = tmp_path / "holey.img"
+    size = 256 * 1024 * 1024
+    with open(image, "wb") as f:
+        f.truncate(size)
+        f.seek(100 * 1024 * 1024)
+        f.write(b"\x01" * PAGE)
+    output = str(tmp_path / "out.img")
+    sent, received = await transfer_in_process(str(image), output, channels=2)
+    assert received.normal == 1 and received.duplicate == size // PAGE - 1
+    # The engine saw only the chunk holding data, not the 256 MiB of holes.
+    assert sent.engine["pages"] <= 8 * 128
+    assert read_bytes(output) == image.read_bytes()
+
+
+@pytest.mark.parametrize("packet_size,page_size", [(64 * 1024, 4096), (1024 * 1024, 8192),
+                                                   (100 * 512, 512)])
+async def test_packet_and_page_sizes(tmp_path, image_factory, packet_size, page_size) -> None:
+    image, _, _ = image_factory(5 * 1024 * 1024 + 3, seed=9)
+    output = str(tmp_path / "out.img")
+    sent, received = await transfer_in_process(
+        image, output, channels=3, packet_size=packet_size, page_size=page_size
+    )
+    assert read_bytes(output) == read_bytes(image)
+    assert received.duplicate + received.normal == -(-(5 * 1024 * 1024 + 3) // page_size)
+
+
+async def test_stats_use_query_migrate_names(tmp_path, image_factory) -> None:
+    image, zero, normal = image_factory(3 * PACKET, seed=1)
+    sent, received = await transfer_in_process(image, str(tmp_path / "o"), channels=2)
+    for stats in (sent, received):
+        d = stats.to_dict()
+        for key in ("status", "total-time", "setup-time", "mbps", "transferred", "total",
+                    "duplicate", "normal", "normal-bytes", "pages-per-second", "channels",
+                    "engine", "channel-stats", "thread-cpu-s"):
+            assert key in d, key
+        assert d["total"] == 3 * PACKET
+        assert d["channels"] == 2 == len(d["channel-stats"])
+        assert d["remaining"] == 0
+    assert sent.transferred == received.transferred
+    assert sent.transferred > normal * PAGE  # payload plus headers
