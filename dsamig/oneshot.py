@@ -7,6 +7,7 @@ outcome into an exit code; argument parsing stays in ``dsamig.cli``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -30,7 +31,13 @@ T = TypeVar("T")
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a fresh uvloop event loop, in a thread named for top -H."""
+    """Run ``coro`` on a fresh uvloop event loop.
+
+    Everything allocated so far (modules, classes) goes to the permanent GC
+    generation: the transfer makes many short-lived objects per packet and
+    none of them form cycles, so full collections would only rescan imports.
+    """
+    gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
 

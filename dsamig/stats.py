@@ -34,6 +34,19 @@ def thread_cpu_seconds() -> dict[str, float]:
     return out
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it starts
+    afresh at exec, so a parent's size does not leak into ours)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class ChannelStats:
     """Figures of one TCP channel."""
@@ -126,6 +139,7 @@ class JobStats:
             "channel-stats": [c.to_dict() for c in self.channels],
             "engine": self.engine,
             "cpu-s": round(cpu_end - self.cpu_start, 3),
+            "peak-rss-bytes": peak_rss_bytes(),
             "thread-cpu-s": self.threads,
         }
         if self.error is not None:

@@ -336,7 +336,8 @@ class Sender:
         packet_bytes = manifest.page_size * manifest.packet_pages
         view = self.source.view
         pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]] = deque()
-        unreleased: list[tuple[int, int]] = []
+        # Mapped ranges already queued, with the channel's byte count at their end.
+        unreleased: deque[tuple[int, int, int]] = deque()
         idle_s = self.options.timeouts.idle_s
         while True:
             while len(pending) < PIPELINE_DEPTH:
@@ -359,18 +360,33 @@ class Sender:
             else:
                 detection = await future
                 self._send_chunk(channel, chunk, detection)
+                start = chunk.first_packet * packet_bytes
                 unreleased.append(
-                    (chunk.first_packet * packet_bytes, (chunk.first_packet + chunk.packets) * packet_bytes)
+                    (start, start + chunk.packets * packet_bytes, channel.stats.transferred)
                 )
             if channel.drain.paused:
                 await channel.drain.wait(idle_s, f"channel {channel.index}")
-            if unreleased and channel.transport and not channel.transport.get_write_buffer_size():
-                for start, end in unreleased:
-                    self.source.release(start, end)
-                unreleased.clear()
+            self._release_sent(channel, unreleased)
         end_frame = End(packets=channel.stats.packets, payload_bytes=channel.stats.payload_bytes)
         channel.state.on_send(end_frame)
         channel.send([encode(end_frame)])
+
+    def _release_sent(
+        self, channel: SenderChannel, unreleased: deque[tuple[int, int, int]]
+    ) -> None:
+        """Unmap chunks whose bytes the transport has handed to the kernel.
+
+        The transport writes in order, so everything queued before
+        ``transferred - buffered`` has left our buffers; dropping those pages
+        from our mapping keeps the resident set flat whatever the image size.
+        """
+        transport = channel.transport
+        if transport is None:
+            return
+        flushed = channel.stats.transferred - transport.get_write_buffer_size()
+        while unreleased and unreleased[0][2] <= flushed:
+            start, end, _ = unreleased.popleft()
+            self.source.release(start, end)
 
     def _send_zero_range(self, channel: SenderChannel, first: int, count: int) -> None:
         frame = ZeroRange(first_packet=first, packet_count=count)
@@ -423,6 +439,9 @@ class Sender:
                 encode_packet_header(number, number * packet_pages, pages, length, crc, bitmap)
             )
             buffers.extend(views)
+            # One write per packet while its bytes are still in cache from the CRC.
+            channel.send(buffers)
+            buffers = []
             self.digest.record_packet(number, bitmap, crc)
             zero_pages = int.from_bytes(bitmap, "little").bit_count()
             stats.duplicate += zero_pages
@@ -439,7 +458,8 @@ class Sender:
             channel.stats.packets += end_packet - zero_from
         channel.state.on_send_data(channel.stats.packets - packets_before,
                                    channel.stats.payload_bytes - payload_before)
-        channel.send(buffers)
+        if buffers:
+            channel.send(buffers)
 
     async def _commit(self) -> None:
         channel = self.channels[0]
