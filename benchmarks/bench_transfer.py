@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from images import make_image  # noqa: E402
+from images import make_image
 
-from dsamig.native import impl  # noqa: E402
+from dsamig.native import impl
 
 PAGE = 4096
 GiB = 1 << 30
@@ -63,7 +63,7 @@ def normal_runs(path: str) -> tuple[list[tuple[int, int]], int]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
-            bitmap, zero = impl.zero_bitmap(m, PAGE)
+            bitmap, _zero = impl.zero_bitmap(m, PAGE)
     runs = impl.normal_runs(bitmap, -(-size // PAGE))
     return runs, sum(min(c * PAGE, size - f * PAGE) for f, c in runs)
 
@@ -101,7 +101,9 @@ def scan_floor_file(image: str) -> float:
     return elapsed
 
 
-def run_transfer(image: str, dest: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+def run_transfer(
+    image: str, dest: str, args: argparse.Namespace, extra: list[str]
+) -> dict[str, Any]:
     """One real transfer through the CLI; both sides' JSON stats."""
     dsamig = [sys.executable, "-m", "dsamig"]
     receiver = subprocess.Popen(
@@ -132,7 +134,12 @@ def warm_memory(directory: str, nbytes: int) -> None:
     os.unlink(path)
 
 
-def median_report(name: str, rows: list[dict[str, float]], checks: dict[str, Callable[[dict[str, float]], str]]) -> dict[str, Any]:
+Check = Callable[[dict[str, float]], str]
+
+
+def median_report(
+    name: str, rows: list[dict[str, float]], checks: dict[str, Check]
+) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"\n== {name} (median of {len(rows)})")
     for key, value in med.items():
@@ -209,7 +216,9 @@ def scenario_scan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dir", default="/dev/shm")
     parser.add_argument("--size", type=lambda s: int(float(s) * GiB), default=2 * GiB,
                         help="image size in GiB (default 2)")

@@ -22,7 +22,9 @@ if os.environ.get("DSAMIG_NO_EXTENSIONS", "") not in ("", "0"):
     native_error = "disabled by DSAMIG_NO_EXTENSIONS"
 else:
     try:
-        from dsamig import _native as native
+        import dsamig._native
+
+        native = dsamig._native
     except ImportError as exc:  # depends on the build
         native = None
         native_error = f"extension not built: {exc}"

@@ -25,7 +25,7 @@ from dsamig.report import ProgressBar, print_json, summary_table
 from dsamig.stats import JobStats
 from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.sender import SendOptions, Sender, send_image
+from dsamig.transport.sender import Sender, SendOptions, send_image
 
 T = TypeVar("T")
 
@@ -66,9 +66,9 @@ class SendCommand:
         try:
             stats = await self._send()
         except DsamigError as exc:
-            stats = getattr(exc, "stats", None)
-            if stats is not None and self.as_json:
-                print_json(stats)
+            failed: JobStats | None = getattr(exc, "stats", None)
+            if failed is not None and self.as_json:
+                print_json(failed)
             raise
         report(stats, self.as_json)
         return EXIT_OK

@@ -36,7 +36,7 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def parse_rate(text: str | int, what: str = "bandwidth") -> float:
+def parse_rate(text: str | float, what: str = "bandwidth") -> float:
     """``10Gbit``, ``500MB``, ``1GiB`` (per second) → bytes per second."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from dsamig.errors import SinkError
@@ -78,10 +79,8 @@ class PageSink:
     def abort(self) -> None:
         """Close and delete the partial file; idempotent, never raises."""
         if getattr(self, "_open", True) and hasattr(self, "_fd"):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
         self._open = False
         try:
             os.unlink(self.partial_path)

@@ -158,6 +158,18 @@ class Manifest:
             f"packet_number {packet_number} out of range (packet_count {self._packet_count})"
         )
 
+    def range_pages(self, first_packet: int, packet_count: int) -> int:
+        """Pages in packets ``first_packet .. first_packet + packet_count - 1``."""
+        end = min((first_packet + packet_count) * self.packet_pages, self._page_count)
+        return max(end - first_packet * self.packet_pages, 0)
+
+    def range_bytes(self, first_packet: int, packet_count: int) -> tuple[int, int]:
+        """``(offset, length)`` in the image of those packets (the tail may be short)."""
+        packet_bytes = self.packet_pages * self.page_size
+        start = first_packet * packet_bytes
+        end = min((first_packet + packet_count) * packet_bytes, self.image_size)
+        return start, max(end - start, 0)
+
     def page_length(self, page_index: int) -> int:
         """Bytes of page ``page_index``: page_size, or the image's short tail.
 

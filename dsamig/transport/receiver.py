@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 from dsamig.errors import DsamigError, NetworkError, SinkError, TransferError
 from dsamig.logs import get_logger
@@ -114,8 +115,7 @@ class ReceiverJob:
                 ErrorCode.INTEGRITY,
             )
         manifest = self.manifest
-        offset = header.first_page * manifest.page_size
-        span = min(header.page_count * manifest.page_size, manifest.image_size - offset)
+        offset, span = manifest.range_bytes(header.packet_number, 1)
         try:
             self.sink.write_packet(payload, header.zero_bitmap, manifest.page_size, offset, span)
         except SinkError as exc:
@@ -131,11 +131,8 @@ class ReceiverJob:
     def zero_range_received(self, frame: ZeroRange) -> None:
         self.tracker.check_zero_range(frame)
         self.tracker.zero_range_done(frame)
-        manifest = self.manifest
-        last = frame.first_packet + frame.packet_count - 1
-        pages = (frame.packet_count - 1) * manifest.packet_pages + manifest.pages_in_packet(last)
-        packet_bytes = manifest.packet_pages * manifest.page_size
-        span = min((last + 1) * packet_bytes, manifest.image_size) - frame.first_packet * packet_bytes
+        pages = self.manifest.range_pages(frame.first_packet, frame.packet_count)
+        _, span = self.manifest.range_bytes(frame.first_packet, frame.packet_count)
         self.stats.duplicate += pages
         self.stats.done_bytes += span
         self.last_progress = time.monotonic()
@@ -239,7 +236,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         sock = transport.get_extra_info("socket")
@@ -247,11 +244,16 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.channel_opened(self)
 
+    def _in_payload(self) -> bool:
+        """Whether the next bytes are payload that goes straight to our buffer."""
+        decoder = self.decoder
+        return self.current is not None and decoder.payload_remaining > 0 and not decoder.buffered
+
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.discarding:
             return self.header
-        if self.current is not None and self.decoder.payload_remaining and not self.decoder.buffered:
-            assert self.payload is not None
+        if self._in_payload():
+            assert self.payload is not None and self.current is not None
             return self.payload[self.filled : self.current.payload_length]
         wanted = self.decoder.header_bytes_wanted()
         return self.header[: wanted if wanted > 0 else FRAME_HEADER_SIZE]
@@ -261,7 +263,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             return
         self.stats.transferred += nbytes
         try:
-            if self.current is not None and self.decoder.payload_remaining and not self.decoder.buffered:
+            if self._in_payload():
                 self.filled += nbytes
                 self.decoder.payload_received(nbytes)
                 if not self.decoder.payload_remaining:

@@ -12,8 +12,9 @@ import bisect
 import socket
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, cast
 
 from dsamig.engine import Detection, ZeroPageEngine, create_engine
 from dsamig.errors import ConfigError, DsamigError, NetworkError, TransferError
@@ -32,7 +33,9 @@ from dsamig.proto import (
     Hello,
     JobDigest,
     Manifest,
+    PayloadChunk,
     ProtocolError,
+    RemoteProtocolError,
     SenderChannelState,
     Welcome,
     ZeroRange,
@@ -49,6 +52,15 @@ CHUNK_PACKETS = 8  # packets per engine batch: 4 MiB at the default packet size
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 
+T = TypeVar("T")
+
+
+class Pacer(Protocol):
+    """A bandwidth limiter shared by a job's channels (see ``dsamig.daemon.pacing``)."""
+
+    async def acquire(self, nbytes: int) -> None:
+        """Return once ``nbytes`` more bytes may be written."""
+
 
 @dataclass
 class SendOptions:
@@ -64,6 +76,7 @@ class SendOptions:
     name: str = ""
     job_id: uuid.UUID = field(default_factory=uuid.uuid4)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    pacer: Pacer | None = None  # awaited before each scanned chunk is written
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -130,12 +143,12 @@ class SenderChannel(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Small frames (END, COMMIT_REQUEST) must not wait for Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -170,11 +183,15 @@ class SenderChannel(asyncio.Protocol):
             event = self.decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
                 return
+            if isinstance(event, PayloadChunk):
+                raise RemoteProtocolError("the receiver sent a PACKET")
             self.state.on_frame(event)
             if isinstance(event, Welcome):
                 if event.job_id != self.job.options.job_id:
-                    raise_remote = f"WELCOME for job {event.job_id}, expected {self.job.options.job_id}"
-                    self._fail(TransferError(f"channel {self.index}: {raise_remote}"))
+                    expected = self.job.options.job_id
+                    self._fail(TransferError(
+                        f"channel {self.index}: WELCOME for job {event.job_id}, expected {expected}"
+                    ))
                     return
                 if not self.welcome.done():
                     self.welcome.set_result(event)
@@ -276,10 +293,11 @@ class Sender:
             self.stats.engine = self.engine.stats()
         self.stats.finish(status, error)
 
-    async def _race(self, awaitable: object) -> object:
+    async def _race(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` unless a channel fails first."""
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
-        done, _ = await asyncio.wait({task, self._failure}, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(awaitable)
+        waiters: list[asyncio.Future[Any]] = [task, self._failure]
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
@@ -359,6 +377,12 @@ class Sender:
                 self._send_zero_range(channel, chunk.first_packet, chunk.packets)
             else:
                 detection = await future
+                if self.options.pacer is not None:
+                    # Paced on the page bytes about to be written; headers are noise.
+                    span = manifest.range_bytes(chunk.first_packet, chunk.packets)[1]
+                    await self.options.pacer.acquire(
+                        max(span - detection.zero_pages * manifest.page_size, 0)
+                    )
                 self._send_chunk(channel, chunk, detection)
                 start = chunk.first_packet * packet_bytes
                 unreleased.append(
@@ -389,77 +413,56 @@ class Sender:
             self.source.release(start, end)
 
     def _send_zero_range(self, channel: SenderChannel, first: int, count: int) -> None:
-        frame = ZeroRange(first_packet=first, packet_count=count)
+        """Send packets ``first .. first+count-1`` as one ZERO_RANGE and count them."""
         channel.state.on_send_data(count, 0)
-        channel.send([encode(frame)])
+        channel.send([encode(ZeroRange(first_packet=first, packet_count=count))])
         self.digest.record_zero_range(first, count)
-        manifest = self.manifest
-        last = first + count - 1
-        pages = (count - 1) * manifest.packet_pages + manifest.pages_in_packet(last)
-        span = min((last + 1) * manifest.packet_pages * manifest.page_size, manifest.image_size)
-        span -= first * manifest.packet_pages * manifest.page_size
         channel.stats.packets += count
-        self.stats.duplicate += pages
-        self.stats.done_bytes += span
+        self.stats.duplicate += self.manifest.range_pages(first, count)
+        self.stats.done_bytes += self.manifest.range_bytes(first, count)[1]
 
     def _send_chunk(self, channel: SenderChannel, chunk: Chunk, detection: Detection) -> None:
+        """Send a scanned chunk: PACKETs for packets with data, ZERO_RANGE for the rest."""
         manifest = self.manifest
         page_size = manifest.page_size
-        packet_pages = manifest.packet_pages
-        packet_bytes = page_size * packet_pages
         view = self.source.view
         bitmaps = detection.bitmaps
         full_zero = manifest.full_zero_bitmap(0)
-        buffers: list[bytes | memoryview] = []
         zero_from: int | None = None
         offset = 0
         stats = self.stats
-        packets_before = channel.stats.packets
-        payload_before = channel.stats.payload_bytes
-        for number in range(chunk.first_packet, chunk.first_packet + chunk.packets):
+        end_packet = chunk.first_packet + chunk.packets
+        for number in range(chunk.first_packet, end_packet):
             pages = manifest.pages_in_packet(number)
             blen = (pages + 7) >> 3
             bitmap = bitmaps[offset : offset + blen]
             offset += blen
-            start = number * packet_bytes
-            end = min(start + packet_bytes, manifest.image_size)
-            stats.done_bytes += end - start
-            if bitmap == (full_zero if pages == packet_pages else manifest.full_zero_bitmap(number)):
+            if bitmap == full_zero or bitmap == manifest.full_zero_bitmap(number):
                 if zero_from is None:
                     zero_from = number
                 continue
             if zero_from is not None:
-                buffers.append(encode(ZeroRange(zero_from, number - zero_from)))
-                self.digest.record_zero_range(zero_from, number - zero_from)
-                stats.duplicate += (number - zero_from) * packet_pages
-                channel.stats.packets += number - zero_from
+                self._send_zero_range(channel, zero_from, number - zero_from)
                 zero_from = None
-            views, length, crc = impl.packet_payload(view[start:end], bitmap, page_size)
-            buffers.append(
-                encode_packet_header(number, number * packet_pages, pages, length, crc, bitmap)
-            )
-            buffers.extend(views)
-            # One write per packet while its bytes are still in cache from the CRC.
-            channel.send(buffers)
-            buffers = []
+            start, span = manifest.range_bytes(number, 1)
+            views, length, crc = impl.packet_payload(view[start : start + span], bitmap, page_size)
+            channel.state.on_send_data(1, length)
+            # One write per packet, while its bytes are still in cache from the CRC.
+            channel.send([
+                encode_packet_header(number, number * manifest.packet_pages, pages, length, crc,
+                                     bitmap),
+                *views,
+            ])
             self.digest.record_packet(number, bitmap, crc)
             zero_pages = int.from_bytes(bitmap, "little").bit_count()
             stats.duplicate += zero_pages
             stats.normal += pages - zero_pages
             stats.normal_bytes += length
+            stats.done_bytes += span
             channel.stats.packets += 1
             channel.stats.payload_bytes += length
         if zero_from is not None:
-            end_packet = chunk.first_packet + chunk.packets
-            buffers.append(encode(ZeroRange(zero_from, end_packet - zero_from)))
-            self.digest.record_zero_range(zero_from, end_packet - zero_from)
-            last = end_packet - 1
-            stats.duplicate += (last - zero_from) * packet_pages + manifest.pages_in_packet(last)
-            channel.stats.packets += end_packet - zero_from
-        channel.state.on_send_data(channel.stats.packets - packets_before,
-                                   channel.stats.payload_bytes - payload_before)
-        if buffers:
-            channel.send(buffers)
+            self._send_zero_range(channel, zero_from, end_packet - zero_from)
 
     async def _commit(self) -> None:
         channel = self.channels[0]

@@ -241,7 +241,7 @@ def test_sender_closes_mid_transfer(tmp_path) -> None:
             bitmap = bytes(16)
             body = struct.pack("<QQIIIHH", 0, 0, 128, 128 * 4096, 0, 0, 0) + bitmap
             conn.sendall(struct.pack("<BBHI", 0x10, 0, 0, len(body)) + body + b"\x01" * 70000)
-        code, out, err = receiver.finish()
+        code, _out, err = receiver.finish()
     finally:
         receiver.kill()
     assert code == EXIT_TRANSFER

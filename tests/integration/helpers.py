@@ -15,7 +15,7 @@ from dsamig.proto import Hello
 from dsamig.stats import JobStats
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.sender import SendOptions, Sender
+from dsamig.transport.sender import Sender, SendOptions
 
 TIMEOUT_S = 60
 

@@ -34,7 +34,7 @@ async def test_byte_identical(tmp_path, image_factory, channels: int, size: int)
 async def test_engines_give_same_bytes(tmp_path, image_factory, engine: str) -> None:
     image, zero, normal = image_factory(2 * PACKET + 3 * PAGE, seed=3)
     output = str(tmp_path / "out.img")
-    sent, received = await transfer_in_process(image, output, channels=2, engine=engine)
+    _sent, received = await transfer_in_process(image, output, channels=2, engine=engine)
     assert read_bytes(output) == read_bytes(image)
     if engine == "none":
         assert (received.duplicate, received.normal) == (0, zero + normal)
@@ -50,14 +50,14 @@ async def test_single_byte_makes_a_normal_page(tmp_path, offset: int) -> None:
     data[137 * PAGE + offset] = 0x01
     image.write_bytes(data)
     output = str(tmp_path / "out.img")
-    sent, received = await transfer_in_process(str(image), output, channels=3)
+    _sent, received = await transfer_in_process(str(image), output, channels=3)
     assert read_bytes(output) == bytes(data)
     assert (received.duplicate, received.normal) == (299, 1)
     assert received.normal_bytes == PAGE
 
 
 async def test_destination_is_sparse(tmp_path, image_factory) -> None:
-    image, zero, normal = image_factory(64 * 1024 * 1024, seed=5, zero_every=2)
+    image, _zero, normal = image_factory(64 * 1024 * 1024, seed=5, zero_every=2)
     output = str(tmp_path / "out.img")
     await transfer_in_process(image, output, channels=4)
     allocated = os.stat(output).st_blocks * 512
@@ -86,7 +86,7 @@ async def test_sparse_source_holes_are_not_scanned(tmp_path) -> None:
 async def test_packet_and_page_sizes(tmp_path, image_factory, packet_size, page_size) -> None:
     image, _, _ = image_factory(5 * 1024 * 1024 + 3, seed=9)
     output = str(tmp_path / "out.img")
-    sent, received = await transfer_in_process(
+    _sent, received = await transfer_in_process(
         image, output, channels=3, packet_size=packet_size, page_size=page_size
     )
     assert read_bytes(output) == read_bytes(image)
@@ -94,7 +94,7 @@ async def test_packet_and_page_sizes(tmp_path, image_factory, packet_size, page_
 
 
 async def test_stats_use_query_migrate_names(tmp_path, image_factory) -> None:
-    image, zero, normal = image_factory(3 * PACKET, seed=1)
+    image, _zero, normal = image_factory(3 * PACKET, seed=1)
     sent, received = await transfer_in_process(image, str(tmp_path / "o"), channels=2)
     for stats in (sent, received):
         d = stats.to_dict()
