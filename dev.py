@@ -27,8 +27,6 @@ def run(*cmd: str, **kwargs: object) -> None:
 
 
 def setup(extras: str) -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"dsamig needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     if not os.path.exists(os.path.join(BIN, "python")):
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = (os.path.join(BIN, "python"), "-m", "pip")

@@ -8,12 +8,13 @@ Python, which the native module exists to avoid).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import mmap
 import os
 import threading
 import time
-import mmap
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
@@ -250,10 +251,8 @@ class CpuEngineCore:
         """Finished batches: ``[(token, bitmaps, zero_pages, status, cpu_pages)]``."""
         if self._efd < 0:
             return []
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
         with self._lock:
             done, self._done = self._done, []
             self._inflight -= len(done)
