@@ -91,6 +91,11 @@ _BODY_BOUNDS: Final[dict[FrameType, tuple[int, int]]] = {
 }
 
 
+# Plain module globals: comparing against them skips the enum class lookup.
+_HELLO: Final = FrameType.HELLO
+_PACKET: Final = FrameType.PACKET
+
+
 class _Phase(enum.Enum):
     PREAMBLE = "preamble"
     HEADER = "header"
@@ -110,7 +115,6 @@ class FrameDecoder:
         "_error",
         "_header_checked",
         "_payload_remaining",
-        "_payload_type",
         "_phase",
     )
 
@@ -118,7 +122,6 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._phase = _Phase.PREAMBLE if expect_preamble else _Phase.HEADER
         self._payload_remaining = 0
-        self._payload_type = ""
         self._eof = False
         self._error: str | None = None
         # The buffered frame header has passed its checks (saves redoing them
@@ -252,7 +255,7 @@ class FrameDecoder:
         if self._phase is _Phase.PAYLOAD:
             raise RemoteProtocolError(
                 "connection closed in the middle of a frame "
-                f"({self._payload_type} payload, {self._payload_remaining} bytes missing)"
+                f"(PACKET payload, {self._payload_remaining} bytes missing)"
             )
         if have == 0:
             return CLOSED
@@ -307,10 +310,24 @@ class FrameDecoder:
             raise RemoteProtocolError(f"frame type 0x{raw_type:02x} unknown")
         if self._header_checked:
             return ftype, body_length
+        low, high = _BODY_BOUNDS[ftype]
+        if ftype is _HELLO and flags & HELLO_MANIFEST:
+            low += MANIFEST_SIZE
+        # One combined test on the hot path; the messages are built on failure.
+        if flags or reserved or not low <= body_length <= high:
+            self._header_problem(ftype, flags, reserved, body_length, low, high)
+        self._header_checked = True
+        return ftype, body_length
+
+    @staticmethod
+    def _header_problem(
+        ftype: FrameType, flags: int, reserved: int, body_length: int, low: int, high: int
+    ) -> None:
+        """Raise the RemoteProtocolError that describes a bad frame header."""
         name = ftype.name
         if flags & ~_ALLOWED_FLAGS[ftype]:
             raise RemoteProtocolError(f"{name} flags 0x{flags:02x} has undefined bits set")
-        if ftype is FrameType.PACKET and flags:
+        if ftype is _PACKET and flags:
             raise RemoteProtocolError(
                 f"PACKET flags 0x{flags:02x}: PAGE_LIST is not supported in version 1"
             )
@@ -320,24 +337,19 @@ class FrameDecoder:
             raise RemoteProtocolError(
                 f"{name} body_length {body_length} exceeds the limit of {MAX_BODY}"
             )
-        low, high = _BODY_BOUNDS[ftype]
-        if ftype is FrameType.HELLO and flags & HELLO_MANIFEST:
-            low += MANIFEST_SIZE
         if not low <= body_length <= high:
             if low == high:
                 raise RemoteProtocolError(f"{name} body_length {body_length}, expected {low}")
             raise RemoteProtocolError(
                 f"{name} body_length {body_length} out of range ({low}..{high})"
             )
-        self._header_checked = True
-        return ftype, body_length
 
     # -- bodies ------------------------------------------------------------
 
     def _decode_body(self, ftype: FrameType, body_length: int) -> Frame:
         buffer = self._buffer
         off = FRAME_HEADER_SIZE
-        if ftype is FrameType.PACKET:
+        if ftype is _PACKET:
             return self._decode_packet(body_length)
         if ftype is FrameType.ZERO_RANGE:
             first_packet, packet_count = ZERO_RANGE_STRUCT.unpack_from(buffer, off)
@@ -403,7 +415,6 @@ class FrameDecoder:
         if payload_length:
             self._phase = _Phase.PAYLOAD
             self._payload_remaining = payload_length
-            self._payload_type = "PACKET"
         return PacketHeader(
             packet_number, first_page, page_count, payload_length, payload_crc, zero_bitmap
         )

@@ -23,7 +23,6 @@ from typing import Final, TypeVar
 from dsamig.checksum import crc32c
 from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from dsamig.proto.frames import (
-    DIGEST_SIZE,
     PROTOCOL_VERSION,
     Commit,
     CommitRequest,
@@ -640,12 +639,8 @@ class PacketTracker:
             )
         status[first:end] = bytes([_DONE]) * count
         self._digest.record_zero_range(first, count)
-        manifest = self.manifest
-        pages = (
-            min(end * manifest.packet_pages, manifest.page_count) - first * manifest.packet_pages
-        )
         self.received_packets += count
-        self.zero_pages += pages
+        self.zero_pages += self.manifest.range_pages(first, count)
 
     @property
     def complete(self) -> bool:
@@ -690,7 +685,6 @@ class PacketTracker:
                 f"receiver's {digest.hex()}",
                 ErrorCode.INTEGRITY,
             )
-        assert len(digest) == DIGEST_SIZE
         return digest
 
 
