@@ -25,6 +25,7 @@ from dsamig.report import ProgressBar, print_json, summary_table
 from dsamig.stats import JobStats
 from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
+from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import Sender, SendOptions, send_image
 
 T = TypeVar("T")
@@ -40,6 +41,14 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+def check_security(security: SecurityConfig | None, role: str) -> None:
+    """Load keys and certificates before anything starts; print warnings."""
+    if security is None:
+        return
+    for warning in security.check(role):
+        print(f"dsamig: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def report(stats: JobStats, as_json: bool) -> None:
@@ -60,6 +69,7 @@ class SendCommand:
 
     def run(self) -> int:
         impl.set_thread_name("dsamig-send")
+        check_security(self.options.security, "sender")
         return run_loop(self._main())
 
     async def _main(self) -> int:
@@ -104,9 +114,11 @@ class ReceiveCommand:
     once: bool = False
     as_json: bool = False
     timeouts: Timeouts | None = None
+    security: SecurityConfig | None = None
 
     def run(self) -> int:
         impl.set_thread_name("dsamig-recv")
+        check_security(self.security, "receiver")
         return run_loop(self._main())
 
     def _sink(self, hello: Hello) -> PageSink:
@@ -123,7 +135,9 @@ class ReceiveCommand:
         finished: asyncio.Queue[ReceiverJob] = asyncio.Queue()
         server = ReceiverServer(
             host, port, self._sink, timeouts=self.timeouts, max_jobs=1,
-            on_job_finished=finished.put_nowait,
+            on_job_finished=finished.put_nowait, security=self.security,
+            on_refused=lambda message: print(f"dsamig: error: {message}", file=sys.stderr,
+                                             flush=True),
         )
         bound = await server.start()
         print(f"dsamig: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
@@ -143,6 +157,8 @@ class ReceiveCommand:
                     await server.close("receiver interrupted")
                     return 130
                 job = getter.result()
+                if job.superseded:
+                    continue  # a restarted sender took its partial file over
                 report(job.stats, self.as_json)
                 if job.stats.error:
                     print(f"dsamig: error: {job.stats.error}", file=sys.stderr, flush=True)

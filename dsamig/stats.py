@@ -87,10 +87,12 @@ class JobStats:
     cpu_end: float | None = None
     threads_start: dict[str, float] = field(default_factory=thread_cpu_seconds)
     threads: dict[str, float] = field(default_factory=dict)
+    earlier_transferred: int = 0  # bytes of connections closed before a reconnect
+    extra: dict[str, Any] = field(default_factory=dict)  # more figures for to_dict
 
     @property
     def transferred(self) -> int:
-        return sum(c.transferred for c in self.channels)
+        return self.earlier_transferred + sum(c.transferred for c in self.channels)
 
     def mark_setup_done(self) -> None:
         self.setup_done = time.monotonic()
@@ -142,6 +144,7 @@ class JobStats:
             "peak-rss-bytes": peak_rss_bytes(),
             "thread-cpu-s": self.threads,
         }
+        out.update(self.extra)
         if self.error is not None:
             out["error-desc"] = self.error
         return out

@@ -35,7 +35,8 @@ class PageSource:
             st = os.fstat(self._fd)
             if stat.S_ISDIR(st.st_mode):
                 raise SourceError(f"image {path!r} is a directory")
-            if stat.S_ISREG(st.st_mode):
+            self._regular = stat.S_ISREG(st.st_mode)
+            if self._regular:
                 self.size = st.st_size
             elif stat.S_ISBLK(st.st_mode):
                 self.size = os.lseek(self._fd, 0, os.SEEK_END)
@@ -77,6 +78,32 @@ class PageSource:
         except OSError:
             return [(0, self.size)] if self.size else []
         return ranges
+
+    def truncation_error(self) -> SourceError | None:
+        """The error to report if the file is now shorter than when it was mapped.
+
+        Pages past a file's end cannot be read through its mapping (the
+        native code turns the SIGBUS into EFAULT, the kernel's writes fail
+        with EFAULT); whatever failed, this names the real cause.
+        """
+        if self._closed or not self._regular:
+            return None
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError:
+            return None
+        if now >= self.size:
+            return None
+        return SourceError(
+            f"image {self.path!r} was truncated while being sent (now {now} bytes, "
+            f"was {self.size})"
+        )
+
+    def check_size(self) -> None:
+        """Raise SourceError if the image shrank since it was mapped (one fstat)."""
+        error = self.truncation_error()
+        if error is not None:
+            raise error
 
     def release(self, start: int, end: int) -> None:
         """Drop our mapping of ``[start, end)`` (page aligned inward); data stays cached."""

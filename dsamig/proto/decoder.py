@@ -19,6 +19,8 @@ from typing import Final
 
 from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from dsamig.proto.frames import (
+    ACK_STRUCT,
+    CHALLENGE_STRUCT,
     CLOSED,
     COMMIT_REQUEST_STRUCT,
     COMMIT_STRUCT,
@@ -37,13 +39,18 @@ from dsamig.proto.frames import (
     MAX_NAME,
     MAX_PACKET_PAGES,
     MAX_PAGE_SIZE,
+    MAX_RESUME_PACKETS,
     NEED_DATA,
     PACKET_FIXED_BODY,
     PACKET_PAGE_LIST,
     PACKET_STRUCT,
     PREAMBLE,
+    RESUME_LAST,
+    RESUME_STRUCT,
     WELCOME_STRUCT,
     ZERO_RANGE_STRUCT,
+    Ack,
+    Challenge,
     Commit,
     CommitRequest,
     End,
@@ -55,6 +62,7 @@ from dsamig.proto.frames import (
     Manifest,
     PacketHeader,
     PayloadChunk,
+    ResumeState,
     Welcome,
     ZeroRange,
 )
@@ -67,12 +75,15 @@ _FRAME_TYPES: Final[dict[int, FrameType]] = {int(t): t for t in FrameType}
 _ALLOWED_FLAGS: Final[dict[FrameType, int]] = {
     FrameType.HELLO: HELLO_MANIFEST,
     FrameType.WELCOME: 0,
+    FrameType.CHALLENGE: 0,
     # PAGE_LIST is defined (live rounds) but refused in v1, with its own message.
     FrameType.PACKET: PACKET_PAGE_LIST,
     FrameType.ZERO_RANGE: 0,
     FrameType.END: 0,
     FrameType.COMMIT_REQUEST: 0,
     FrameType.COMMIT: 0,
+    FrameType.ACK: 0,
+    FrameType.RESUME_STATE: RESUME_LAST,
     FrameType.ERROR: 0,
 }
 
@@ -82,11 +93,17 @@ _ALLOWED_FLAGS: Final[dict[FrameType, int]] = {
 _BODY_BOUNDS: Final[dict[FrameType, tuple[int, int]]] = {
     FrameType.HELLO: (HELLO_FIXED_BODY, MAX_BODY),
     FrameType.WELCOME: (WELCOME_STRUCT.size, WELCOME_STRUCT.size),
+    FrameType.CHALLENGE: (CHALLENGE_STRUCT.size, CHALLENGE_STRUCT.size),
     FrameType.PACKET: (PACKET_FIXED_BODY + 1, PACKET_FIXED_BODY + MAX_PACKET_PAGES // 8),
     FrameType.ZERO_RANGE: (ZERO_RANGE_STRUCT.size, ZERO_RANGE_STRUCT.size),
     FrameType.END: (END_STRUCT.size, END_STRUCT.size),
     FrameType.COMMIT_REQUEST: (COMMIT_REQUEST_STRUCT.size, COMMIT_REQUEST_STRUCT.size),
     FrameType.COMMIT: (COMMIT_STRUCT.size, COMMIT_STRUCT.size),
+    FrameType.ACK: (ACK_STRUCT.size, ACK_STRUCT.size),
+    FrameType.RESUME_STATE: (
+        RESUME_STRUCT.size + 1,
+        RESUME_STRUCT.size + MAX_RESUME_PACKETS // 8 + 4 * MAX_RESUME_PACKETS,
+    ),
     FrameType.ERROR: (ERROR_STRUCT.size, ERROR_STRUCT.size + MAX_ERROR_MESSAGE),
 }
 
@@ -293,8 +310,11 @@ class FrameDecoder:
         # Checking a prefix refuses a stray client (HTTP, a scanner) at its
         # first wrong byte instead of waiting for eight.
         if buffer[:have] != PREAMBLE[:have]:
+            # 0x16 opens a TLS handshake record: a sender configured for TLS.
+            hint = " (a TLS client: is TLS configured on both sides?)" if buffer[0] == 0x16 else ""
             raise RemoteProtocolError(
                 f"not a dsamig peer: bad preamble {bytes(buffer[:have])!r}, expected {PREAMBLE!r}"
+                + hint
             )
         if have < _PREAMBLE_SIZE:
             return False
@@ -358,6 +378,12 @@ class FrameDecoder:
             return ZeroRange(first_packet, packet_count)
         if ftype is FrameType.HELLO:
             return self._decode_hello(body_length)
+        if ftype is FrameType.CHALLENGE:
+            scheme, reserved, nonce, proof = CHALLENGE_STRUCT.unpack_from(buffer, off)
+            if any(reserved):
+                raise RemoteProtocolError(f"CHALLENGE reserved {reserved.hex()} must be 0")
+            # An unknown scheme is decoded: the state machine answers AUTH for it.
+            return Challenge(nonce, proof, scheme)
         if ftype is FrameType.WELCOME:
             version, reserved, features, job_id = WELCOME_STRUCT.unpack_from(buffer, off)
             if reserved:
@@ -373,7 +399,43 @@ class FrameDecoder:
             return CommitRequest(packet_count, zero_pages, normal_pages, digest)
         if ftype is FrameType.COMMIT:
             return Commit(COMMIT_STRUCT.unpack_from(buffer, off)[0])
+        if ftype is FrameType.ACK:
+            frames, packets = ACK_STRUCT.unpack_from(buffer, off)
+            return Ack(frames, packets)
+        if ftype is FrameType.RESUME_STATE:
+            return self._decode_resume_state(body_length)
         return self._decode_error(body_length)
+
+    def _decode_resume_state(self, body_length: int) -> ResumeState:
+        buffer = self._buffer
+        off = FRAME_HEADER_SIZE
+        first_packet, packet_count, reserved = RESUME_STRUCT.unpack_from(buffer, off)
+        if reserved:
+            raise RemoteProtocolError(f"RESUME_STATE reserved 0x{reserved:08x} must be 0")
+        if not 1 <= packet_count <= MAX_RESUME_PACKETS:
+            raise RemoteProtocolError(
+                f"RESUME_STATE packet_count {packet_count} out of range (1..{MAX_RESUME_PACKETS})"
+            )
+        off += RESUME_STRUCT.size
+        bitmap_length = (packet_count + 7) >> 3
+        if body_length < RESUME_STRUCT.size + bitmap_length:
+            raise RemoteProtocolError(
+                f"RESUME_STATE body_length {body_length} too short for {packet_count} packets"
+            )
+        bitmap = bytes(buffer[off : off + bitmap_length])
+        done = int.from_bytes(bitmap, "little")
+        if done >> packet_count:
+            raise RemoteProtocolError("RESUME_STATE done_bitmap has padding bits set")
+        expected = RESUME_STRUCT.size + bitmap_length + 4 * done.bit_count()
+        if body_length != expected:
+            raise RemoteProtocolError(
+                f"RESUME_STATE body_length {body_length}, expected {expected} "
+                f"({done.bit_count()} records)"
+            )
+        off += bitmap_length
+        records = bytes(buffer[off : off + 4 * done.bit_count()])
+        last = bool(buffer[1] & RESUME_LAST)
+        return ResumeState(first_packet, packet_count, bitmap, records, last)
 
     def _decode_packet(self, body_length: int) -> PacketHeader:
         buffer = self._buffer

@@ -33,6 +33,19 @@ CHECKSUM_CRC32C: Final = 1
 DIGEST_SHA256_RECORDS: Final = 1
 DIGEST_SIZE: Final = 32
 
+# HELLO / WELCOME feature bits (docs/protocol.md "Acknowledgements and resume")
+FEATURE_ACKS: Final = 0x01  # the receiver ACKs data frames; channels may reconnect
+FEATURE_RESUME: Final = 0x02  # sender: resume if you can; receiver: RESUME_STATE follows
+KNOWN_FEATURES: Final = FEATURE_ACKS | FEATURE_RESUME
+# RESUME_STATE flags
+RESUME_LAST: Final = 0x01
+MAX_RESUME_PACKETS: Final = 8192  # per RESUME_STATE frame: 1 KiB bitmap + 32 KiB records
+
+# CHALLENGE (docs/protocol.md "Authentication")
+AUTH_HMAC_SHA256: Final = 1  # the only scheme: HMAC-SHA256 with a pre-shared key
+AUTH_NONCE_SIZE: Final = 32
+AUTH_MAC_SIZE: Final = 32
+
 # HELLO flags
 HELLO_MANIFEST: Final = 0x01
 # PACKET flags: reserved for non-contiguous pages (live rounds), rejected in v1.
@@ -52,11 +65,14 @@ class FrameType(enum.IntEnum):
 
     HELLO = 0x01
     WELCOME = 0x02
+    CHALLENGE = 0x03
     PACKET = 0x10
     ZERO_RANGE = 0x11
     END = 0x12
     COMMIT_REQUEST = 0x13
     COMMIT = 0x14
+    ACK = 0x15
+    RESUME_STATE = 0x16
     ERROR = 0x7F
 
 
@@ -88,6 +104,9 @@ END_STRUCT: Final = struct.Struct("<QQ")
 COMMIT_REQUEST_STRUCT: Final = struct.Struct("<QQQ32s")
 COMMIT_STRUCT: Final = struct.Struct("<32s")
 ERROR_STRUCT: Final = struct.Struct("<HH")
+CHALLENGE_STRUCT: Final = struct.Struct("<B3s32s32s")
+ACK_STRUCT: Final = struct.Struct("<QQ")
+RESUME_STRUCT: Final = struct.Struct("<QII")
 
 _MANIFEST_RESERVED: Final = bytes(6)
 _T_PACKET: Final = int(FrameType.PACKET)
@@ -257,6 +276,20 @@ class Welcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Challenge:
+    """CHALLENGE: a fresh nonce, before HELLO, when a pre-shared key is used.
+
+    The sender's carries only its nonce (``proof`` all zero); the receiver's
+    answers with its own nonce and ``proof`` = HMAC over both nonces, so the
+    sender knows the receiver holds the key before it sends anything else.
+    """
+
+    nonce: bytes
+    proof: bytes = bytes(AUTH_MAC_SIZE)
+    scheme: int = AUTH_HMAC_SHA256
+
+
+@dataclass(frozen=True, slots=True)
 class PacketHeader:
     """PACKET without its payload; ``payload_length`` payload bytes follow it."""
 
@@ -315,23 +348,51 @@ class Error:
 
 
 @dataclass(frozen=True, slots=True)
+class Ack:
+    """ACK: the receiver verified and wrote this channel's first ``frames`` data
+    frames (PACKET and ZERO_RANGE), covering ``packets`` packets."""
+
+    frames: int
+    packets: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeState:
+    """RESUME_STATE: which of ``packet_count`` packets from ``first_packet`` the
+    receiver already holds durably, with their digest records (4 bytes each, in
+    packet order, one per set bit).  ``last`` ends the sequence."""
+
+    first_packet: int
+    packet_count: int
+    done_bitmap: bytes
+    records: bytes
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PayloadChunk:
     """Bytes of the payload of the PACKET decoded last."""
 
     data: bytes
 
 
-Frame: TypeAlias = Hello | Welcome | PacketHeader | ZeroRange | End | CommitRequest | Commit | Error
+Frame: TypeAlias = (
+    Hello | Welcome | Challenge | PacketHeader | ZeroRange | End | CommitRequest | Commit | Ack
+    | ResumeState | Error
+)
 Event: TypeAlias = Frame | PayloadChunk | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
 
 _FRAME_TYPES: Final[dict[type, FrameType]] = {
     Hello: FrameType.HELLO,
+    Challenge: FrameType.CHALLENGE,
     Welcome: FrameType.WELCOME,
     PacketHeader: FrameType.PACKET,
     ZeroRange: FrameType.ZERO_RANGE,
     End: FrameType.END,
     CommitRequest: FrameType.COMMIT_REQUEST,
     Commit: FrameType.COMMIT,
+    Ack: FrameType.ACK,
+    ResumeState: FrameType.RESUME_STATE,
     Error: FrameType.ERROR,
 }
 
@@ -488,6 +549,17 @@ def _encode_hello(frame: Hello) -> bytes:
     return _frame(FrameType.HELLO, flags, fixed + manifest + bytes(frame.auth) + name)
 
 
+def _encode_challenge(frame: Challenge) -> bytes:
+    _check(_range_problem("CHALLENGE scheme", frame.scheme, 0, 0xFF))
+    if len(frame.nonce) != AUTH_NONCE_SIZE or len(frame.proof) != AUTH_MAC_SIZE:
+        raise LocalProtocolError(
+            f"CHALLENGE nonce of {len(frame.nonce)} and proof of {len(frame.proof)} bytes, "
+            f"expected {AUTH_NONCE_SIZE} and {AUTH_MAC_SIZE}"
+        )
+    body = CHALLENGE_STRUCT.pack(frame.scheme, bytes(3), frame.nonce, frame.proof)
+    return _frame(FrameType.CHALLENGE, 0, body)
+
+
 def _encode_digest(what: str, digest: bytes) -> bytes:
     if len(digest) != DIGEST_SIZE:
         raise LocalProtocolError(f"{what} of {len(digest)} bytes, expected {DIGEST_SIZE}")
@@ -531,6 +603,8 @@ def encode(frame: Frame) -> bytes:
         )
     if isinstance(frame, Hello):
         return _encode_hello(frame)
+    if isinstance(frame, Challenge):
+        return _encode_challenge(frame)
     if isinstance(frame, Welcome):
         _check(
             _range_problem("WELCOME version", frame.version, 0, _U16),
@@ -558,6 +632,29 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Commit):
         digest = _encode_digest("COMMIT digest", frame.digest)
         return _frame(FrameType.COMMIT, 0, COMMIT_STRUCT.pack(digest))
+    if isinstance(frame, Ack):
+        _check(
+            _range_problem("ACK frames", frame.frames, 0, _U64),
+            _range_problem("ACK packets", frame.packets, 0, _U64),
+        )
+        return _frame(FrameType.ACK, 0, ACK_STRUCT.pack(frame.frames, frame.packets))
+    if isinstance(frame, ResumeState):
+        _check(
+            _range_problem("RESUME_STATE first_packet", frame.first_packet, 0, _U64),
+            _range_problem("RESUME_STATE packet_count", frame.packet_count, 1,
+                           MAX_RESUME_PACKETS),
+        )
+        done = int.from_bytes(frame.done_bitmap, "little")
+        if len(frame.done_bitmap) != (frame.packet_count + 7) >> 3 or done >> frame.packet_count:
+            raise LocalProtocolError("RESUME_STATE done_bitmap does not match packet_count")
+        if len(frame.records) != 4 * done.bit_count():
+            raise LocalProtocolError("RESUME_STATE needs one 4-byte record per done packet")
+        body = (
+            RESUME_STRUCT.pack(frame.first_packet, frame.packet_count, 0)
+            + frame.done_bitmap
+            + frame.records
+        )
+        return _frame(FrameType.RESUME_STATE, RESUME_LAST if frame.last else 0, body)
     if isinstance(frame, Error):
         _check(_range_problem("ERROR code", int(frame.code), 0, _U16))
         message = _truncate_utf8(frame.message, MAX_ERROR_MESSAGE)
@@ -568,12 +665,20 @@ def encode(frame: Frame) -> bytes:
 
 
 __all__ = [
+    "ACK_STRUCT",
+    "AUTH_HMAC_SHA256",
+    "AUTH_MAC_SIZE",
+    "AUTH_NONCE_SIZE",
+    "CHALLENGE_STRUCT",
     "CHECKSUM_CRC32C",
     "CLOSED",
     "DIGEST_SHA256_RECORDS",
     "DIGEST_SIZE",
+    "FEATURE_ACKS",
+    "FEATURE_RESUME",
     "FRAME_HEADER_SIZE",
     "HELLO_MANIFEST",
+    "KNOWN_FEATURES",
     "MAX_BODY",
     "MAX_CHANNELS",
     "MAX_ERROR_MESSAGE",
@@ -582,11 +687,16 @@ __all__ = [
     "MAX_PACKET_BYTES",
     "MAX_PACKET_PAGES",
     "MAX_PAGE_SIZE",
+    "MAX_RESUME_PACKETS",
     "MIN_PAGE_SIZE",
     "NEED_DATA",
     "PACKET_PAGE_LIST",
     "PREAMBLE",
     "PROTOCOL_VERSION",
+    "RESUME_LAST",
+    "RESUME_STRUCT",
+    "Ack",
+    "Challenge",
     "Commit",
     "CommitRequest",
     "End",
@@ -598,6 +708,7 @@ __all__ = [
     "Manifest",
     "PacketHeader",
     "PayloadChunk",
+    "ResumeState",
     "Sentinel",
     "Welcome",
     "ZeroRange",

@@ -13,17 +13,29 @@ computes the job digest both sides compare before the receiver commits.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import struct
 import sys
 from array import array
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from dsamig.checksum import crc32c
+from dsamig.proto.auth import (
+    check_hello,
+    check_nonce,
+    check_receiver_proof,
+    hello_mac,
+    receiver_proof,
+)
 from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from dsamig.proto.frames import (
+    AUTH_HMAC_SHA256,
+    MAX_RESUME_PACKETS,
     PROTOCOL_VERSION,
+    Challenge,
     Commit,
     CommitRequest,
     End,
@@ -33,6 +45,7 @@ from dsamig.proto.frames import (
     Hello,
     Manifest,
     PacketHeader,
+    ResumeState,
     Welcome,
     ZeroRange,
     frame_type,
@@ -65,6 +78,10 @@ class ReceiverState(enum.Enum):
     """States of one channel on the receiving side."""
 
     AWAIT_HELLO = "AWAIT_HELLO"
+    #: With a pre-shared key: the sender's CHALLENGE arrived, ours is not sent yet.
+    CHALLENGED = "CHALLENGED"
+    #: With a pre-shared key: our CHALLENGE is sent; only a signed HELLO may follow.
+    AWAIT_AUTH_HELLO = "AWAIT_AUTH_HELLO"
     #: HELLO accepted; WELCOME (or ERROR) not sent yet.
     HANDSHAKE = "HANDSHAKE"
     STREAMING = "STREAMING"
@@ -80,6 +97,10 @@ class SenderState(enum.Enum):
 
     #: Nothing sent yet (the preamble goes out with HELLO).
     IDLE = "IDLE"
+    #: With a pre-shared key: our CHALLENGE is sent, the receiver's not read yet.
+    AWAIT_CHALLENGE = "AWAIT_CHALLENGE"
+    #: With a pre-shared key: the receiver proved it holds the key; HELLO next.
+    AUTHENTICATED = "AUTHENTICATED"
     AWAIT_WELCOME = "AWAIT_WELCOME"
     STREAMING = "STREAMING"
     ENDED = "ENDED"
@@ -96,12 +117,21 @@ _T = FrameType
 #: (state, direction, frame type) -> next state, for a receiver's channel.
 RECEIVER_TRANSITIONS: Final[dict[tuple[ReceiverState, Direction, FrameType], ReceiverState]] = {
     (_R.AWAIT_HELLO, RECV, _T.HELLO): _R.HANDSHAKE,
+    # With a pre-shared key (docs/protocol.md "Authentication").
+    (_R.AWAIT_HELLO, RECV, _T.CHALLENGE): _R.CHALLENGED,
+    (_R.CHALLENGED, SEND, _T.CHALLENGE): _R.AWAIT_AUTH_HELLO,
+    (_R.AWAIT_AUTH_HELLO, RECV, _T.HELLO): _R.HANDSHAKE,
     (_R.HANDSHAKE, SEND, _T.WELCOME): _R.STREAMING,
     (_R.STREAMING, RECV, _T.PACKET): _R.STREAMING,
     (_R.STREAMING, RECV, _T.ZERO_RANGE): _R.STREAMING,
     (_R.STREAMING, RECV, _T.END): _R.ENDED,
     (_R.ENDED, RECV, _T.COMMIT_REQUEST): _R.COMMITTING,
     (_R.COMMITTING, SEND, _T.COMMIT): _R.CLOSED,
+    # With FEATURE_ACKS / FEATURE_RESUME (negotiated in HELLO / WELCOME).
+    (_R.STREAMING, SEND, _T.RESUME_STATE): _R.STREAMING,
+    (_R.STREAMING, SEND, _T.ACK): _R.STREAMING,
+    (_R.ENDED, SEND, _T.ACK): _R.ENDED,
+    (_R.COMMITTING, SEND, _T.ACK): _R.COMMITTING,
     # The peer may report a failure in any state but after its own ERROR; we
     # may report one in any state but after a clean close (once: see below).
     **{(state, RECV, _T.ERROR): _R.ERROR for state in _R if state is not _R.ERROR},
@@ -111,12 +141,21 @@ RECEIVER_TRANSITIONS: Final[dict[tuple[ReceiverState, Direction, FrameType], Rec
 #: (state, direction, frame type) -> next state, for a sender's channel.
 SENDER_TRANSITIONS: Final[dict[tuple[SenderState, Direction, FrameType], SenderState]] = {
     (_S.IDLE, SEND, _T.HELLO): _S.AWAIT_WELCOME,
+    # With a pre-shared key (docs/protocol.md "Authentication").
+    (_S.IDLE, SEND, _T.CHALLENGE): _S.AWAIT_CHALLENGE,
+    (_S.AWAIT_CHALLENGE, RECV, _T.CHALLENGE): _S.AUTHENTICATED,
+    (_S.AUTHENTICATED, SEND, _T.HELLO): _S.AWAIT_WELCOME,
     (_S.AWAIT_WELCOME, RECV, _T.WELCOME): _S.STREAMING,
     (_S.STREAMING, SEND, _T.PACKET): _S.STREAMING,
     (_S.STREAMING, SEND, _T.ZERO_RANGE): _S.STREAMING,
     (_S.STREAMING, SEND, _T.END): _S.ENDED,
     (_S.ENDED, SEND, _T.COMMIT_REQUEST): _S.AWAIT_COMMIT,
     (_S.AWAIT_COMMIT, RECV, _T.COMMIT): _S.DONE,
+    # With FEATURE_ACKS / FEATURE_RESUME (negotiated in HELLO / WELCOME).
+    (_S.STREAMING, RECV, _T.RESUME_STATE): _S.STREAMING,
+    (_S.STREAMING, RECV, _T.ACK): _S.STREAMING,
+    (_S.ENDED, RECV, _T.ACK): _S.ENDED,
+    (_S.AWAIT_COMMIT, RECV, _T.ACK): _S.AWAIT_COMMIT,
     **{(state, RECV, _T.ERROR): _S.ERROR for state in _S if state is not _S.ERROR},
     **{(state, SEND, _T.ERROR): _S.ERROR for state in _S if state is not _S.DONE},
 }
@@ -128,6 +167,8 @@ _StateT = TypeVar("_StateT", ReceiverState, SenderState)
 #: States in which the peer may close the connection cleanly (besides ENDED
 #: on a channel other than 0, which has nothing left to do).
 RECEIVER_CLOSE_OK: Final = frozenset({_R.CLOSED, _R.ERROR})
+# Where a receiver may read HELLO: directly, or after CHALLENGE with a key.
+_HELLO_STATES: Final = frozenset({_R.AWAIT_HELLO, _R.AWAIT_AUTH_HELLO})
 SENDER_CLOSE_OK: Final = frozenset({_S.DONE, _S.ERROR})
 
 
@@ -151,6 +192,9 @@ class ReceiverChannelState:
 
     __slots__ = (
         "_error_sent",
+        "_psk",
+        "_receiver_nonce",
+        "_sender_nonce",
         "channel_index",
         "end",
         "error",
@@ -160,8 +204,12 @@ class ReceiverChannelState:
         "state",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, psk: bytes | None = None) -> None:
         self.state = ReceiverState.AWAIT_HELLO
+        #: With a pre-shared key every channel must authenticate before HELLO.
+        self._psk = psk
+        self._sender_nonce = b""
+        self._receiver_nonce = b""
         self.hello: Hello | None = None
         #: From the HELLO; None until it arrived.
         self.channel_index: int | None = None
@@ -189,7 +237,9 @@ class ReceiverChannelState:
     def _on_frame(self, frame: Frame) -> None:
         ftype = frame_type(frame)
         state = self.state
-        if isinstance(frame, Hello) and state is ReceiverState.AWAIT_HELLO:
+        if state is ReceiverState.AWAIT_HELLO or state is ReceiverState.AWAIT_AUTH_HELLO:
+            self._authenticate(frame, state)
+        if isinstance(frame, Hello) and state in _HELLO_STATES:
             # Checked before the table row applies: a HELLO of another version
             # gets a VERSION answer, not a confusing PROTOCOL one.
             if frame.version != PROTOCOL_VERSION:
@@ -241,6 +291,56 @@ class ReceiverChannelState:
             self.error = frame
         self.state = new_state
 
+    def _authenticate(self, frame: Frame, state: ReceiverState) -> None:
+        """The pre-shared-key rules, checked before the table: failures are AUTH.
+
+        Without a key a channel must not try to authenticate; with one, the
+        only way to a HELLO is CHALLENGE both ways and a HELLO whose MAC
+        binds it to both nonces.
+        """
+        psk = self._psk
+        if isinstance(frame, Challenge) and state is ReceiverState.AWAIT_HELLO:
+            if psk is None:
+                raise RemoteProtocolError(
+                    "the sender authenticates with a pre-shared key, but this receiver has "
+                    "none configured (--psk-file)",
+                    ErrorCode.AUTH,
+                )
+            if frame.scheme != AUTH_HMAC_SHA256:
+                raise RemoteProtocolError(
+                    f"CHALLENGE scheme {frame.scheme} not supported "
+                    f"({AUTH_HMAC_SHA256} = HMAC-SHA256 with a pre-shared key)",
+                    ErrorCode.AUTH,
+                )
+            if any(frame.proof):
+                raise RemoteProtocolError("CHALLENGE from the sender must carry a zero proof")
+            self._sender_nonce = frame.nonce
+        elif isinstance(frame, Hello):
+            if state is ReceiverState.AWAIT_AUTH_HELLO:
+                assert psk is not None  # reached only through a CHALLENGE we accepted
+                check_hello(psk, self._receiver_nonce, self._sender_nonce, frame)
+            elif psk is not None:
+                raise RemoteProtocolError(
+                    "HELLO without authentication: this receiver requires a pre-shared key "
+                    "(--psk-file)",
+                    ErrorCode.AUTH,
+                )
+            elif frame.auth:
+                raise RemoteProtocolError(
+                    f"HELLO carries {len(frame.auth)} bytes of authentication, but this "
+                    "receiver has no pre-shared key configured (--psk-file)",
+                    ErrorCode.AUTH,
+                )
+
+    def answer_challenge(self, receiver_nonce: bytes) -> Challenge:
+        """Our CHALLENGE for the sender's: ``receiver_nonce`` (fresh, random) and
+        the proof that we hold the key. Send it with :meth:`on_send`."""
+        if self._psk is None or self.state is not ReceiverState.CHALLENGED:
+            raise LocalProtocolError(f"cannot answer a CHALLENGE in state {self.state.name}")
+        check_nonce(receiver_nonce)
+        proof = receiver_proof(self._psk, self._sender_nonce, receiver_nonce)
+        return Challenge(receiver_nonce, proof)
+
     def on_eof(self) -> None:
         """Apply the peer closing the connection (the decoder returned CLOSED).
 
@@ -262,6 +362,10 @@ class ReceiverChannelState:
         new_state = RECEIVER_TRANSITIONS.get((state, SEND, ftype))
         if new_state is None or (ftype is _T.ERROR and self._error_sent):
             raise LocalProtocolError(f"cannot send {ftype.name} in state {state.name}")
+        if isinstance(frame, Challenge):
+            if frame != self.answer_challenge(frame.nonce):
+                raise LocalProtocolError("CHALLENGE proof is not this receiver's proof")
+            self._receiver_nonce = frame.nonce
         if isinstance(frame, Welcome):
             assert self.hello is not None  # HANDSHAKE is only reached through HELLO
             if frame.job_id != self.hello.job_id:
@@ -291,6 +395,9 @@ class SenderChannelState:
 
     __slots__ = (
         "_error_sent",
+        "_psk",
+        "_receiver_nonce",
+        "_sender_nonce",
         "channel_index",
         "commit",
         "commit_request",
@@ -302,8 +409,12 @@ class SenderChannelState:
         "welcome",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, psk: bytes | None = None) -> None:
         self.state = SenderState.IDLE
+        #: With a pre-shared key the channel opens with CHALLENGE, not HELLO.
+        self._psk = psk
+        self._sender_nonce = b""
+        self._receiver_nonce = b""
         self.hello: Hello | None = None
         self.channel_index: int | None = None
         self.welcome: Welcome | None = None
@@ -329,7 +440,16 @@ class SenderChannelState:
             self.payload_bytes += frame.payload_length
         elif isinstance(frame, ZeroRange):
             self.packets += frame.packet_count
+        elif isinstance(frame, Challenge):
+            if self._psk is None:
+                raise LocalProtocolError("cannot send CHALLENGE without a pre-shared key")
+            check_nonce(frame.nonce)
+            if any(frame.proof) or frame.scheme != AUTH_HMAC_SHA256:
+                raise LocalProtocolError("the sender's CHALLENGE carries a nonce only")
+            self._sender_nonce = frame.nonce
         elif isinstance(frame, Hello):
+            if self._psk is not None and frame != self.sign_hello(frame):
+                raise LocalProtocolError("HELLO is not signed: pass it through sign_hello()")
             if frame.version != PROTOCOL_VERSION:
                 raise LocalProtocolError(f"HELLO version {frame.version} is not {PROTOCOL_VERSION}")
             if (frame.channel_index == 0) != (frame.manifest is not None):
@@ -353,6 +473,21 @@ class SenderChannelState:
         elif isinstance(frame, Error):
             self._error_sent = True
         self.state = new_state
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether this channel opens with the pre-shared-key CHALLENGE."""
+        return self._psk is not None
+
+    def sign_hello(self, hello: Hello) -> Hello:
+        """``hello`` with its auth block set to the MAC the receiver expects.
+
+        Only after the receiver's CHALLENGE proved that it holds the key.
+        """
+        if self._psk is None or self.state is not SenderState.AUTHENTICATED:
+            raise LocalProtocolError(f"cannot sign a HELLO in state {self.state.name}")
+        mac = hello_mac(self._psk, self._receiver_nonce, self._sender_nonce, hello)
+        return dataclasses.replace(hello, auth=mac)
 
     def on_send_data(self, packets: int, payload_bytes: int) -> None:
         """Count data frames sent without building frame objects (the hot path).
@@ -401,6 +536,16 @@ class SenderChannelState:
                 f"{ftype.name} received in state {state.name}; expected "
                 f"{_expected(SENDER_TRANSITIONS, state, RECV)}"
             )
+        if isinstance(frame, Challenge):
+            assert self._psk is not None  # AWAIT_CHALLENGE follows our own CHALLENGE
+            if frame.scheme != AUTH_HMAC_SHA256:
+                raise RemoteProtocolError(
+                    f"CHALLENGE scheme {frame.scheme} not supported "
+                    f"({AUTH_HMAC_SHA256} = HMAC-SHA256 with a pre-shared key)",
+                    ErrorCode.AUTH,
+                )
+            check_receiver_proof(self._psk, self._sender_nonce, frame.nonce, frame.proof)
+            self._receiver_nonce = frame.nonce
         if isinstance(frame, Welcome):
             assert self.hello is not None  # AWAIT_WELCOME is only reached through HELLO
             if frame.version != PROTOCOL_VERSION:
@@ -480,6 +625,28 @@ class JobDigest:
         if end == self._packet_count:
             self._records[end - 1] = self._last_record
 
+    def zero_record(self, packet_number: int) -> int:
+        """The record of packet ``packet_number`` if all its pages are zero."""
+        self._check_range(packet_number, 1)
+        return self._last_record if packet_number == self._packet_count - 1 else self._full_record
+
+    def records_bytes(self) -> bytes:
+        """All records as u32 LE, packet order (for a checkpoint)."""
+        records = array("I", self._records)
+        if sys.byteorder != "little":  # pragma: no cover - no big-endian DSA hosts
+            records.byteswap()
+        return records.tobytes()
+
+    def load_records(self, data: bytes) -> None:
+        """Replace the records with a checkpoint's (``records_bytes`` output)."""
+        records = array("I")
+        records.frombytes(data)
+        if sys.byteorder != "little":  # pragma: no cover - no big-endian DSA hosts
+            records.byteswap()
+        if len(records) != self._packet_count:
+            raise ValueError(f"{len(records)} records for {self._packet_count} packets")
+        self._records = records
+
     def record(self, packet_number: int) -> int:
         """The record stored for ``packet_number`` (0 if none was recorded)."""
         self._check_range(packet_number, 1)
@@ -498,6 +665,56 @@ _FREE: Final = 0
 _CLAIMED: Final = 1
 _DONE: Final = 2
 
+_PROGRESS_MAGIC: Final = b"DSAMIGP1"
+_PROGRESS_STRUCT: Final = struct.Struct("<8sQIIQQQQQ")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A receiver checkpoint: which packets are durable, with their records.
+
+    Serialised beside the partial file so that a restarted receiver can resume
+    (``to_bytes`` / ``from_bytes``; the pages layer does the file I/O).
+    """
+
+    manifest: Manifest
+    done: bytes  # one bit per packet, LSB first
+    records: bytes  # u32 LE per packet
+    received_packets: int
+    zero_pages: int
+    normal_pages: int
+    payload_bytes: int
+
+    def to_bytes(self) -> bytes:
+        m = self.manifest
+        head = _PROGRESS_STRUCT.pack(
+            _PROGRESS_MAGIC, m.image_size, m.page_size, m.packet_pages, m.packet_count,
+            self.received_packets, self.zero_pages, self.normal_pages, self.payload_bytes,
+        )
+        return head + self.done + self.records
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Progress:
+        """Parse a checkpoint; ValueError if it is damaged or of another version."""
+        if len(data) < _PROGRESS_STRUCT.size:
+            raise ValueError("checkpoint too short")
+        (magic, size, page_size, packet_pages, packet_count, received, zero, normal,
+         payload) = _PROGRESS_STRUCT.unpack_from(data)
+        if magic != _PROGRESS_MAGIC:
+            raise ValueError("not a dsamig checkpoint")
+        manifest = Manifest(image_size=size, page_size=page_size, packet_pages=packet_pages)
+        problem = manifest.problem()
+        if problem or manifest.packet_count != packet_count:
+            raise ValueError(f"checkpoint manifest is invalid: {problem or 'packet count'}")
+        done_length = (packet_count + 7) >> 3
+        if len(data) != _PROGRESS_STRUCT.size + done_length + 4 * packet_count:
+            raise ValueError("checkpoint length does not match its packet count")
+        off = _PROGRESS_STRUCT.size
+        done = data[off : off + done_length]
+        if int.from_bytes(done, "little").bit_count() != received:
+            raise ValueError("checkpoint counters do not match its bitmap")
+        return cls(manifest, done, data[off + done_length :], received, zero, normal, payload)
+
 
 class PacketTracker:
     """Receiver's job-wide record of which packets arrived, checked against the manifest.
@@ -515,6 +732,7 @@ class PacketTracker:
         "normal_pages",
         "payload_bytes",
         "received_packets",
+        "tolerant",
         "zero_pages",
     )
 
@@ -535,13 +753,18 @@ class PacketTracker:
         self.zero_pages = 0
         self.normal_pages = 0
         self.payload_bytes = 0
+        #: With FEATURE_ACKS a packet may arrive again (retransmitted after a
+        #: channel broke before its ACK): accepted if its record is the same.
+        self.tolerant = False
 
-    def check_packet(self, hdr: PacketHeader) -> None:
+    def check_packet(self, hdr: PacketHeader) -> bool:
         """Validate a PACKET header against the manifest and claim its packet.
 
         Raises RemoteProtocolError for a packet number out of range, a wrong
         first_page, page_count or payload_length, or a packet already
-        received. ``hdr`` must come from the decoder (well-formed bitmap).
+        received (unless ``tolerant``). ``hdr`` must come from the decoder
+        (well-formed bitmap). Returns True when the packet is already done and
+        only its record needs comparing (tolerant mode), False otherwise.
         """
         manifest = self.manifest
         n = hdr.packet_number
@@ -549,7 +772,8 @@ class PacketTracker:
             raise RemoteProtocolError(
                 f"PACKET packet_number {n} out of range (packet_count {manifest.packet_count})"
             )
-        if self._status[n]:
+        status = self._status[n]
+        if status and not self.tolerant:
             raise RemoteProtocolError(f"PACKET packet_number {n} received twice")
         first_page = n * manifest.packet_pages
         if hdr.first_page != first_page:
@@ -565,7 +789,10 @@ class PacketTracker:
                 f"PACKET {n} payload_length {hdr.payload_length}, expected {length} "
                 "for its zero_bitmap"
             )
+        if status == _DONE:
+            return True
         self._status[n] = _CLAIMED
+        return False
 
     def packet_done(self, hdr: PacketHeader, payload_crc_verified: int) -> None:
         """Record a packet whose payload is stored; ``payload_crc_verified`` is
@@ -576,7 +803,7 @@ class PacketTracker:
         claimed by check_packet.
         """
         n = hdr.packet_number
-        if not (0 <= n < self.manifest.packet_count and self._status[n] == _CLAIMED):
+        if not (0 <= n < self.manifest.packet_count and self._status[n]):
             raise LocalProtocolError(f"packet_done({n}) without a successful check_packet")
         if payload_crc_verified != hdr.payload_crc:
             raise RemoteProtocolError(
@@ -584,6 +811,9 @@ class PacketTracker:
                 f"payload (CRC32C 0x{payload_crc_verified:08x})",
                 ErrorCode.INTEGRITY,
             )
+        if self._status[n] == _DONE:
+            self._check_same(n, packet_record(hdr.zero_bitmap, payload_crc_verified))
+            return
         self._status[n] = _DONE
         self._digest.record_packet(n, hdr.zero_bitmap, payload_crc_verified)
         zero = int.from_bytes(hdr.zero_bitmap, "little").bit_count()
@@ -611,6 +841,12 @@ class PacketTracker:
             )
         end = first + count
         status = self._status
+        if self.tolerant:
+            # Done packets are compared in zero_range_done; claim the others.
+            for i in range(first, end):
+                if status[i] != _DONE:
+                    status[i] = _CLAIMED
+            return
         if status.count(_FREE, first, end) != count:
             # Error path only: name the first packet that is taken.
             taken = min(
@@ -628,6 +864,9 @@ class PacketTracker:
         first, count = zr.first_packet, zr.packet_count
         end = first + count
         status = self._status
+        if self.tolerant and status.count(_CLAIMED, first, end) != count:
+            self._zero_range_again(first, end)
+            return
         if not (
             first >= 0
             and count >= 1
@@ -641,6 +880,93 @@ class PacketTracker:
         self._digest.record_zero_range(first, count)
         self.received_packets += count
         self.zero_pages += self.manifest.range_pages(first, count)
+
+    def _zero_range_again(self, first: int, end: int) -> None:
+        """A ZERO_RANGE some of whose packets are done already (tolerant mode)."""
+        zero = JobDigest(self.manifest)
+        zero.record_zero_range(first, end - first)
+        for n in range(first, end):
+            if self._status[n] == _DONE:
+                self._check_same(n, zero.record(n))
+            else:
+                self._status[n] = _DONE
+                self._digest.record_zero_range(n, 1)
+                self.received_packets += 1
+                self.zero_pages += self.manifest.range_pages(n, 1)
+
+    def _check_same(self, n: int, record: int) -> None:
+        if self._digest.record(n) != record:
+            raise RemoteProtocolError(
+                f"packet {n} arrived again with different contents (record 0x{record:08x}, "
+                f"first time 0x{self._digest.record(n):08x}): the image changed during the job",
+                ErrorCode.INTEGRITY,
+            )
+
+    def unclaim(self, packet_number: int) -> None:
+        """Forget a claim whose payload will never complete (its channel broke)."""
+        if self._status[packet_number] == _CLAIMED:
+            self._status[packet_number] = _FREE
+
+    def is_done(self, packet_number: int) -> bool:
+        """Whether ``packet_number`` is verified and stored."""
+        return self._status[packet_number] == _DONE
+
+    def snapshot(self) -> Progress:
+        """What is done now: for a durable checkpoint beside the partial file."""
+        done = bytearray((self.manifest.packet_count + 7) >> 3)
+        status = self._status
+        index = status.find(_DONE)
+        while index >= 0:
+            done[index >> 3] |= 1 << (index & 7)
+            index = status.find(_DONE, index + 1)
+        return Progress(
+            manifest=self.manifest,
+            done=bytes(done),
+            records=self._digest.records_bytes(),
+            received_packets=self.received_packets,
+            zero_pages=self.zero_pages,
+            normal_pages=self.normal_pages,
+            payload_bytes=self.payload_bytes,
+        )
+
+    def restore(self, progress: Progress) -> None:
+        """Start from a checkpoint (resume): its packets are done."""
+        if progress.manifest != self.manifest:
+            raise LocalProtocolError("checkpoint of another manifest")
+        done = int.from_bytes(progress.done, "little")
+        for n in range(self.manifest.packet_count):
+            if done >> n & 1:
+                self._status[n] = _DONE
+        self._digest.load_records(progress.records)
+        self.received_packets = progress.received_packets
+        self.zero_pages = progress.zero_pages
+        self.normal_pages = progress.normal_pages
+        self.payload_bytes = progress.payload_bytes
+
+    def resume_frames(self) -> list[ResumeState]:
+        """RESUME_STATE frames describing every done packet, the last one marked."""
+        frames: list[ResumeState] = []
+        count = self.manifest.packet_count
+        status = self._status
+        for first in range(0, max(count, 1), MAX_RESUME_PACKETS):
+            n = min(MAX_RESUME_PACKETS, count - first)
+            if n <= 0:
+                break
+            bits = 0
+            records = bytearray()
+            for i in range(n):
+                if status[first + i] == _DONE:
+                    bits |= 1 << i
+                    records += self._digest.record(first + i).to_bytes(4, "little")
+            frames.append(
+                ResumeState(first, n, bits.to_bytes((n + 7) >> 3, "little"), bytes(records))
+            )
+        if frames:
+            last = frames[-1]
+            frames[-1] = ResumeState(
+                last.first_packet, last.packet_count, last.done_bitmap, last.records, True
+            )
+        return frames
 
     @property
     def complete(self) -> bool:

@@ -10,10 +10,12 @@ never pass through the decoder's buffer.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 from dsamig.errors import DsamigError, NetworkError, SinkError, TransferError
@@ -21,10 +23,15 @@ from dsamig.logs import get_logger
 from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import (
+    AUTH_NONCE_SIZE,
     CLOSED,
+    FEATURE_ACKS,
+    FEATURE_RESUME,
     FRAME_HEADER_SIZE,
     MAX_BODY,
     NEED_DATA,
+    Ack,
+    Challenge,
     Commit,
     CommitRequest,
     End,
@@ -37,8 +44,10 @@ from dsamig.proto import (
     PacketHeader,
     PacketTracker,
     PayloadChunk,
+    Progress,
     ProtocolError,
     ReceiverChannelState,
+    ReceiverState,
     RemoteProtocolError,
     Welcome,
     ZeroRange,
@@ -46,16 +55,31 @@ from dsamig.proto import (
 )
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Timeouts
+from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 
 SinkFactory = Callable[[Hello], PageSink]
 
+# A checkpoint (fsync + progress record, then ACKs) is taken when this many
+# payload bytes per channel were stored since the last one, or after
+# CHECKPOINT_INTERVAL_S.  The sender's window (sender.WINDOW_BYTES) must be
+# well above it, or the sender would stall waiting for ACKs.
+CHECKPOINT_BYTES_PER_CHANNEL = 8 * 1024 * 1024
+CHECKPOINT_INTERVAL_S = 0.25
+
 
 class JobFailedError(TransferError):
-    """A receiving job failed; ``code`` is what the sender is told."""
+    """A receiving job failed; ``code`` is what the sender is told.
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
+    ``resumable`` failures (the sender vanished) keep the partial file and its
+    checkpoint so that the sender can resume; the others delete them.
+    """
+
+    def __init__(
+        self, message: str, code: ErrorCode = ErrorCode.PROTOCOL, *, resumable: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.resumable = resumable
 
 
 class ReceiverJob:
@@ -63,6 +87,7 @@ class ReceiverJob:
 
     def __init__(self, hello: Hello, sink: PageSink, server: ReceiverServer) -> None:
         assert hello.manifest is not None
+        self.acks = bool(hello.features & FEATURE_ACKS)
         self.job_id = hello.job_id
         self.name = hello.name
         self.manifest: Manifest = hello.manifest
@@ -70,6 +95,9 @@ class ReceiverJob:
         self.sink = sink
         self.server = server
         self.tracker = PacketTracker(self.manifest)
+        self.tracker.tolerant = self.acks
+        self.resumed_packets = 0
+        self.superseded = False  # a resuming sender took the destination over
         self.channels: dict[int, ReceiverChannel] = {}
         self.ended: set[int] = set()
         self.all_ended = asyncio.Event()
@@ -82,6 +110,46 @@ class ReceiverJob:
         self.log = get_logger(job=str(self.job_id), name=self.name, role="receiver")
         self._watchdog = asyncio.ensure_future(self._watch())
         self._commit_task: asyncio.Task[None] | None = None
+        # Checkpoints: payload bytes stored since the last one, when it was,
+        # whether one is being written, and whether another is due after it.
+        self._uncheckpointed_bytes = 0
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpoint_again = False
+
+    def resume_from(self, record: bytes | None) -> None:
+        """Start from the sink's checkpoint when it is of this very image layout."""
+        if record is None:
+            return
+        try:
+            progress = Progress.from_bytes(record)
+        except ValueError as exc:
+            self.log.warning("checkpoint ignored", reason=str(exc))
+            self.sink.reset()
+            return
+        if progress.manifest != self.manifest:
+            self.log.warning("checkpoint ignored", reason="another image layout")
+            self.sink.reset()
+            return
+        self.tracker.restore(progress)
+        self.resumed_packets = progress.received_packets
+        self.stats.extra["resumed-packets"] = progress.received_packets
+        self.stats.duplicate = progress.zero_pages
+        self.stats.normal = progress.normal_pages
+        self.log.info("job resumed", packets_done=progress.received_packets,
+                      packets=self.manifest.packet_count)
+
+    def restart_session(self) -> None:
+        """Channel 0 said HELLO again: the sender lost its channels and starts
+        over from our RESUME_STATE; the old connections are done with."""
+        for channel in list(self.channels.values()):
+            channel.detach()
+            channel.close()
+        self.channels.clear()
+        self.ended.clear()
+        self.all_ended.clear()
+        self.stats.earlier_transferred += sum(c.transferred for c in self.stats.channels)
+        self.stats.channels.clear()
 
     @property
     def finished(self) -> bool:
@@ -94,10 +162,20 @@ class ReceiverJob:
                 f"channel 0 said {self.channel_count}",
                 ErrorCode.REJECTED,
             )
-        if hello.channel_index in self.channels:
-            raise JobFailedError(
-                f"channel index {hello.channel_index} is already connected", ErrorCode.REJECTED
-            )
+        old = self.channels.get(hello.channel_index)
+        if old is not None:
+            if not self.acks:
+                raise JobFailedError(
+                    f"channel index {hello.channel_index} is already connected",
+                    ErrorCode.REJECTED,
+                )
+            # The sender reconnected this channel: the old connection is stale.
+            old.detach()
+            old.close()
+            self.stats.earlier_transferred += old.stats.transferred
+            self.stats.channels.remove(old.stats)
+        self.ended.discard(hello.channel_index)
+        self.all_ended.clear()
         self.channels[hello.channel_index] = channel
         self.stats.channels.append(channel.stats)
         self.stats.channels.sort(key=lambda c: c.index)
@@ -105,8 +183,12 @@ class ReceiverJob:
             self.stats.mark_setup_done()
             self.stats.status = "active"
 
-    def packet_received(self, header: PacketHeader, payload: memoryview) -> None:
-        """Verify and store one packet whose payload is complete in ``payload``."""
+    def packet_received(self, header: PacketHeader, payload: memoryview, again: bool) -> None:
+        """Verify and store one packet whose payload is complete in ``payload``.
+
+        ``again``: the packet is already stored (a retransmission after a
+        broken channel); it is only compared, not written.
+        """
         crc = impl.crc32c(payload)
         if crc != header.payload_crc:
             raise JobFailedError(
@@ -116,11 +198,17 @@ class ReceiverJob:
             )
         manifest = self.manifest
         offset, span = manifest.range_bytes(header.packet_number, 1)
+        if again or self.tracker.is_done(header.packet_number):
+            self.tracker.packet_done(header, crc)  # compares the record
+            self.last_progress = time.monotonic()
+            return
         try:
             self.sink.write_packet(payload, header.zero_bitmap, manifest.page_size, offset, span)
         except SinkError as exc:
-            raise JobFailedError(str(exc), ErrorCode.IO) from None
+            # Keep what is stored: once space is freed the sender can resume.
+            raise JobFailedError(str(exc), ErrorCode.IO, resumable=self.acks) from None
         self.tracker.packet_done(header, crc)
+        self._uncheckpointed_bytes += span
         zero = int.from_bytes(header.zero_bitmap, "little").bit_count()
         self.stats.duplicate += zero
         self.stats.normal += header.page_count - zero
@@ -129,19 +217,65 @@ class ReceiverJob:
         self.last_progress = time.monotonic()
 
     def zero_range_received(self, frame: ZeroRange) -> None:
-        self.tracker.check_zero_range(frame)
-        self.tracker.zero_range_done(frame)
-        pages = self.manifest.range_pages(frame.first_packet, frame.packet_count)
+        tracker = self.tracker
+        before = tracker.zero_pages
+        tracker.check_zero_range(frame)
+        tracker.zero_range_done(frame)
         _, span = self.manifest.range_bytes(frame.first_packet, frame.packet_count)
-        self.stats.duplicate += pages
+        self.stats.duplicate += tracker.zero_pages - before
         self.stats.done_bytes += span
         self.last_progress = time.monotonic()
 
     def channel_ended(self, index: int) -> None:
         self.ended.add(index)
         self.last_progress = time.monotonic()
+        if self.acks:
+            self.checkpoint()  # the sender waits for the ACKs of its last frames
         if len(self.ended) == self.channel_count:
             self.all_ended.set()
+
+    def data_stored(self) -> None:
+        """A data frame was stored: checkpoint when enough piled up."""
+        if self.acks and self._uncheckpointed_bytes >= (
+            CHECKPOINT_BYTES_PER_CHANNEL * self.channel_count
+        ):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make what is stored durable, record it beside the partial file, then
+        ACK each channel up to what the checkpoint covers.  An ACK therefore
+        means "durable": after a crash nothing acknowledged is sent again."""
+        if self._commit_task is not None:
+            return  # the commit makes everything durable itself
+        if self._checkpointing is not None:
+            self._checkpoint_again = True
+            return
+        self._checkpoint_again = False
+        self._uncheckpointed_bytes = 0
+        self._last_checkpoint = time.monotonic()
+        progress = self.tracker.snapshot().to_bytes()
+        acks = [(ch, ch.frames_done, ch.packets_done) for ch in self.channels.values()]
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self.sink.checkpoint, progress)
+        self._checkpointing = future
+        future.add_done_callback(lambda f: self._checkpointed(f, acks))
+
+    def _checkpointed(
+        self, future: asyncio.Future[None], acks: list[tuple[ReceiverChannel, int, int]]
+    ) -> None:
+        self._checkpointing = None
+        if self.done.done():
+            return
+        exc = future.exception()
+        if exc is not None:
+            message = str(exc) if isinstance(exc, SinkError) else f"checkpoint failed: {exc}"
+            self.fail(JobFailedError(message, ErrorCode.IO, resumable=True))
+            return
+        for channel, frames, packets in acks:
+            if channel.job is self:  # still attached
+                channel.send_frame(Ack(frames=frames, packets=packets))
+        if self._checkpoint_again:
+            self.checkpoint()
 
     def commit_requested(self, request: CommitRequest) -> None:
         if self._commit_task is None:
@@ -156,6 +290,9 @@ class ReceiverJob:
                 missing = sorted(set(range(self.channel_count)) - self.ended)
                 raise JobFailedError(f"channels {missing} never sent END") from None
             self.stats.status = "completing"
+            if self._checkpointing is not None:
+                # Never fsync/close the file under a checkpoint still writing.
+                await asyncio.wait([self._checkpointing], timeout=timeouts.commit_s)
             try:
                 digest = self.tracker.check_commit_request(request)
             except RemoteProtocolError as exc:
@@ -188,7 +325,8 @@ class ReceiverJob:
             return
         code = exc.code if isinstance(exc, JobFailedError) else ErrorCode.INTERNAL
         status = "cancelled" if code == ErrorCode.CANCELLED else "failed"
-        self.sink.abort()
+        resumable = isinstance(exc, JobFailedError) and exc.resumable and self.acks
+        self.sink.abort(keep_for_resume=resumable)
         self.stats.finish(status, str(exc))
         self.log.warning("job failed", error=str(exc), **self.stats.to_dict())
         self._watchdog.cancel()
@@ -207,12 +345,22 @@ class ReceiverJob:
     async def _watch(self) -> None:
         """Fail the job when no channel made progress for ``idle_s``."""
         idle_s = self.server.timeouts.idle_s
+        tick = min(CHECKPOINT_INTERVAL_S if self.acks else 1.0, idle_s / 4)
         while not self.done.done():
-            await asyncio.sleep(min(1.0, idle_s / 4))
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if (
+                self.acks
+                and self._uncheckpointed_bytes
+                and now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S
+            ):
+                self.checkpoint()
             if self._commit_task is not None:
                 continue  # the commit has its own bounds
-            if time.monotonic() - self.last_progress > idle_s:
-                self.fail(JobFailedError(f"no data from the sender for {idle_s:g} s"))
+            if now - self.last_progress > idle_s:
+                self.fail(JobFailedError(
+                    f"no data from the sender for {idle_s:g} s", resumable=True
+                ))
 
 
 class ReceiverChannel(asyncio.BufferedProtocol):
@@ -221,7 +369,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     def __init__(self, server: ReceiverServer) -> None:
         self.server = server
         self.decoder = FrameDecoder(expect_preamble=True)
-        self.state = ReceiverChannelState()
+        self.state = ReceiverChannelState(psk=server.psk)
         self.header = memoryview(bytearray(FRAME_HEADER_SIZE + MAX_BODY))
         self.payload: memoryview | None = None
         self.current: PacketHeader | None = None
@@ -232,6 +380,11 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.discarding = False  # after an ERROR: read and drop until the peer closes
+        self.again = False  # the current packet is already stored (retransmission)
+        # Data frames (and their packets) fully stored on this connection: what
+        # the next checkpoint may acknowledge.
+        self.frames_done = 0
+        self.packets_done = 0
 
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -277,6 +430,12 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         if self.discarding:
             return None  # the peer read our ERROR and hung up: close now
+        job = self.job
+        if job is not None and job.acks and not job.finished and self.state.state in (
+            ReceiverState.STREAMING, ReceiverState.HANDSHAKE
+        ):
+            # A sender that died mid-stream: like a reset, it may come back.
+            return None
         try:
             self.decoder.receive_data(b"")
             self._process()
@@ -287,9 +446,28 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.channel_closed(self)
         job = self.job
-        if job is not None and not job.finished:
-            reason = f" ({exc})" if exc else ""
-            job.fail(JobFailedError(f"sender closed channel {self.index} mid-transfer{reason}"))
+        if job is None or job.finished:
+            return
+        if job.acks:
+            # The sender reconnects and re-sends what we did not acknowledge;
+            # the job's watchdog bounds how long we wait for it.
+            job.log.info("channel lost", channel=self.index, error=str(exc) if exc else None)
+            self.detach()
+            return
+        reason = f" ({exc})" if exc else ""
+        job.fail(JobFailedError(f"sender closed channel {self.index} mid-transfer{reason}"))
+
+    def detach(self) -> None:
+        """Leave the job: a half-received packet is given up (it will be re-sent)."""
+        job = self.job
+        if job is None:
+            return
+        if self.current is not None and not self.again:
+            job.tracker.unclaim(self.current.packet_number)
+        self.current = None
+        if job.channels.get(self.index) is self:
+            del job.channels[self.index]
+        self.job = None
 
     # frames
     def _process(self) -> None:
@@ -304,10 +482,16 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             if isinstance(event, PacketHeader):
                 self._packet_header(event)
             elif isinstance(event, ZeroRange):
-                self._job().zero_range_received(event)
+                job = self._job()
+                job.zero_range_received(event)
                 self.stats.packets += event.packet_count
+                self.frames_done += 1
+                self.packets_done += event.packet_count
+                job.data_stored()
             elif isinstance(event, Hello):
                 self._hello(event)
+            elif isinstance(event, Challenge):
+                self.send_frame(self.state.answer_challenge(os.urandom(AUTH_NONCE_SIZE)))
             elif isinstance(event, End):
                 self._job().channel_ended(self.index)
             elif isinstance(event, CommitRequest):
@@ -329,11 +513,16 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         job.attach(self, hello)
         manifest = job.manifest
         self.payload = memoryview(bytearray(manifest.packet_pages * manifest.page_size))
-        self.send_frame(Welcome(job_id=hello.job_id))
+        features = hello.features & (FEATURE_ACKS | FEATURE_RESUME) if job.acks else 0
+        self.send_frame(Welcome(job_id=hello.job_id, features=features))
+        if features & FEATURE_RESUME:
+            # What we hold: the sender skips (and checks) these packets.
+            for frame in job.tracker.resume_frames():
+                self.send_frame(frame)
 
     def _packet_header(self, header: PacketHeader) -> None:
         job = self._job()
-        job.tracker.check_packet(header)
+        self.again = job.tracker.check_packet(header)
         self.current = header
         self.filled = 0
         if header.payload_length == 0:
@@ -349,10 +538,25 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     def _packet_complete(self) -> None:
         header = self.current
         assert header is not None and self.payload is not None
+        job = self._job()
+        try:
+            job.packet_received(header, self.payload[: header.payload_length], self.again)
+        except JobFailedError as exc:
+            if exc.code == ErrorCode.INTEGRITY and job.acks and "CRC32C" in str(exc):
+                # Self-healing: drop this connection; the sender reconnects and
+                # re-sends the packet, which we never stored.
+                job.log.warning("corrupted packet, dropping channel", channel=self.index,
+                                error=str(exc))
+                self.detach()
+                self.close()
+                return
+            raise
         self.current = None
-        self._job().packet_received(header, self.payload[: header.payload_length])
         self.stats.packets += 1
         self.stats.payload_bytes += header.payload_length
+        self.frames_done += 1
+        self.packets_done += 1
+        job.data_stored()
 
     # output
     def send_frame(self, frame: Frame) -> None:
@@ -389,12 +593,14 @@ class ReceiverChannel(asyncio.BufferedProtocol):
 
     def _fail(self, exc: ProtocolError | DsamigError) -> None:
         if isinstance(exc, ProtocolError):
-            exc = JobFailedError(f"channel {self.index} from {self.peer}: {exc}", exc.code)
+            # Before HELLO there is no channel index; refused() names the peer.
+            where = f"channel {self.index} from {self.peer}: " if self.index >= 0 else ""
+            exc = JobFailedError(f"{where}{exc}", exc.code)
         if self.job is not None:
             self.job.fail(exc)
         else:
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
-            self.server.log.warning("channel refused", peer=self.peer, error=str(exc))
+            self.server.refused(self.peer, str(exc))
             self.send_error(code, str(exc))
         self.close_after_error()
 
@@ -415,6 +621,8 @@ class ReceiverServer:
         timeouts: Timeouts | None = None,
         max_jobs: int = 16,
         on_job_finished: Callable[[ReceiverJob], None] | None = None,
+        security: SecurityConfig | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -422,18 +630,28 @@ class ReceiverServer:
         self.timeouts = timeouts or Timeouts()
         self.max_jobs = max_jobs
         self.on_job_finished = on_job_finished
+        self.security = security
+        self.psk = psk_of(security)
+        self.on_refused = on_refused  # told about every connection refused before a job
         self.jobs: dict[uuid.UUID, ReceiverJob] = {}
         self.channels: set[ReceiverChannel] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | TlsListener | None = None
         self.log = get_logger(role="receiver")
 
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the bound address (port 0 picks a free port)."""
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
-                lambda: ReceiverChannel(self), self.host, self.port, reuse_address=True
-            )
+            context = self.security.server_context() if self.security else None
+            if context is not None:
+                self._server = TlsListener.listen(
+                    self.host, self.port, partial(ReceiverChannel, self), context,
+                    self.timeouts.handshake_s, self.refused,
+                )
+            else:
+                self._server = await loop.create_server(
+                    partial(ReceiverChannel, self), self.host, self.port, reuse_address=True
+                )
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise NetworkError(f"cannot listen on {self.host}:{self.port}: {reason}") from None
@@ -449,25 +667,58 @@ class ReceiverServer:
                 raise JobFailedError(f"channel {hello.channel_index} names unknown job "
                                      f"{hello.job_id}", ErrorCode.REJECTED)
             return job
-        if hello.job_id in self.jobs:
+        existing = self.jobs.get(hello.job_id)
+        if existing is not None and not existing.finished:
+            if existing.acks and hello.features & FEATURE_RESUME:
+                if existing.manifest != hello.manifest:
+                    raise JobFailedError(f"job {hello.job_id} came back with another image "
+                                         "layout", ErrorCode.REJECTED)
+                existing.log.info("sender reconnected", channel=0)
+                existing.restart_session()
+                return existing
             raise JobFailedError(f"job {hello.job_id} is already running", ErrorCode.REJECTED)
-        if len(self.jobs) >= self.max_jobs:
-            raise JobFailedError(f"receiver is busy ({self.max_jobs} jobs running)",
-                                 ErrorCode.REJECTED)
         try:
             sink = self.sink_factory(hello)
         except DsamigError as exc:
             raise JobFailedError(str(exc), ErrorCode.IO) from None
+        for other in list(self.jobs.values()):
+            if other.sink.path == sink.path and not other.finished:
+                if other.channels:
+                    raise JobFailedError(f"destination {sink.path!r} is busy with job "
+                                         f"{other.job_id}", ErrorCode.REJECTED)
+                # The same destination, abandoned by a sender that has since
+                # restarted: hand its partial file and checkpoint over (a job
+                # that does not resume starts the file afresh anyway).
+                other.superseded = True
+                other.fail(JobFailedError("superseded by a resuming sender",
+                                          ErrorCode.CANCELLED, resumable=True))
+        if len(self.jobs) >= self.max_jobs:
+            raise JobFailedError(f"receiver is busy ({self.max_jobs} jobs running)",
+                                 ErrorCode.REJECTED)
+        resuming = bool(hello.features & FEATURE_ACKS and hello.features & FEATURE_RESUME)
+        try:
+            kept = sink.open(keep_partial=resuming)
+        except DsamigError as exc:
+            raise JobFailedError(str(exc), ErrorCode.IO) from None
         job = ReceiverJob(hello, sink, self)
+        if kept:
+            job.resume_from(sink.load_checkpoint())
         self.jobs[hello.job_id] = job
         job.log.info("job started", channels=hello.channel_count,
-                     size=hello.manifest.image_size, path=sink.path)
+                     size=hello.manifest.image_size, path=sink.path,
+                     resumed_packets=job.resumed_packets)
         return job
 
     def job_finished(self, job: ReceiverJob) -> None:
         self.jobs.pop(job.job_id, None)
         if self.on_job_finished is not None:
             self.on_job_finished(job)
+
+    def refused(self, peer: str, reason: str) -> None:
+        """A connection was turned away before it joined a job (TLS, auth, garbage)."""
+        self.log.warning("channel refused", peer=peer, error=reason)
+        if self.on_refused is not None:
+            self.on_refused(f"refused a connection from {peer}: {reason}")
 
     def channel_opened(self, channel: ReceiverChannel) -> None:
         self.channels.add(channel)

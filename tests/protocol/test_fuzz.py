@@ -21,6 +21,8 @@ from dsamig.proto import (
     MAX_BODY,
     NEED_DATA,
     PREAMBLE,
+    Ack,
+    Challenge,
     Commit,
     CommitRequest,
     End,
@@ -33,6 +35,7 @@ from dsamig.proto import (
     PacketHeader,
     PayloadChunk,
     RemoteProtocolError,
+    ResumeState,
     Welcome,
     ZeroRange,
     encode,
@@ -45,7 +48,10 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-FRAME_CLASSES = (Hello, Welcome, PacketHeader, ZeroRange, End, CommitRequest, Commit, Error)
+FRAME_CLASSES = (
+    Hello, Welcome, Challenge, PacketHeader, ZeroRange, End, CommitRequest, Commit, Ack,
+    ResumeState, Error
+)
 BUFFER_LIMIT = FRAME_HEADER_SIZE + MAX_BODY
 
 splits = st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=16)
@@ -116,13 +122,16 @@ def plausible_frame(draw: st.DrawFn) -> bytes:
     natural = {
         0x01: [32, 64, 67, 99],
         0x02: [24],
+        0x03: [68],
         0x10: [33, 34, 48, 544],
         0x11: [16],
         0x12: [16],
         0x13: [56],
         0x14: [32],
+        0x15: [16],
+        0x16: [17, 18, 21, 22, 1040],
         0x7F: [4, 9, 100],
-    }[ftype]
+    }.get(ftype, [0, 8, 40])
     length = draw(st.one_of(st.sampled_from(natural), st.integers(0, 700)))
     body = draw(st.binary(min_size=length, max_size=length))
     if ftype == 0x01 and length >= 32 and draw(st.booleans()):

@@ -1,0 +1,405 @@
+"""Who may talk to whom on the data path: mutual TLS and the pre-shared key.
+
+:class:`SecurityConfig` holds the operator's choices (certificate, key and CA
+files, a server name, a PSK file), checks them once before anything starts,
+and builds the ``ssl.SSLContext`` of each side.  The PSK handshake itself is
+part of the protocol (:mod:`dsamig.proto.auth`, docs/protocol.md
+"Authentication"); this module only loads the key and drives the exchange on
+a sender's channel.
+
+Without any of these options nothing here runs: the plain path has no TLS
+layer and no extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dsamig.errors import ConfigError, TransferError
+from dsamig.proto import (
+    AUTH_NONCE_SIZE,
+    MIN_PSK_SIZE,
+    PREAMBLE,
+    Challenge,
+    Hello,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from dsamig.transport.sender import SenderChannel
+
+#: A key file larger than this is not a key (a misplaced path, an image).
+MAX_PSK_FILE = 64 * 1024
+
+# OpenSSL reasons that deserve words an operator can act on.
+_TLS_REASONS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        "the receiver requires a client certificate (--tls-cert, --tls-key)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer sent no certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer rejected our certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA that signed our certificate",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS (is TLS configured on both sides?)",
+    "HTTP_REQUEST": "the peer does not speak TLS (is TLS configured on both sides?)",
+    "RECORD_LAYER_FAILURE": "the peer does not speak TLS (is TLS configured on both sides?)",
+    "UNSUPPORTED_PROTOCOL": "the peer offers no TLS version this side accepts (1.3 minimum)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer requires a TLS version this side does not offer",
+}
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """One line for a failed TLS handshake or a TLS alert, without OpenSSL noise."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        words = _TLS_REASONS.get(reason, reason.lower().replace("_", " "))
+        return words or str(exc)
+    if isinstance(exc, TimeoutError):
+        return "no TLS handshake in time"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    # An abort without an alert (uvloop drops the pending alert when it closes):
+    return str(exc) or "the peer hung up during the handshake (did it reject our certificate?)"
+
+
+def describe_connection_error(
+    exc: BaseException | None, *, handshaking: bool = False, tls: bool = False
+) -> str:
+    """Why a connection was lost, as ``": reason"`` (or ``""`` when nothing is known).
+
+    A receiver that refuses our certificate or our key hangs up before it
+    answers HELLO, often without a TLS alert reaching us; say so, since its
+    log has the reason.
+    """
+    if isinstance(exc, ssl.SSLError):
+        return f": TLS: {describe_tls_error(exc)}"
+    if exc is not None and not (handshaking and isinstance(exc, ConnectionResetError)):
+        return f": {exc}"
+    if handshaking:
+        why = "our TLS certificate or " if tls else "TLS, "
+        return (f" before answering HELLO (does it require {why}a pre-shared key? "
+                "its log says why)")
+    return ""
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class SecurityConfig:
+    """TLS and pre-shared-key settings of one side of the data path.
+
+    TLS is on when a certificate or a CA is given.  A receiver needs
+    ``tls_cert`` (and ``tls_key`` unless the certificate file holds the key);
+    with ``tls_ca`` it also requires every sender to present a certificate
+    signed by that CA.  A sender verifies the receiver against ``tls_ca`` (the
+    system's trust store without one) and presents ``tls_cert`` when given.
+    Peers addressed by IP are verified against the CA but not by name, unless
+    ``tls_server_name`` names the certificate the receiver must present.
+
+    ``psk_file`` holds the pre-shared key: the file's bytes exactly, at least
+    32 of them (e.g. ``head -c 32 /dev/urandom > psk``).
+    """
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+    psk_file: str | None = None
+    _psk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _contexts: dict[str, ssl.SSLContext] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the data path is wrapped in TLS."""
+        return bool(self.tls_cert or self.tls_ca)
+
+    @property
+    def psk(self) -> bytes | None:
+        """The pre-shared key (read once), or None without ``psk_file``."""
+        if self.psk_file is None:
+            return None
+        if self._psk is None:
+            self._psk = self._read_psk()
+        return self._psk
+
+    def check(self, role: str) -> list[str]:
+        """Load every file now; raise ConfigError naming the first problem.
+
+        ``role`` is ``"sender"`` or ``"receiver"``.  Returns warnings an
+        operator should see (a key file others can read).
+        """
+        warnings: list[str] = []
+        if self.psk_file is not None:
+            _ = self.psk  # read now, so that a bad file fails before any connection
+            warnings += self._psk_warnings()
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("--tls-key needs --tls-cert")
+        if self.tls_server_name and role == "receiver":
+            raise ConfigError("--tls-server-name is a sender option")
+        if self.tls_server_name and not self.tls:
+            raise ConfigError("--tls-server-name needs TLS (--tls-ca, --tls-cert)")
+        if role == "receiver":
+            if self.tls and not self.tls_cert:
+                raise ConfigError("a TLS receiver needs --tls-cert (and --tls-key)")
+            if self.tls_cert and not self.tls_ca:
+                warnings.append(
+                    "TLS without --tls-ca: senders are not asked for a certificate, so any "
+                    "client may connect (add --tls-ca or --psk-file to authenticate them)"
+                )
+            self.server_context()
+        else:
+            self.client_context()
+        return warnings
+
+    # -- TLS ---------------------------------------------------------------------
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The receiver's context: TLS 1.3, client certificates required with a CA."""
+        if not self.tls:
+            return None
+        if "server" not in self._contexts:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            self._load_chain(context)
+            if self.tls_ca:
+                self._load_ca(context)
+                context.verify_mode = ssl.CERT_REQUIRED
+            self._contexts["server"] = context
+        return self._contexts["server"]
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """The sender's context: TLS 1.3, the receiver verified against the CA."""
+        if not self.tls:
+            return None
+        if "client" not in self._contexts:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED already
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            if self.tls_ca:
+                self._load_ca(context)
+            else:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            if self.tls_cert:
+                self._load_chain(context)
+            self._contexts["client"] = context
+        return self._contexts["client"]
+
+    def client_hostname(self, host: str) -> tuple[ssl.SSLContext, str | None] | None:
+        """``(context, server_hostname)`` for connecting to ``host``, or None without TLS.
+
+        Receivers are usually addressed by IP and their certificates rarely
+        carry IP names; the CA already limits who can hold a certificate, so
+        for an IP the name is not checked unless ``tls_server_name`` is set.
+        """
+        base = self.client_context()
+        if base is None:
+            return None
+        if self.tls_server_name:
+            return base, self.tls_server_name
+        if not _is_ip_address(host):
+            return base, host
+        if "client-ip" not in self._contexts:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_REQUIRED  # the chain is still verified
+            if self.tls_ca:
+                self._load_ca(context)
+            else:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            if self.tls_cert:
+                self._load_chain(context)
+            self._contexts["client-ip"] = context
+        return self._contexts["client-ip"], None
+
+    def _load_chain(self, context: ssl.SSLContext) -> None:
+        assert self.tls_cert is not None
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"TLS certificate or key {exc.filename!r} does not exist") from None
+        except PermissionError as exc:
+            raise ConfigError(f"TLS key {exc.filename!r} is not readable") from None
+        except (ssl.SSLError, OSError) as exc:
+            what = self.tls_cert + (f" / {self.tls_key}" if self.tls_key else "")
+            raise ConfigError(f"cannot load TLS certificate and key {what!r}: "
+                              f"{describe_tls_error(exc)}") from None
+
+    def _load_ca(self, context: ssl.SSLContext) -> None:
+        assert self.tls_ca is not None
+        try:
+            context.load_verify_locations(cafile=self.tls_ca)
+        except FileNotFoundError:
+            raise ConfigError(f"TLS CA file {self.tls_ca!r} does not exist") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"cannot load TLS CA {self.tls_ca!r}: "
+                              f"{describe_tls_error(exc)}") from None
+
+    # -- pre-shared key ------------------------------------------------------------
+
+    def _read_psk(self) -> bytes:
+        path = self.psk_file
+        assert path is not None
+        try:
+            with open(path, "rb") as f:
+                key = f.read(MAX_PSK_FILE + 1)
+        except FileNotFoundError:
+            raise ConfigError(f"PSK file {path!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read PSK file {path!r}: {exc.strerror}") from None
+        if len(key) < MIN_PSK_SIZE:
+            raise ConfigError(
+                f"PSK file {path!r} holds {len(key)} bytes; a key needs at least "
+                f"{MIN_PSK_SIZE} (head -c 32 /dev/urandom > {path})"
+            )
+        if len(key) > MAX_PSK_FILE:
+            raise ConfigError(f"PSK file {path!r} is over {MAX_PSK_FILE} bytes: not a key file")
+        return key
+
+    def _psk_warnings(self) -> list[str]:
+        assert self.psk_file is not None
+        try:
+            mode = os.stat(self.psk_file).st_mode
+        except OSError:
+            return []
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            return [
+                f"PSK file {self.psk_file!r} is accessible to group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+            ]
+        return []
+
+
+def psk_of(security: SecurityConfig | None) -> bytes | None:
+    """The pre-shared key of ``security``, if any."""
+    return security.psk if security is not None else None
+
+
+async def authenticate(
+    channel: SenderChannel, hello: Hello, timeout_s: float, where: str
+) -> Hello:
+    """Run a sender channel's CHALLENGE exchange; return ``hello`` signed.
+
+    Sends the preamble and our CHALLENGE, waits for the receiver's (whose
+    proof the channel's state machine checks), and signs the HELLO with both
+    nonces.  A wrong key fails the channel with an AUTH error before the
+    HELLO, and so the manifest and job name, ever leave this host.
+    """
+    challenge = Challenge(os.urandom(AUTH_NONCE_SIZE))
+    channel.state.on_send(challenge)
+    channel.send([PREAMBLE, encode(challenge)])
+    try:
+        await asyncio.wait_for(asyncio.shield(channel.challenge), timeout_s)
+    except TimeoutError:
+        raise TransferError(
+            f"receiver {where} did not answer our authentication CHALLENGE in {timeout_s:g} s "
+            "(is it configured with --psk-file?)"
+        ) from None
+    return channel.state.sign_hello(hello)
+
+
+class TlsListener:
+    """A TLS listening socket that says why it refused each peer it refused.
+
+    ``loop.create_server(ssl=...)`` drops a failed handshake silently, but an
+    operator must learn that a sender was turned away and why (no
+    certificate, another CA).  So this listener accepts connections itself
+    and upgrades each with ``loop.connect_accepted_socket(ssl=...)``, which
+    reports the handshake's outcome.  The channel protocol is connected only
+    once the peer's certificate is verified: no byte of an unauthenticated
+    peer reaches it.  It offers what the receiver uses of
+    ``asyncio.Server``: ``sockets``, ``close()`` and ``wait_closed()``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+        context: ssl.SSLContext,
+        timeout_s: float,
+        on_refused: Callable[[str, str], None],
+    ) -> None:
+        self.sockets = (sock,)
+        self._sock = sock
+        self._factory = factory
+        self._context = context
+        self._timeout_s = timeout_s
+        self._on_refused = on_refused
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.ensure_future(self._accept())
+
+    @classmethod
+    def listen(
+        cls,
+        host: str,
+        port: int,
+        factory: Callable[[], asyncio.BaseProtocol],
+        context: ssl.SSLContext,
+        timeout_s: float,
+        on_refused: Callable[[str, str], None],
+    ) -> TlsListener:
+        """Bind ``host:port`` (raises OSError) and start accepting."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=128)
+        sock.setblocking(False)
+        return cls(sock, factory, context, timeout_s, on_refused)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: try again shortly
+                self._on_refused("?", f"accept failed: {exc.strerror or exc}")
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, address))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        where = f"{address[0]}:{address[1]}"
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                self._factory, conn, ssl=self._context, ssl_handshake_timeout=self._timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            conn.close()
+            self._on_refused(where, f"TLS handshake failed: {describe_tls_error(exc)}")
+
+    def close(self) -> None:
+        """Stop accepting; handshakes still in progress are abandoned."""
+        self._accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._accepting, *self._handshakes, return_exceptions=True)
+
+
+__all__ = [
+    "SecurityConfig",
+    "TlsListener",
+    "authenticate",
+    "describe_connection_error",
+    "describe_tls_error",
+    "psk_of",
+]
