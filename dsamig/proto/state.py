@@ -632,10 +632,11 @@ class JobDigest:
 
     def records_bytes(self) -> bytes:
         """All records as u32 LE, packet order (for a checkpoint)."""
-        records = array("I", self._records)
         if sys.byteorder != "little":  # pragma: no cover - no big-endian DSA hosts
+            records = array("I", self._records)
             records.byteswap()
-        return records.tobytes()
+            return records.tobytes()
+        return self._records.tobytes()
 
     def load_records(self, data: bytes) -> None:
         """Replace the records with a checkpoint's (``records_bytes`` output)."""
@@ -727,6 +728,7 @@ class PacketTracker:
 
     __slots__ = (
         "_digest",
+        "_done_bits",
         "_status",
         "manifest",
         "normal_pages",
@@ -745,8 +747,10 @@ class PacketTracker:
                 ErrorCode.REJECTED,
             )
         self.manifest = manifest
-        # Per packet: _FREE, _CLAIMED or _DONE.
+        # Per packet: _FREE, _CLAIMED or _DONE; and the done ones as a bitmap,
+        # kept up to date so that a checkpoint is two copies, not a scan.
         self._status = bytearray(manifest.packet_count)
+        self._done_bits = bytearray((manifest.packet_count + 7) >> 3)
         self._digest = JobDigest(manifest)
         #: Packets recorded as done (a ZERO_RANGE counts each packet).
         self.received_packets = 0
@@ -815,6 +819,7 @@ class PacketTracker:
             self._check_same(n, packet_record(hdr.zero_bitmap, payload_crc_verified))
             return
         self._status[n] = _DONE
+        self._done_bits[n >> 3] |= 1 << (n & 7)
         self._digest.record_packet(n, hdr.zero_bitmap, payload_crc_verified)
         zero = int.from_bytes(hdr.zero_bitmap, "little").bit_count()
         self.received_packets += 1
@@ -877,6 +882,7 @@ class PacketTracker:
                 f"zero_range_done({first}, {count}) without a successful check_zero_range"
             )
         status[first:end] = bytes([_DONE]) * count
+        self._set_done_bits(first, end)
         self._digest.record_zero_range(first, count)
         self.received_packets += count
         self.zero_pages += self.manifest.range_pages(first, count)
@@ -890,6 +896,7 @@ class PacketTracker:
                 self._check_same(n, zero.record(n))
             else:
                 self._status[n] = _DONE
+                self._done_bits[n >> 3] |= 1 << (n & 7)
                 self._digest.record_zero_range(n, 1)
                 self.received_packets += 1
                 self.zero_pages += self.manifest.range_pages(n, 1)
@@ -911,17 +918,24 @@ class PacketTracker:
         """Whether ``packet_number`` is verified and stored."""
         return self._status[packet_number] == _DONE
 
+    def _set_done_bits(self, first: int, end: int) -> None:
+        bits = self._done_bits
+        while first < end and first & 7:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (end - first) >> 3
+        if whole:
+            bits[first >> 3 : (first >> 3) + whole] = b"\xff" * whole
+            first += whole << 3
+        while first < end:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+
     def snapshot(self) -> Progress:
         """What is done now: for a durable checkpoint beside the partial file."""
-        done = bytearray((self.manifest.packet_count + 7) >> 3)
-        status = self._status
-        index = status.find(_DONE)
-        while index >= 0:
-            done[index >> 3] |= 1 << (index & 7)
-            index = status.find(_DONE, index + 1)
         return Progress(
             manifest=self.manifest,
-            done=bytes(done),
+            done=bytes(self._done_bits),
             records=self._digest.records_bytes(),
             received_packets=self.received_packets,
             zero_pages=self.zero_pages,
@@ -933,9 +947,10 @@ class PacketTracker:
         """Start from a checkpoint (resume): its packets are done."""
         if progress.manifest != self.manifest:
             raise LocalProtocolError("checkpoint of another manifest")
-        done = int.from_bytes(progress.done, "little")
+        done = progress.done
+        self._done_bits[:] = done
         for n in range(self.manifest.packet_count):
-            if done >> n & 1:
+            if done[n >> 3] >> (n & 7) & 1:
                 self._status[n] = _DONE
         self._digest.load_records(progress.records)
         self.received_packets = progress.received_packets

@@ -6,8 +6,16 @@ import asyncio
 from dataclasses import dataclass
 
 from dsamig.errors import ConfigError, NetworkError
+from dsamig.proto import Manifest
 
 DEFAULT_PORT = 7780
+
+MiB = 1024 * 1024
+# The receiver checkpoints (fsync + progress record) at least every this many
+# payload bytes per channel, then acknowledges; the sender may run this far
+# ahead of its ACKs per channel.  See checkpoint_bytes() and window_bytes().
+CHECKPOINT_BYTES_PER_CHANNEL = 8 * MiB
+MIN_WINDOW_BYTES = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,23 @@ class Timeouts:
     handshake_s: float = 10.0
     idle_s: float = 60.0  # no progress on a channel for this long fails the job
     commit_s: float = 600.0  # fsync of a large image on a slow disk
+
+
+def checkpoint_bytes(manifest: Manifest, channels: int) -> int:
+    """Payload bytes between two receiver checkpoints of a job.
+
+    8 MiB per channel, but at least 64 times the checkpoint record itself (4
+    bytes per packet), so that on a 1 TB image the records written stay a
+    small fraction of the data.
+    """
+    record = manifest.packet_count * 4 + manifest.packet_count // 8
+    return max(CHECKPOINT_BYTES_PER_CHANNEL * channels, 64 * record)
+
+
+def window_bytes(manifest: Manifest, channels: int) -> int:
+    """Unacknowledged payload bytes one sender channel may have in flight:
+    what a receiver crash can cost us to send again."""
+    return max(MIN_WINDOW_BYTES, 2 * checkpoint_bytes(manifest, channels) // channels)
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -54,16 +54,14 @@ from dsamig.proto import (
     encode,
 )
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Timeouts
+from dsamig.transport.common import Timeouts, checkpoint_bytes
 from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 
 SinkFactory = Callable[[Hello], PageSink]
 
-# A checkpoint (fsync + progress record, then ACKs) is taken when this many
-# payload bytes per channel were stored since the last one, or after
-# CHECKPOINT_INTERVAL_S.  The sender's window (sender.WINDOW_BYTES) must be
-# well above it, or the sender would stall waiting for ACKs.
-CHECKPOINT_BYTES_PER_CHANNEL = 8 * 1024 * 1024
+# A checkpoint (fsync + progress record, then ACKs) is taken when
+# common.checkpoint_bytes() of payload were stored since the last one, or
+# after CHECKPOINT_INTERVAL_S while data arrives.
 CHECKPOINT_INTERVAL_S = 0.25
 
 
@@ -113,6 +111,7 @@ class ReceiverJob:
         # Checkpoints: payload bytes stored since the last one, when it was,
         # whether one is being written, and whether another is due after it.
         self._uncheckpointed_bytes = 0
+        self._checkpoint_bytes = checkpoint_bytes(self.manifest, self.channel_count)
         self._last_checkpoint = time.monotonic()
         self._checkpointing: asyncio.Future[None] | None = None
         self._checkpoint_again = False
@@ -236,9 +235,7 @@ class ReceiverJob:
 
     def data_stored(self) -> None:
         """A data frame was stored: checkpoint when enough piled up."""
-        if self.acks and self._uncheckpointed_bytes >= (
-            CHECKPOINT_BYTES_PER_CHANNEL * self.channel_count
-        ):
+        if self.acks and self._uncheckpointed_bytes >= self._checkpoint_bytes:
             self.checkpoint()
 
     def checkpoint(self) -> None:

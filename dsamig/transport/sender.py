@@ -62,7 +62,7 @@ from dsamig.proto import (
     packet_record,
 )
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Drain, Timeouts
+from dsamig.transport.common import Drain, Timeouts, window_bytes
 from dsamig.transport.security import (
     SecurityConfig,
     authenticate,
@@ -77,9 +77,6 @@ DEFAULT_PAGE_SIZE = 4096
 CHUNK_PACKETS = 8  # packets per engine batch: 4 MiB at the default packet size
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 WRITE_HIGH_WATER = 8 * 1024 * 1024
-# Payload bytes a channel may have sent beyond the receiver's last ACK (an ACK
-# means "durable"): what a crash of the receiver can cost us to re-send.
-WINDOW_BYTES = 64 * 1024 * 1024
 RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
 
 T = TypeVar("T")
@@ -305,9 +302,9 @@ class SenderChannel(asyncio.Protocol):
             self.unacked_bytes += payload_bytes
 
     async def wait_window(self, timeout_s: float) -> None:
-        """Wait while more than WINDOW_BYTES are unacknowledged (bounded)."""
+        """Wait while more than the job's window is unacknowledged (bounded)."""
         deadline = time.monotonic() + timeout_s
-        while self.unacked_bytes > WINDOW_BYTES:
+        while self.unacked_bytes > self.job.window_bytes:
             self.acked.clear()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -344,6 +341,7 @@ class Sender:
             packet_pages=options.packet_size // options.page_size,
         )
         self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size)
+        self.window_bytes = window_bytes(self.manifest, options.channels)
         self.engine: ZeroPageEngine | None = None
         self.log = get_logger(job=str(options.job_id), name=options.name, role="sender")
         self.acks = False
@@ -647,7 +645,7 @@ class Sender:
                 )
             if channel.drain.paused:
                 await channel.drain.wait(idle_s, f"channel {channel.index}")
-            if channel.unacked_bytes > WINDOW_BYTES:
+            if channel.unacked_bytes > self.window_bytes:
                 await channel.wait_window(idle_s)
             self._release_sent(channel, unreleased)
         end_frame = End(packets=channel.stats.packets, payload_bytes=channel.stats.payload_bytes)

@@ -19,9 +19,10 @@ import pytest
 
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.transport.common import MIN_WINDOW_BYTES as WINDOW_BYTES
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.sender import WINDOW_BYTES, Sender, SendOptions
+from dsamig.transport.sender import Sender, SendOptions
 from tests.conftest import read_bytes
 from tests.integration.helpers import TIMEOUT_S, last_json
 
