@@ -1,0 +1,271 @@
+"""The CLI's control-socket commands: ``dsamig start``, ``status``, ``stop``, ``jobs``.
+
+Each is a small object built by ``dsamig.cli`` from its arguments; ``run()``
+returns the exit code.  ``start --wait`` exits by the job's outcome:
+:data:`EXIT_OK` completed, :data:`~dsamig.errors.EXIT_TRANSFER` failed,
+:data:`EXIT_CANCELLED` cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeVar
+
+from dsamig.control.client import ControlClient
+from dsamig.control.protocol import EVENT_JOB_STATUS_CHANGE, EVENT_SHUTDOWN
+from dsamig.errors import EXIT_OK, EXIT_TRANSFER, ConfigError
+from dsamig.jobs.config import default_control_socket, load_job
+from dsamig.units import format_bytes
+
+#: ``dsamig start --wait``: the job was cancelled (by an operator or a shutdown).
+EXIT_CANCELLED = 5
+#: How often ``start --wait`` refreshes its progress bar.
+PROGRESS_INTERVAL_S = 0.25
+#: After asking for a cancellation (Ctrl-C during --wait), how long to wait for it.
+CANCEL_WAIT_S = 15.0
+
+T = TypeVar("T")
+
+
+def default_socket() -> str:
+    """``$DSAMIG_SOCKET``, else the sender daemon's default control socket."""
+    return os.environ.get("DSAMIG_SOCKET") or default_control_socket("sender")
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    from dsamig.oneshot import run_loop
+
+    async def wrapper() -> T:
+        return await main()
+
+    return run_loop(wrapper())
+
+
+def exit_code_for(status: str) -> int:
+    """The exit code of ``start --wait`` for a job that ended in ``status``."""
+    return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_TRANSFER)
+
+
+# --- formatting ---------------------------------------------------------------------
+
+def job_table(job: dict[str, Any]) -> str:
+    """One job, for people."""
+    seconds = job.get("total-time", 0) / 1000
+    status = job["status"] + (f" — {job['error-desc']}" if job.get("error-desc") else "")
+    engine = job.get("engine") or {}
+    rows = [
+        ("job", f"{job['name']} ({job['id']})"),
+        ("status", status),
+        ("role", job.get("role", "?") + (f", peer {job['peer']}" if job.get("peer") else "")),
+        ("image", f"{format_bytes(job['total'])}, {format_bytes(job.get('remaining', 0))} to go"),
+        ("time", f"{seconds:.3f} s (setup {job.get('setup-time', 0):.1f} ms)"),
+        ("on the wire", f"{format_bytes(job.get('transferred', 0))} at "
+                        f"{job.get('mbps', 0):.0f} Mbit/s"),
+        ("zero pages", str(job.get("duplicate", 0))),
+        ("normal pages", f"{job.get('normal', 0)} ({format_bytes(job.get('normal-bytes', 0))})"),
+        ("channels", str(job.get("channels", 0))),
+        ("engine", str(engine.get("backend", "-"))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> str:
+    """Many jobs, one line each, for people."""
+    if not jobs:
+        return "no jobs"
+    lines = [f"{'ID':<36}  {'NAME':<24}  {'STATUS':<10}  {'DONE':>6}  {'SIZE':>10}  ERROR"]
+    for job in jobs:
+        total = job.get("total", 0)
+        done = 1.0 if not total else 1 - job.get("remaining", total) / total
+        if job["status"] == "completed":
+            done = 1.0
+        lines.append(
+            f"{job['id']:<36}  {job['name'][:24]:<24}  {job['status']:<10}  "
+            f"{done * 100:5.1f}%  {format_bytes(total):>10}  {job.get('error-desc', '')}"
+        )
+    return "\n".join(lines)
+
+
+def progress_line(job: dict[str, Any], rate: float) -> str:
+    """The ``start --wait`` progress bar for a job summary."""
+    total = max(job.get("total", 0), 1)
+    done = total - job.get("remaining", total)
+    bar = "#" * int(min(done / total, 1.0) * 30)
+    return (f"[{bar:<30}] {format_bytes(done)} / {format_bytes(job.get('total', 0))}  "
+            f"{format_bytes(rate)}/s  {job['status']:<10}")
+
+
+# --- commands -------------------------------------------------------------------------
+
+@dataclass
+class StartCommand:
+    """``dsamig start JOB.yaml [--socket PATH] [--wait] [--json]``.
+
+    The job file is validated here, so its errors carry line numbers; the
+    daemon validates the document again.  With ``--wait`` a SIGINT or SIGTERM
+    cancels the job: the command and the job end together (which is what the
+    ``dsamig-job@.service`` template relies on for ``systemctl stop``).
+    """
+
+    job_file: str
+    socket: str
+    wait: bool = False
+    as_json: bool = False
+    stream: TextIO = sys.stderr
+
+    def run(self) -> int:
+        """Validate the job file, submit it, maybe wait; the exit code."""
+        spec = load_job(self.job_file)
+        return _run(lambda: self._main(spec.to_document()))
+
+    async def _main(self, document: dict[str, Any]) -> int:
+        client = await ControlClient.connect(self.socket)
+        try:
+            if client.role != "sender":
+                raise ConfigError(f"{self.socket} is the {client.role} daemon's socket; "
+                                  "jobs are started on the sender")
+            if self.wait:
+                await client.execute("subscribe", {"events": [EVENT_JOB_STATUS_CHANGE,
+                                                              EVENT_SHUTDOWN]})
+            job = await client.execute("job-start", document)
+            print(job["id"], flush=True)
+            if not self.wait:
+                return EXIT_OK
+            return await self._wait(client, job["id"])
+        finally:
+            await client.close()
+
+    async def _wait(self, client: ControlClient, job_id: str) -> int:
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.add_signal_handler(sig, interrupted.set)
+                handled.append(sig)
+        show_bar = self.stream.isatty() and not self.as_json
+        try:
+            status = await self._follow(client, job_id, interrupted, show_bar)
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            if show_bar:
+                self.stream.write("\r" + " " * 100 + "\r")
+                self.stream.flush()
+        final = await client.execute("query-job", {"id": job_id})
+        if self.as_json:
+            print(json.dumps(final), flush=True)
+        else:
+            print(job_table(final), flush=True)
+        return exit_code_for(status)
+
+    async def _follow(self, client: ControlClient, job_id: str, interrupted: asyncio.Event,
+                      show_bar: bool) -> str:
+        """Wait for the job's last state change; returns it."""
+        cancel_deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        last: tuple[float, int] | None = None
+        rate = 0.0
+        while True:
+            if interrupted.is_set() and cancel_deadline is None:
+                cancel_deadline = loop.time() + CANCEL_WAIT_S
+                print("dsamig: interrupted: cancelling the job", file=sys.stderr, flush=True)
+                with contextlib.suppress(Exception):
+                    await client.execute("job-cancel", {"id": job_id})
+            try:
+                event = await client.next_event(PROGRESS_INTERVAL_S)
+            except TimeoutError:
+                event = None
+            if event is not None and event.get("event") == EVENT_JOB_STATUS_CHANGE:
+                data = event.get("data", {})
+                if data.get("id") == job_id and data.get("status") in (
+                        "completed", "failed", "cancelled"):
+                    return str(data["status"])
+            if event is None:
+                job = await client.execute("query-job", {"id": job_id})
+                if job["status"] in ("completed", "failed", "cancelled"):
+                    return str(job["status"])  # ended between subscribe and job-start's reply
+                if show_bar:
+                    now, done = loop.time(), job["total"] - job["remaining"]
+                    if last is not None and now > last[0]:
+                        rate = 0.5 * rate + 0.5 * (done - last[1]) / (now - last[0])
+                    last = (now, done)
+                    self.stream.write("\r" + progress_line(job, rate))
+                    self.stream.flush()
+            if cancel_deadline is not None and loop.time() > cancel_deadline:
+                return "cancelled"
+
+
+@dataclass
+class StatusCommand:
+    """``dsamig status [JOB] [--json]``: one job in full, or every job."""
+
+    socket: str
+    job: str | None = None
+    as_json: bool = False
+
+    def run(self) -> int:
+        """Ask the daemon and print the answer; the exit code."""
+        return _run(self._main)
+
+    async def _main(self) -> int:
+        async with await ControlClient.connect(self.socket) as client:
+            if self.job is not None:
+                job = await client.execute("query-job", {"id": self.job})
+                print(json.dumps(job) if self.as_json else job_table(job), flush=True)
+                return EXIT_OK
+            jobs = await client.execute("query-jobs")
+            if self.as_json:
+                print(json.dumps(jobs), flush=True)
+                return EXIT_OK
+            daemon = await client.execute("query-daemon")
+            counts = ", ".join(f"{n} {s}" for s, n in daemon["jobs"].items() if n)
+            print(f"dsamig {daemon['role']} (pid {daemon['pid']}, {daemon['state']}): "
+                  f"{counts or 'no jobs'}; {format_bytes(daemon['rate-bytes-per-second'])}/s",
+                  flush=True)
+            print(jobs_table(jobs), flush=True)
+            return EXIT_OK
+
+
+@dataclass
+class JobsCommand:
+    """``dsamig jobs [--json]``: the short list."""
+
+    socket: str
+    as_json: bool = False
+
+    def run(self) -> int:
+        """Ask the daemon and print the answer; the exit code."""
+        return _run(self._main)
+
+    async def _main(self) -> int:
+        async with await ControlClient.connect(self.socket) as client:
+            jobs = await client.execute("job-list")
+        print(json.dumps(jobs) if self.as_json else jobs_table(jobs), flush=True)
+        return EXIT_OK
+
+
+@dataclass
+class StopCommand:
+    """``dsamig stop JOB``: cancel a queued or running job."""
+
+    socket: str
+    job: str
+
+    def run(self) -> int:
+        """Ask the daemon and print the answer; the exit code."""
+        return _run(self._main)
+
+    async def _main(self) -> int:
+        async with await ControlClient.connect(self.socket) as client:
+            job = await client.execute("job-cancel", {"id": self.job})
+        print(f"{job['name']} ({job['id']}): {job['status']}", flush=True)
+        return EXIT_OK

@@ -1,0 +1,497 @@
+"""What both daemons share: lifecycle phases, signals, sd_notify, control API.
+
+The lifecycle is three explicit phases, as in uvicorn's ``Server``:
+
+``startup()``
+    bind the data listener (receiver), the control socket and the metrics
+    endpoint; only then ``READY=1``.  A failure here exits non-zero before
+    systemd ever hears READY.
+``main_loop()``
+    one tick every ``tick_s``: follow job states, forget expired jobs,
+    measure the rate, ``STATUS=``, ``WATCHDOG=1``; a SIGHUP reloads between
+    ticks.
+``shutdown()``
+    ``STOPPING=1``; refuse new work; let running jobs finish for at most
+    ``shutdown_timeout``; cancel the rest (their partial files are deleted);
+    close the sockets.  A second SIGINT skips the wait.
+
+Signals are captured for the life of ``serve()`` and the previous handlers
+restored afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from dsamig import __version__
+from dsamig.control.protocol import (
+    EVENT_JOB_STATUS_CHANGE,
+    EVENT_SHUTDOWN,
+    CommandError,
+    ErrorClass,
+)
+from dsamig.control.server import ControlServer, Handler, expect_keys
+from dsamig.daemon.metrics import Figures, MetricsServer, Snapshot, Totals
+from dsamig.daemon.sdnotify import Notifier
+from dsamig.errors import EXIT_OK, ConfigError
+from dsamig.jobs.config import DaemonConfig
+from dsamig.jobs.model import JobRecord, JobRegistry, JobState
+from dsamig.logs import configure, get_logger
+from dsamig.units import format_bytes
+
+DEFAULT_TICK_S = 0.5
+#: Job states are followed more often than the tick, so that a subscriber
+#: sees ``active`` while a short job is still active.
+FOLLOW_S = 0.1
+#: After the graceful wait, cancelled jobs get this long to clean up.
+CANCEL_BOUND_S = 10.0
+
+
+class RateMeter:
+    """Bytes per second from a growing counter, smoothed over a few ticks."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._last: tuple[float, int] | None = None
+
+    def update(self, counter: int) -> float:
+        """Feed the counter's current value; the smoothed rate."""
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            current = max(counter - self._last[1], 0) / (now - self._last[0])
+            self.rate = current if self.rate == 0 else 0.5 * self.rate + 0.5 * current
+        self._last = (now, counter)
+        return self.rate
+
+
+class Daemon(ABC):
+    """A long-running dsamig service; subclasses add the data side and commands."""
+
+    role: ClassVar[str]
+    #: Config fields a SIGHUP cannot change (the sockets are bound already).
+    restart_fields: ClassVar[tuple[str, ...]] = ("control_socket", "metrics_listen")
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        notifier: Notifier | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self.config = config
+        #: False when embedded (tests, another program's loop): stop with
+        #: :meth:`request_stop` instead of signals.
+        self.install_signals = install_signals
+        self.notifier = notifier or Notifier.from_environment()
+        self.registry = JobRegistry(config.job_retention_s)
+        self.totals = Totals()
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.should_exit = False
+        self.force_exit = False
+        self.stopping = False
+        self.started_mono = time.monotonic()
+        self._reload_requested = False
+        self._wake: asyncio.Event | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._last_ping = 0.0
+        self._image_rate = RateMeter()
+        self._wire_rate = RateMeter()
+
+    @property
+    def log(self) -> Any:
+        # Looked up at each use: a bound logger keeps the level it was bound
+        # under, and a SIGHUP may have changed the level since.
+        return get_logger(role=self.role, component="daemon")
+
+    # --- for subclasses ------------------------------------------------------------
+
+    @abstractmethod
+    async def start_data(self) -> None:
+        """Bind what moves data (the receiver's listener); called first in startup."""
+
+    @abstractmethod
+    async def close_data(self) -> None:
+        """Release what :meth:`start_data` opened; idempotent."""
+
+    @abstractmethod
+    def stop_accepting(self) -> None:
+        """Refuse new jobs from now on (queued ones may be dropped)."""
+
+    @abstractmethod
+    def running_jobs(self) -> int:
+        """Jobs still moving data."""
+
+    @abstractmethod
+    async def cancel_all(self, reason: str) -> None:
+        """Cancel every running job; return once they ended (bounded)."""
+
+    @abstractmethod
+    async def cancel_job(self, record: JobRecord) -> None:
+        """Cancel one job (``job-cancel``); CommandError if it cannot be."""
+
+    @abstractmethod
+    def sync_jobs(self) -> None:
+        """Bring job records up to date with the transport's state."""
+
+    @abstractmethod
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+
+    def extra_commands(self) -> dict[str, Handler]:
+        """Commands only this role has."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Role-specific fields of ``query-daemon``."""
+        return {}
+
+    def live_figures(self) -> Figures:
+        """Byte and page counts of the running jobs."""
+        live = Figures()
+        for record in self.registry:
+            if not record.finished and record.stats is not None:
+                live.add(record.stats)
+        return live
+
+    def extra_gauges(self) -> dict[str, float]:
+        """Role-specific gauges for the metrics endpoint."""
+        return {}
+
+    def bandwidth_limit(self) -> float | None:
+        """The daemon-wide bandwidth cap, if there is one."""
+        return None
+
+    def apply_config(self, old: DaemonConfig, new: DaemonConfig) -> None:
+        """Put a reloaded config's limits into effect (the base does the common part)."""
+        if new.log_level != old.log_level:
+            configure(new.log_level)
+        self.registry.retention_s = new.job_retention_s
+
+    @classmethod
+    @abstractmethod
+    def load_config(cls, path: str) -> DaemonConfig:
+        """Read this role's config file."""
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """startup → main_loop → shutdown; returns the exit code (0 after SIGTERM too)."""
+        self._wake = asyncio.Event()
+        with self._capture_signals():
+            try:
+                await self.startup()
+            except BaseException:
+                await self._close_all()
+                raise
+            self._follower = asyncio.ensure_future(self._follow_jobs())
+            try:
+                if not self.should_exit:
+                    self.notifier.ready(self.status_line())
+                    self.log.info("daemon ready", **self.query_daemon_fields())
+                    await self.main_loop()
+            finally:
+                await self.shutdown()
+        return EXIT_OK
+
+    async def startup(self) -> None:
+        """Bind every socket; READY=1 is sent by :meth:`serve` after this returns."""
+        await self.start_data()
+        commands: dict[str, Handler] = {
+            "query-daemon": self._cmd_query_daemon,
+            "job-list": self._cmd_job_list,
+            "query-jobs": self._cmd_query_jobs,
+            "query-job": self._cmd_query_job,
+            "job-cancel": self._cmd_job_cancel,
+            **self.extra_commands(),
+        }
+        self.control = ControlServer(
+            self.config.control_socket, commands,
+            {"role": self.role, "version": __version__, "pid": os.getpid()},
+        )
+        await self.control.start()
+        if self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen
+            self.metrics = MetricsServer(host, port, self.snapshot)
+            self.metrics_address = await self.metrics.start()
+
+    async def main_loop(self) -> None:
+        """Tick until a signal asks us to stop."""
+        assert self._wake is not None
+        while not self.should_exit:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            self._wake.clear()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            self.tick()
+
+    async def shutdown(self) -> None:
+        """Stop accepting work, drain for at most shutdown_timeout, cancel, close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.stopping(f"stopping: {self.running_jobs()} job(s) running")
+        self.log.info("daemon stopping", running=self.running_jobs(),
+                      timeout_s=self.config.shutdown_timeout_s)
+        self.stop_accepting()
+        if self.control is not None:
+            self.control.broadcast(EVENT_SHUTDOWN, {"role": self.role})
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        assert self._wake is not None
+        while self.running_jobs() and not self.force_exit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(self.tick_s, left))
+            self._wake.clear()
+            self.tick()
+        if self.running_jobs():
+            self.log.warning("cancelling jobs still running", running=self.running_jobs(),
+                             forced=self.force_exit)
+            reason = "daemon shutting down" + (" (forced)" if self.force_exit else "")
+            try:
+                await asyncio.wait_for(self.cancel_all(reason), CANCEL_BOUND_S + 5)
+            except TimeoutError:
+                self.log.error("jobs did not end after cancellation; exiting anyway",
+                               running=self.running_jobs())
+        self.tick()
+        await self._close_all()
+        self.log.info("daemon stopped")
+
+    async def _follow_jobs(self) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            try:
+                self.sync_jobs()
+            except Exception:
+                self.log.exception("following job states failed")
+
+    async def _close_all(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        if self.control is not None:
+            await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        await self.close_data()
+        self.notifier.close()
+
+    # --- ticks ------------------------------------------------------------------
+
+    @property
+    def tick_s(self) -> float:
+        """Seconds between ticks: at most half the watchdog interval."""
+        interval = self.notifier.watchdog_interval_s
+        return DEFAULT_TICK_S if interval is None else min(DEFAULT_TICK_S, interval / 2)
+
+    def tick(self) -> None:
+        """Periodic work; a bug here is logged, never fatal to the jobs."""
+        try:
+            self.sync_jobs()
+            self.registry.purge()
+            figures = self.totals.figures.plus(self.live_figures())
+            self._image_rate.update(figures.image_bytes)
+            self._wire_rate.update(figures.transferred)
+            self.notifier.status(self.status_line())
+        except Exception:
+            self.log.exception("daemon tick failed")
+        interval = self.notifier.watchdog_interval_s
+        now = time.monotonic()
+        # Ping when waiting for the next tick would overrun the interval.
+        if interval is not None and now - self._last_ping + self.tick_s >= interval:
+            self.notifier.watchdog()
+            self._last_ping = now
+
+    def wake(self) -> None:
+        """Run a tick now (a job finished; a signal arrived)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        """Image bytes per second of all jobs, as of the last tick."""
+        return self._image_rate.rate
+
+    # --- signals and reload -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        previous: dict[signal.Signals, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if self.install_signals else ():
+            try:
+                previous[sig] = signal.getsignal(sig)
+                loop.add_signal_handler(sig, self.handle_signal, sig)
+            except (ValueError, RuntimeError, NotImplementedError):
+                previous.pop(sig, None)  # not the main thread: the caller handles signals
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def handle_signal(self, sig: signal.Signals) -> None:
+        """SIGTERM/SIGINT: stop (a second SIGINT: without waiting); SIGHUP: reload."""
+        if sig == signal.SIGHUP:
+            self._reload_requested = True
+        elif sig == signal.SIGINT and self.should_exit:
+            self.force_exit = True
+            self.log.warning("second interrupt: not waiting for running jobs")
+        else:
+            self.log.info("stop requested", signal=sig.name)
+        if sig != signal.SIGHUP:
+            self.request_stop()
+        self.wake()
+
+    def request_stop(self) -> None:
+        """Begin the shutdown phase, as SIGTERM does."""
+        self.should_exit = True
+        self.wake()
+
+    def reload(self) -> None:
+        """Re-read the config file; apply what can change without a restart."""
+        old = self.config
+        if old.path is None:
+            self.log.warning("reload requested, but the daemon has no config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = self.load_config(old.path)
+        except ConfigError as exc:
+            self.log.error("reload failed; the running configuration stays", error=str(exc))
+            self.notifier.ready(self.status_line())
+            return
+        changed = [f.name for f in dataclasses.fields(new)
+                   if getattr(new, f.name) != getattr(old, f.name)]
+        needs_restart = [name for name in changed if name in self.restart_fields]
+        new = dataclasses.replace(new, **{name: getattr(old, name) for name in needs_restart})
+        self.config = new
+        self.apply_config(old, new)
+        applied = [name for name in changed if name not in needs_restart]
+        self.log.info("configuration reloaded", applied=applied, needs_restart=needs_restart)
+        if needs_restart:
+            self.log.warning("these settings change only on restart", settings=needs_restart)
+        self.notifier.ready(self.status_line())
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def job_changed(self, record: JobRecord, previous: JobState | None) -> None:
+        """Every state change of every job: event, logs, totals."""
+        data: dict[str, Any] = {"id": str(record.id), "name": record.name,
+                                "status": record.state.value}
+        if previous is not None:
+            data["previous"] = previous.value
+        if record.error is not None and record.finished:
+            data["error"] = record.error
+        if self.control is not None:
+            self.control.broadcast(EVENT_JOB_STATUS_CHANGE, data)
+        log = get_logger(role=self.role, job=str(record.id), name=record.name)
+        log.debug("job state", status=record.state.value,
+                  previous=previous.value if previous else None)
+        if record.finished:
+            self.totals.job_finished(record.state.value, record.stats)
+            # The canonical line: one per job, everything about how it went.
+            log.info("job finished", **record.to_dict())
+            self.wake()
+
+    def find_job(self, arguments: dict[str, Any]) -> JobRecord:
+        """The job ``{"id": REF}`` names (id or name), or a CommandError."""
+        expect_keys(arguments, required=("id",))
+        ref = arguments["id"]
+        if not isinstance(ref, str):
+            raise CommandError(ErrorClass.INVALID_ARGUMENT, "id must be a job id or name (string)")
+        record = self.registry.get(ref)
+        if record is None:
+            raise CommandError(ErrorClass.JOB_NOT_FOUND, f"no job {ref!r} on this {self.role}")
+        return record
+
+    # --- commands ---------------------------------------------------------------------
+
+    def query_daemon_fields(self) -> dict[str, Any]:
+        """What ``query-daemon`` returns."""
+        cfg = self.config
+        out: dict[str, Any] = {
+            "role": self.role,
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": "stopping" if self.stopping else "running",
+            "uptime-s": round(time.monotonic() - self.started_mono, 3),
+            "config-file": cfg.path,
+            "control-socket": cfg.control_socket,
+            "metrics-listen": (f"{self.metrics_address[0]}:{self.metrics_address[1]}"
+                               if self.metrics_address else None),
+            "log-level": cfg.log_level,
+            "shutdown-timeout-s": cfg.shutdown_timeout_s,
+            "job-retention-s": cfg.job_retention_s,
+            "jobs": self.registry.counts(),
+            "rate-bytes-per-second": round(self.rate_bytes_per_s),
+        }
+        out.update(self.describe())
+        return out
+
+    async def _cmd_query_daemon(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        expect_keys(arguments)
+        self.sync_jobs()
+        return self.query_daemon_fields()
+
+    async def _cmd_job_list(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        expect_keys(arguments)
+        self.sync_jobs()
+        return [record.summary() for record in self.registry]
+
+    async def _cmd_query_jobs(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        expect_keys(arguments)
+        self.sync_jobs()
+        return [record.to_dict() for record in self.registry]
+
+    async def _cmd_query_job(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        record = self.find_job(arguments)
+        self.sync_jobs()
+        return record.to_dict()
+
+    async def _cmd_job_cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        record = self.find_job(arguments)
+        if record.finished:
+            raise CommandError(ErrorClass.INVALID_STATE,
+                               f"job {record.name} ({record.id}) already {record.state.value}")
+        await self.cancel_job(record)
+        return record.summary()
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Everything the metrics endpoint shows, now."""
+        self.sync_jobs()
+        return Snapshot(
+            role=self.role,
+            version=__version__,
+            uptime_s=time.monotonic() - self.started_mono,
+            jobs_by_state=self.registry.counts(),
+            finished=dict(self.totals.finished),
+            figures=self.totals.figures.plus(self.live_figures()),
+            rate_bytes_per_s=self._image_rate.rate,
+            wire_rate_bytes_per_s=self._wire_rate.rate,
+            bandwidth_limit=self.bandwidth_limit(),
+            extra_gauges=self.extra_gauges(),
+        )
+
+
+def rate_text(bytes_per_s: float) -> str:
+    """``12.3 MiB/s``."""
+    return f"{format_bytes(bytes_per_s)}/s"

@@ -1,0 +1,46 @@
+"""``dsamig receiver`` and ``dsamig sender``: load the config, run the daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsamig.daemon.base import Daemon
+from dsamig.errors import EXIT_OK
+from dsamig.logs import configure
+from dsamig.native import impl
+
+
+@dataclass
+class DaemonCommand:
+    """Run the ``role`` daemon from ``config_path`` in the foreground.
+
+    ``log_level`` overrides the config's ``log_level``; ``check_only``
+    validates the config and exits (for ``ExecStartPre=`` or before a reload).
+    """
+
+    role: str
+    config_path: str
+    log_level: str | None = None
+    check_only: bool = False
+
+    def build(self) -> Daemon:
+        """The daemon, its config validated (ConfigError if not valid)."""
+        from dsamig.daemon.receiver import ReceiverDaemon
+        from dsamig.daemon.sender import SenderDaemon
+
+        cls: type[Daemon] = ReceiverDaemon if self.role == "receiver" else SenderDaemon
+        config = cls.load_config(self.config_path)
+        return cls(config)
+
+    def run(self) -> int:
+        """Validate, then serve until stopped; the exit code."""
+        from dsamig.oneshot import run_loop
+
+        daemon = self.build()
+        if self.check_only:
+            print(f"{self.config_path}: valid {self.role} configuration", flush=True)
+            return EXIT_OK
+        configure(self.log_level or daemon.config.log_level)
+        # Names the loop thread for top -H: dsamig-receiver / dsamig-sender.
+        impl.set_thread_name(f"dsamig-{self.role}")
+        return run_loop(daemon.serve())

@@ -1,0 +1,222 @@
+"""Daemon-wide figures, and the optional Prometheus text endpoint that shows them.
+
+:class:`Totals` keeps the sums of finished jobs (jobs are forgotten after the
+retention period; the sums are not), so every ``_total`` series is a true
+counter: a running job's live figures are added on top, and when it finishes
+its final figures move into the sums.  The endpoint is a deliberately tiny
+HTTP/1.0 server: ``GET /metrics`` and nothing else, bounded in request size
+and time, off unless ``metrics_listen`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsamig.errors import NetworkError
+from dsamig.logs import get_logger
+from dsamig.stats import JobStats
+
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Figures:
+    """Byte and page counts of some jobs."""
+
+    image_bytes: int = 0  # image bytes handled (sent or skipped as zero)
+    transferred: int = 0  # bytes on the wire, headers included
+    zero_pages: int = 0
+    normal_pages: int = 0
+    normal_bytes: int = 0
+    engine: dict[tuple[str, str], float] = field(default_factory=dict)  # (backend, key)
+
+    def add(self, stats: JobStats, engine: dict[str, Any] | None = None) -> None:
+        """Add one job's figures (``engine``: live engine counters, else the job's)."""
+        self.image_bytes += stats.done_bytes
+        self.transferred += stats.transferred
+        self.zero_pages += stats.duplicate
+        self.normal_pages += stats.normal
+        self.normal_bytes += stats.normal_bytes
+        engine = stats.engine if engine is None else engine
+        backend = str(engine.get("backend", "")) if engine else ""
+        for key, value in (engine or {}).items():
+            # Counters only: "threads" is a setting, not something that grows.
+            if key == "threads" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            self.engine[(backend, key)] = self.engine.get((backend, key), 0.0) + value
+
+    def plus(self, other: Figures) -> Figures:
+        """The sum of both, as a new object."""
+        engine = dict(self.engine)
+        for key, value in other.engine.items():
+            engine[key] = engine.get(key, 0.0) + value
+        return Figures(
+            self.image_bytes + other.image_bytes, self.transferred + other.transferred,
+            self.zero_pages + other.zero_pages, self.normal_pages + other.normal_pages,
+            self.normal_bytes + other.normal_bytes, engine,
+        )
+
+
+@dataclass
+class Totals:
+    """What every finished job of this daemon added up to."""
+
+    figures: Figures = field(default_factory=Figures)
+    finished: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def job_finished(self, state: str, stats: JobStats | None) -> None:
+        """Count a job that ended in ``state`` and add its final figures."""
+        self.finished[state] += 1
+        if stats is not None:
+            self.figures.add(stats)
+
+
+@dataclass
+class Snapshot:
+    """Everything one scrape shows."""
+
+    role: str
+    version: str
+    uptime_s: float
+    jobs_by_state: dict[str, int]
+    finished: dict[str, int]
+    figures: Figures
+    rate_bytes_per_s: float
+    wire_rate_bytes_per_s: float
+    bandwidth_limit: float | None = None
+    extra_gauges: dict[str, float] = field(default_factory=dict)
+
+
+_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value)):
+        return str(int(value))
+    return repr(float(value))
+
+
+def render(snap: Snapshot) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[dict[str, str], float]]) -> None:
+        out.append(f"# HELP dsamig_{name} {help_text}")
+        out.append(f"# TYPE dsamig_{name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            out.append(f"dsamig_{name}{{{text}}} {_number(value)}" if text
+                       else f"dsamig_{name} {_number(value)}")
+
+    f = snap.figures
+    metric("info", "gauge", "Daemon role and version.",
+           [({"role": snap.role, "version": snap.version}, 1)])
+    metric("uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, snap.uptime_s)])
+    metric("jobs", "gauge", "Jobs the daemon knows of (running and retained), by state.",
+           [({"state": state}, n) for state, n in snap.jobs_by_state.items()])
+    metric("jobs_finished_total", "counter", "Jobs finished since the daemon started, by outcome.",
+           [({"state": state}, snap.finished.get(state, 0))
+            for state in ("completed", "failed", "cancelled")])
+    metric("image_bytes_total", "counter", "Image bytes handled: sent or skipped as zero pages.",
+           [({}, f.image_bytes)])
+    metric("transferred_bytes_total", "counter", "Bytes on the wire, frame headers included.",
+           [({}, f.transferred)])
+    metric("zero_pages_total", "counter", "Zero pages (not sent).", [({}, f.zero_pages)])
+    metric("normal_pages_total", "counter", "Normal pages (sent).", [({}, f.normal_pages)])
+    metric("normal_bytes_total", "counter", "Bytes of normal pages.", [({}, f.normal_bytes)])
+    metric("image_rate_bytes_per_second", "gauge", "Image bytes per second, all jobs.",
+           [({}, snap.rate_bytes_per_s)])
+    metric("wire_rate_bytes_per_second", "gauge", "Wire bytes per second, all jobs.",
+           [({}, snap.wire_rate_bytes_per_s)])
+    if snap.bandwidth_limit is not None:
+        metric("bandwidth_limit_bytes_per_second", "gauge", "Daemon-wide bandwidth cap.",
+               [({}, snap.bandwidth_limit)])
+    for name, value in sorted(snap.extra_gauges.items()):
+        metric(name, "gauge", name.replace("_", " ").capitalize() + ".", [({}, value)])
+    by_key: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for (backend, key), value in sorted(f.engine.items()):
+        by_key.setdefault(key, []).append(({"backend": backend}, value))
+    for key, samples in by_key.items():
+        name = "engine_" + _METRIC_NAME.sub("_", key).strip("_") + "_total"
+        metric(name, "counter", f"Zero-page engine counter {key!r}, all jobs.", samples)
+    return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """Serves ``GET /metrics`` with ``render(snapshot())`` on ``host:port``."""
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot]) -> None:
+        self.host = host
+        self.port = port
+        self.snapshot = snapshot
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def log(self) -> Any:
+        return get_logger(component="metrics")  # at each use: the level may change
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; the bound address (port 0 picks a free port)."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, reuse_address=True, limit=MAX_REQUEST_HEAD
+            )
+        except OSError as exc:
+            raise NetworkError(
+                f"cannot listen for metrics on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        name = self._server.sockets[0].getsockname()
+        self.port = name[1]
+        return name[0], name[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            parts = head.split(b"\r\n", 1)[0].split()
+            if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+                self._respond(writer, 405, "method not allowed\n")
+            elif parts[1].split(b"?", 1)[0] != b"/metrics":
+                self._respond(writer, 404, "only /metrics is served here\n")
+            else:
+                body = render(self.snapshot())
+                self._respond(writer, 200, body if parts[0] == b"GET" else "",
+                              "text/plain; version=0.0.4; charset=utf-8")
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        except Exception:  # never let a scrape take the daemon down
+            self.log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _respond(writer: asyncio.StreamWriter, code: int, body: str,
+                 content_type: str = "text/plain; charset=utf-8") -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
+        data = body.encode()
+        writer.write(
+            f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
+        )
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None

@@ -1,0 +1,285 @@
+"""The sender daemon: jobs submitted over the control socket, queued, paced, sent.
+
+Jobs start in submission order while the daemon's ``max_jobs`` and
+``max_channels`` allow; the rest wait in the queue (strict FIFO: a big job at
+the head is not overtaken, so it cannot starve).  Every running job has a
+token bucket that its channels await before each chunk; the daemon sets the
+buckets' rates so that the daemon-wide ``max_bandwidth`` is shared max-min
+fairly and no job exceeds its own ``max_bandwidth``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import stat
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from dsamig.control.protocol import CommandError, ErrorClass
+from dsamig.control.server import Handler
+from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
+from dsamig.daemon.metrics import Figures
+from dsamig.daemon.pacing import TokenBucket, fair_shares
+from dsamig.errors import DsamigError
+from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
+from dsamig.jobs.model import JobRecord, JobState
+from dsamig.logs import get_logger
+from dsamig.pages import PageSource
+from dsamig.proto import Error, ErrorCode, encode
+from dsamig.transport.sender import Sender
+
+
+@dataclass
+class SendingJob:
+    """A submitted job: its record, its spec and, once started, its task."""
+
+    record: JobRecord
+    spec: JobSpec
+    pacer: TokenBucket
+    task: asyncio.Task[None] | None = None
+    sender: Sender | None = None
+    cancel_reason: str | None = None
+
+
+class SenderDaemon(Daemon):
+    """``dsamig sender --config FILE``."""
+
+    role = "sender"
+
+    def __init__(self, config: SenderConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.config: SenderConfig = config
+        self.queue: deque[SendingJob] = deque()
+        self.running: dict[uuid.UUID, SendingJob] = {}
+
+    @classmethod
+    def load_config(cls, path: str) -> SenderConfig:
+        return load_sender_config(path)
+
+    async def start_data(self) -> None:
+        pass  # a sender only connects out, per job
+
+    async def close_data(self) -> None:
+        if self.running or self.queue:
+            await self.cancel_all("sender shutting down")
+
+    def extra_commands(self) -> dict[str, Handler]:
+        return {"job-start": self._cmd_job_start}
+
+    # --- submission ------------------------------------------------------------------
+
+    async def _cmd_job_start(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        if self.stopping:
+            raise CommandError(ErrorClass.UNAVAILABLE, "the sender is shutting down; no new jobs")
+        spec = JobSpec.from_object(arguments, source="job-start")
+        size = self._check_source(spec.source)
+        limits = self.config.limits
+        if spec.channels > limits.max_channels:
+            raise CommandError(
+                ErrorClass.INVALID_ARGUMENT,
+                f"job-start: channels: {spec.channels} is more than this sender's "
+                f"max_channels ({limits.max_channels})",
+            )
+        if len(self.queue) >= limits.max_queued:
+            raise CommandError(ErrorClass.UNAVAILABLE,
+                               f"the queue is full ({len(self.queue)} jobs waiting)")
+        record = JobRecord(
+            uuid.uuid4(), spec.name, self.role, JobState.QUEUED, total=size,
+            channels=spec.channels, peer=f"{spec.host}:{spec.port}", on_change=self.job_changed,
+        )
+        self.registry.add(record)
+        self.queue.append(SendingJob(record, spec, TokenBucket()))
+        self._schedule()
+        return record.summary()
+
+    def _check_source(self, source: str) -> int:
+        """The source's size; InvalidArgument if it cannot or may not be sent."""
+        def refuse(why: str) -> CommandError:
+            return CommandError(ErrorClass.INVALID_ARGUMENT, f"job-start: source: {why}")
+
+        dirs = self.config.source_dirs
+        if dirs:
+            real = os.path.realpath(source)
+            if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
+                       for d in dirs):
+                raise refuse(f"{source!r} is outside the sender's source_dirs ({', '.join(dirs)})")
+        try:
+            st = os.stat(source)
+        except FileNotFoundError:
+            raise refuse(f"{source!r} does not exist") from None
+        except OSError as exc:
+            raise refuse(f"cannot stat {source!r}: {exc.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise refuse(f"{source!r} is not a regular file or block device")
+        if not os.access(source, os.R_OK):
+            raise refuse(f"{source!r} is not readable by the sender daemon")
+        return st.st_size
+
+    # --- scheduling ------------------------------------------------------------------
+
+    def channels_in_use(self) -> int:
+        """TCP channels of the running jobs."""
+        return sum(job.spec.channels for job in self.running.values())
+
+    def _schedule(self) -> None:
+        """Start queued jobs, in order, while the limits allow."""
+        limits = self.config.limits
+        while self.queue and not self.stopping:
+            head = self.queue[0]
+            if len(self.running) >= limits.max_jobs:
+                break
+            if self.channels_in_use() + head.spec.channels > limits.max_channels:
+                break
+            self.queue.popleft()
+            self.running[head.record.id] = head
+            head.task = asyncio.ensure_future(self._run(head))
+            head.task.add_done_callback(functools.partial(self._reap_task, head))
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        jobs = list(self.running.values())
+        shares = fair_shares(self.config.limits.max_bandwidth,
+                             [job.spec.max_bandwidth for job in jobs])
+        for job, share in zip(jobs, shares, strict=True):
+            job.pacer.set_rate(share)
+
+    async def _run(self, job: SendingJob) -> None:
+        """One job from setup to its end; whatever happens, the record says how it ended."""
+        record = job.record
+        log = get_logger(role=self.role, job=str(record.id), name=record.name)
+        source: PageSource | None = None
+        try:
+            record.advance(JobState.SETUP)
+            source = PageSource(job.spec.source)
+            job.sender = Sender(source, job.spec.send_options(record.id, job.pacer))
+            record.stats = job.sender.stats
+            await job.sender.run()
+            record.advance(JobState.COMPLETED)
+        except DsamigError as exc:
+            record.advance(JobState.FAILED, str(exc))
+        except asyncio.CancelledError:
+            # We own this task: its cancellation is the job's end, not ours.
+            record.advance(JobState.CANCELLED, job.cancel_reason or "cancelled")
+        except Exception as exc:  # a bug fails this job, never the daemon or the others
+            log.exception("job crashed")
+            record.advance(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if source is not None:
+                source.close()
+
+    def _reap_task(self, job: SendingJob, task: asyncio.Task[None]) -> None:
+        """The job's task ended: free its slot and start the next.
+
+        A done callback rather than a ``finally`` in :meth:`_run`: a task
+        cancelled before its first step never enters its body.
+        """
+        if not job.record.finished:
+            job.record.advance(JobState.CANCELLED, job.cancel_reason or "cancelled")
+        self.running.pop(job.record.id, None)
+        if not self.stopping:
+            self._schedule()
+        else:
+            self._rebalance()
+        self.wake()
+
+    # --- cancelling ----------------------------------------------------------------------
+
+    async def cancel_job(self, record: JobRecord) -> None:
+        for queued in self.queue:
+            if queued.record is record:
+                self.queue.remove(queued)
+                record.advance(JobState.CANCELLED, "cancelled before it started")
+                return
+        job = self.running.get(record.id)
+        if job is None or job.task is None:
+            raise CommandError(ErrorClass.INVALID_STATE, f"job {record.name} is not running")
+        self._cancel(job, "cancelled by the sender's operator")
+        await asyncio.wait({job.task}, timeout=CANCEL_BOUND_S)
+
+    def _cancel(self, job: SendingJob, reason: str) -> None:
+        job.cancel_reason = reason
+        # Tell the receiver why, so it records a cancellation rather than a
+        # broken connection; it deletes the partial file either way.  Every
+        # write so far was whole frames, so the ERROR lands on a frame boundary.
+        if job.sender is not None:
+            frame = encode(Error(code=ErrorCode.CANCELLED, message=reason))
+            for channel in job.sender.channels:
+                transport = channel.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(frame)
+        if job.task is not None:
+            job.task.cancel()
+
+    def stop_accepting(self) -> None:
+        while self.queue:
+            self.queue.popleft().record.advance(
+                JobState.CANCELLED, "the sender shut down before the job started"
+            )
+
+    def running_jobs(self) -> int:
+        return len(self.running)
+
+    async def cancel_all(self, reason: str) -> None:
+        self.stop_accepting()
+        tasks = []
+        for job in list(self.running.values()):
+            self._cancel(job, reason)
+            if job.task is not None:
+                tasks.append(job.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_BOUND_S)
+
+    # --- reporting ---------------------------------------------------------------------
+
+    def sync_jobs(self) -> None:
+        for job in list(self.running.values()):
+            if job.sender is not None and job.sender.stats.status in ("active", "completing"):
+                job.record.advance(JobState(job.sender.stats.status))
+
+    def live_figures(self) -> Figures:
+        live = Figures()
+        for job in self.running.values():
+            sender = job.sender
+            if sender is None or job.record.finished:
+                continue
+            engine: dict[str, Any] = sender.stats.engine
+            if not engine and sender.engine is not None:
+                try:
+                    engine = sender.engine.stats()
+                except Exception:  # closing under us: its final figures come with the record
+                    engine = {}
+            live.add(sender.stats, engine)
+        return live
+
+    def status_line(self) -> str:
+        prefix = "stopping: " if self.stopping else ""
+        done = self.registry.counts()["completed"]
+        return (f"{prefix}{len(self.running)} job(s) sending, {len(self.queue)} queued, "
+                f"{done} completed, {rate_text(self.rate_bytes_per_s)}")
+
+    def describe(self) -> dict[str, Any]:
+        limits = self.config.limits
+        return {
+            "limits": {"max-jobs": limits.max_jobs, "max-queued": limits.max_queued,
+                       "max-channels": limits.max_channels,
+                       "max-bandwidth": limits.max_bandwidth},
+            "source-dirs": list(self.config.source_dirs),
+            "queued": len(self.queue),
+            "running": len(self.running),
+            "channels-in-use": self.channels_in_use(),
+            "job-rates": {str(j.record.id): j.pacer.rate for j in self.running.values()},
+        }
+
+    def bandwidth_limit(self) -> float | None:
+        return self.config.limits.max_bandwidth
+
+    def extra_gauges(self) -> dict[str, float]:
+        return {"queued_jobs": len(self.queue), "channels_in_use": self.channels_in_use()}
+
+    def apply_config(self, old: Any, new: Any) -> None:
+        super().apply_config(old, new)
+        self._schedule()  # a higher limit may start queued jobs; rebalances too

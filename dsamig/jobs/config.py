@@ -1,0 +1,391 @@
+"""The three YAML documents: receiver config, sender config, job.
+
+Each has a schema (the single source of truth for its keys: the loaders, the
+reference in ``docs/configuration.md`` and the examples in ``configs/`` are
+checked against it by the tests) and a frozen dataclass built from the
+validated values.  Validation happens once, at load; the daemons never see an
+unchecked value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsamig.jobs.schema import (
+    Converter,
+    Document,
+    Key,
+    Where,
+    address,
+    boolean,
+    choice,
+    duration,
+    integer,
+    list_of,
+    load_yaml_file,
+    mapping,
+    optional,
+    path,
+    rate,
+    size,
+    string,
+)
+from dsamig.logs import LEVELS
+from dsamig.transport.common import DEFAULT_PORT, Timeouts
+
+# --- job names -----------------------------------------------------------------
+
+#: A job name is also the receiver's file name for the job: one path
+#: component of safe characters, never hidden, and never one that could be
+#: taken for another job's partial file (``<name>.partial``) or the files the
+#: sink keeps beside it (``<name>.partial.*``).
+JOB_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_JOB_NAME = re.compile(JOB_NAME_PATTERN)
+JOB_NAME_RULE = (
+    "1..128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, "
+    "without '..' and without '.partial'"
+)
+
+
+def job_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid job name, or None when it is."""
+    if not isinstance(name, str) or not _JOB_NAME.fullmatch(name):
+        return f"job name {name!r} is not allowed ({JOB_NAME_RULE})"
+    if ".." in name:
+        return f"job name {name!r} contains '..' ({JOB_NAME_RULE})"
+    if ".partial" in name:
+        return f"job name {name!r} contains '.partial' ({JOB_NAME_RULE})"
+    return None
+
+
+def job_name() -> Converter:
+    """Schema converter for a job name."""
+
+    def convert(value: Any, where: Where) -> str:
+        problem = job_name_problem(value)
+        if problem is not None:
+            where.fail(problem)
+        return str(value)
+
+    return convert
+
+
+def _engine_names() -> tuple[str, ...]:
+    # Asked at validation time so a backend added to the engine layer is
+    # accepted here without a second list to keep in step.
+    from dsamig.engine.select import ENGINE_NAMES
+
+    return tuple(ENGINE_NAMES)
+
+
+# --- shared pieces -------------------------------------------------------------------
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_RETENTION_S = 3600.0
+
+_COMMON_KEYS = (
+    Key("control_socket", optional(path()), default=None,
+        help="Unix socket of the control API (default $RUNTIME_DIRECTORY/<role>.sock, "
+             "else /run/dsamig/<role>.sock)"),
+    Key("log_level", choice(LEVELS), default="info", help="log verbosity"),
+    Key("metrics_listen", optional(address(allow_port_zero=True)), default=None,
+        help="HOST:PORT of the Prometheus text endpoint (off when absent)"),
+    Key("shutdown_timeout", duration(0, 86400), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="on SIGTERM, how long running jobs may take to finish before they are cancelled"),
+    Key("job_retention", duration(0, 30 * 86400), default=DEFAULT_RETENTION_S,
+        help="how long a finished job's stats stay queryable"),
+)
+
+
+def default_control_socket(role: str) -> str:
+    """``$RUNTIME_DIRECTORY/<role>.sock`` (systemd's RuntimeDirectory=), else /run/dsamig/."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.join(runtime or "/run/dsamig", f"{role}.sock")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What both daemons share."""
+
+    role: str
+    control_socket: str
+    log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    job_retention_s: float = DEFAULT_RETENTION_S
+    path: str | None = None  # the file it came from (SIGHUP reads it again)
+
+    @staticmethod
+    def _common(values: dict[str, Any], role: str, source: str | None) -> dict[str, Any]:
+        return {
+            "role": role,
+            "control_socket": values["control_socket"] or default_control_socket(role),
+            "log_level": values["log_level"],
+            "metrics_listen": values["metrics_listen"],
+            "shutdown_timeout_s": values["shutdown_timeout"],
+            "job_retention_s": values["job_retention"],
+            "path": os.path.abspath(source) if source is not None else None,
+        }
+
+
+# --- receiver ------------------------------------------------------------------------
+
+RECEIVER_LIMIT_KEYS = (
+    Key("max_jobs", integer(1, 4096), default=16, help="jobs received at once; more are refused"),
+    Key("max_channels", integer(1, 65536), default=256,
+        help="TCP channels of all running jobs together; a job that would exceed it is refused"),
+)
+RECEIVER_TIMEOUT_KEYS = (
+    Key("idle", duration(0.1, 86400), default=Timeouts.idle_s,
+        help="fail a job whose sender sent nothing for this long"),
+    Key("commit", duration(0.1, 86400), default=Timeouts.commit_s,
+        help="bound on making a finished image durable (fsync, rename)"),
+)
+RECEIVER_SCHEMA = mapping((
+    Key("listen", address(allow_port_zero=True), required=True,
+        help="HOST:PORT the data channels connect to (port 0: any free port)"),
+    Key("storage_dir", path(), required=True,
+        help="directory that receives every image, as <storage_dir>/<job name>"),
+    *_COMMON_KEYS,
+    Key("replace_existing", boolean(), default=False,
+        help="whether a job may replace an existing image of the same name"),
+    Key("limits", mapping(RECEIVER_LIMIT_KEYS), default=None, help="per-daemon limits"),
+    Key("timeouts", mapping(RECEIVER_TIMEOUT_KEYS), default=None, help="per-job time bounds"),
+))
+
+
+@dataclass(frozen=True)
+class ReceiverLimits:
+    """Per-daemon limits of the receiver (reloaded on SIGHUP)."""
+
+    max_jobs: int = 16
+    max_channels: int = 256
+
+
+@dataclass(frozen=True)
+class ReceiverConfig(DaemonConfig):
+    """The receiver daemon's configuration."""
+
+    listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
+    storage_dir: str = ""
+    replace_existing: bool = False
+    limits: ReceiverLimits = field(default_factory=ReceiverLimits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @classmethod
+    def from_document(cls, doc: Document) -> ReceiverConfig:
+        """Validate ``doc``; ConfigError naming the place otherwise."""
+        values = RECEIVER_SCHEMA(doc.data, doc.root)
+        limits = values["limits"] or mapping(RECEIVER_LIMIT_KEYS)(None, doc.root)
+        timeouts = values["timeouts"] or mapping(RECEIVER_TIMEOUT_KEYS)(None, doc.root)
+        return cls(
+            **DaemonConfig._common(values, "receiver", doc.source if doc.base_dir else None),
+            listen=values["listen"],
+            storage_dir=values["storage_dir"],
+            replace_existing=values["replace_existing"],
+            limits=ReceiverLimits(**limits),
+            timeouts=Timeouts(idle_s=timeouts["idle"], commit_s=timeouts["commit"]),
+        )
+
+
+def load_receiver_config(file: str) -> ReceiverConfig:
+    """Read and validate a receiver config file."""
+    return ReceiverConfig.from_document(load_yaml_file(file))
+
+
+# --- sender --------------------------------------------------------------------------
+
+SENDER_LIMIT_KEYS = (
+    Key("max_jobs", integer(1, 1024), default=4,
+        help="jobs sent at once; more wait in the queue"),
+    Key("max_queued", integer(0, 100000), default=256,
+        help="jobs waiting to start; job-start fails beyond it"),
+    Key("max_channels", integer(1, 65536), default=64,
+        help="TCP channels of all running jobs together; jobs wait until theirs fit"),
+    Key("max_bandwidth", optional(rate()), default=None,
+        help="bandwidth of all running jobs together, shared fairly (unlimited when absent)"),
+)
+SENDER_SCHEMA = mapping((
+    *_COMMON_KEYS,
+    Key("source_dirs", list_of(path()), default=[],
+        help="if not empty, a job's source must lie inside one of these directories"),
+    Key("limits", mapping(SENDER_LIMIT_KEYS), default=None, help="per-daemon limits"),
+))
+
+
+@dataclass(frozen=True)
+class SenderLimits:
+    """Per-daemon limits of the sender (reloaded on SIGHUP)."""
+
+    max_jobs: int = 4
+    max_queued: int = 256
+    max_channels: int = 64
+    max_bandwidth: float | None = None  # bytes per second, all jobs together
+
+
+@dataclass(frozen=True)
+class SenderConfig(DaemonConfig):
+    """The sender daemon's configuration."""
+
+    source_dirs: tuple[str, ...] = ()
+    limits: SenderLimits = field(default_factory=SenderLimits)
+
+    @classmethod
+    def from_document(cls, doc: Document) -> SenderConfig:
+        """Validate ``doc``; ConfigError naming the place otherwise."""
+        values = SENDER_SCHEMA(doc.data, doc.root)
+        limits = values["limits"] or mapping(SENDER_LIMIT_KEYS)(None, doc.root)
+        return cls(
+            **DaemonConfig._common(values, "sender", doc.source if doc.base_dir else None),
+            source_dirs=tuple(values["source_dirs"]),
+            limits=SenderLimits(**limits),
+        )
+
+
+def load_sender_config(file: str) -> SenderConfig:
+    """Read and validate a sender config file."""
+    return SenderConfig.from_document(load_yaml_file(file))
+
+
+# --- job -------------------------------------------------------------------------------
+
+#: The ``engine:`` mapping.  A backend with settings of its own adds one key
+#: here holding a mapping of them (``dsa: {...}``) and one field to
+#: :class:`EngineSpec`.
+ENGINE_KEYS: tuple[Key, ...] = (
+    Key("kind", choice(_engine_names), default="auto",
+        help="zero-page detection backend: auto picks the best available"),
+    Key("threads", optional(integer(1, 256)), default=None,
+        help="CPU scan threads (default: one per two cores, at most 4)"),
+)
+DESTINATION_KEYS = (
+    Key("host", string(max_length=255), required=True, help="receiver host name or address"),
+    Key("port", integer(1, 65535), default=DEFAULT_PORT, help="receiver data port"),
+)
+JOB_TIMEOUT_KEYS = (
+    Key("connect", duration(0.1, 3600), default=Timeouts.connect_s,
+        help="bound on opening each TCP channel"),
+    Key("handshake", duration(0.1, 3600), default=Timeouts.handshake_s,
+        help="bound on the receiver's answer to a channel's HELLO"),
+    Key("idle", duration(0.1, 86400), default=Timeouts.idle_s,
+        help="fail when the receiver stops reading for this long"),
+    Key("commit", duration(0.1, 86400), default=Timeouts.commit_s,
+        help="bound on the receiver making the image durable"),
+)
+JOB_SCHEMA = mapping((
+    Key("name", job_name(), required=True,
+        help="job name; also the image's file name in the receiver's storage_dir"),
+    Key("source", path(), required=True,
+        help="image to send (relative to the job file's directory)"),
+    Key("destination", mapping(DESTINATION_KEYS), required=True, help="the receiver"),
+    Key("channels", integer(1, 64), default=4, help="parallel TCP channels"),
+    Key("packet_size", size(512, 64 * 1024 * 1024), default=512 * 1024,
+        help="bytes per packet, a whole number of pages"),
+    Key("page_size", size(512, 1024 * 1024), default=4096,
+        help="the image's page size, a power of two"),
+    Key("engine", mapping(ENGINE_KEYS), default=None, help="zero-page detection"),
+    Key("max_bandwidth", optional(rate()), default=None,
+        help="bandwidth cap of this job (unlimited when absent)"),
+    Key("timeouts", mapping(JOB_TIMEOUT_KEYS), default=None, help="time bounds of the job"),
+))
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The ``engine:`` mapping of a job."""
+
+    kind: str = "auto"
+    threads: int | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        """The mapping as a job document writes it."""
+        return {"kind": self.kind, "threads": self.threads}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job: what to send, where, and how."""
+
+    name: str
+    source: str
+    host: str
+    port: int = DEFAULT_PORT
+    channels: int = 4
+    packet_size: int = 512 * 1024
+    page_size: int = 4096
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    max_bandwidth: float | None = None  # bytes per second
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @classmethod
+    def from_document(cls, doc: Document) -> JobSpec:
+        """Validate ``doc``; ConfigError naming the place otherwise."""
+        values = JOB_SCHEMA(doc.data, doc.root)
+        engine = values["engine"] or mapping(ENGINE_KEYS)(None, doc.root)
+        timeouts = values["timeouts"] or mapping(JOB_TIMEOUT_KEYS)(None, doc.root)
+        spec = cls(
+            name=values["name"],
+            source=values["source"],
+            host=values["destination"]["host"],
+            port=values["destination"]["port"],
+            channels=values["channels"],
+            packet_size=values["packet_size"],
+            page_size=values["page_size"],
+            engine=EngineSpec(**engine),
+            max_bandwidth=values["max_bandwidth"],
+            timeouts=Timeouts(
+                connect_s=timeouts["connect"], handshake_s=timeouts["handshake"],
+                idle_s=timeouts["idle"], commit_s=timeouts["commit"],
+            ),
+        )
+        # Cross-key rules the transport enforces, reported here with the file.
+        ps = spec.page_size
+        if ps & (ps - 1):
+            doc.root.child("page_size").fail(f"must be a power of two, not {ps}")
+        if spec.packet_size % ps or not 1 <= spec.packet_size // ps <= 4096:
+            doc.root.child("packet_size").fail(
+                f"must be 1..4096 whole pages of {ps} bytes, not {spec.packet_size}"
+            )
+        return spec
+
+    @classmethod
+    def from_object(cls, data: Any, source: str = "job") -> JobSpec:
+        """A job document that arrived as JSON (paths must be absolute)."""
+        return cls.from_document(Document.from_object(data, source))
+
+    def to_document(self) -> dict[str, Any]:
+        """The job as a JSON-able document that :meth:`from_object` accepts."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "destination": {"host": self.host, "port": self.port},
+            "channels": self.channels,
+            "packet_size": self.packet_size,
+            "page_size": self.page_size,
+            "engine": self.engine.to_document(),
+            "max_bandwidth": self.max_bandwidth,
+            "timeouts": {
+                "connect": self.timeouts.connect_s, "handshake": self.timeouts.handshake_s,
+                "idle": self.timeouts.idle_s, "commit": self.timeouts.commit_s,
+            },
+        }
+
+    def send_options(self, job_id: uuid.UUID, pacer: Any = None) -> Any:
+        """The transport's :class:`SendOptions` for running this job as ``job_id``."""
+        from dsamig.transport.sender import SendOptions
+
+        return SendOptions(
+            host=self.host, port=self.port, channels=self.channels,
+            packet_size=self.packet_size, page_size=self.page_size,
+            engine=self.engine.kind, engine_threads=self.engine.threads,
+            name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
+        )
+
+
+def load_job(file: str) -> JobSpec:
+    """Read and validate a job file; a relative ``source`` is relative to the file."""
+    return JobSpec.from_document(load_yaml_file(file))

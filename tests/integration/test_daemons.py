@@ -1,0 +1,503 @@
+"""The daemons as real subprocesses on 127.0.0.1, driven through real control sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from dsamig.control import ControlClient
+from dsamig.daemon.receiver import ReceiverDaemon
+from dsamig.daemon.sdnotify import Notifier
+from dsamig.daemon.sender import SenderDaemon
+from dsamig.errors import DsamigError
+from dsamig.jobs.config import ReceiverConfig, SenderConfig
+from dsamig.jobs.schema import Document
+from dsamig.transport.sender import SendOptions, send_image
+from tests.conftest import read_bytes
+from tests.integration.daemon_helpers import (
+    Daemon,
+    EventStream,
+    execute,
+    job_document,
+    ok,
+    short_dir,
+    wait_for,
+    write_job,
+)
+from tests.integration.helpers import dsamig
+
+MiB = 1024 * 1024
+FINISHED = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class Pair:
+    receiver: Daemon
+    sender: Daemon
+    storage: str
+    directory: str
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    """One receiver and one sender for the tests that leave both running."""
+    with short_dir() as directory:
+        storage = os.path.join(directory, "images")
+        os.mkdir(storage)
+        receiver = Daemon.start("receiver", directory, {
+            "listen": "127.0.0.1:0", "storage_dir": storage, "metrics_listen": "127.0.0.1:0",
+            "timeouts": {"idle": "10s"},
+        })
+        try:
+            sender = Daemon.start("sender", directory, {"limits": {"max_jobs": 8}})
+        except BaseException:
+            receiver.kill()
+            raise
+        try:
+            yield Pair(receiver, sender, storage, directory)
+        finally:
+            sender.kill()
+            receiver.kill()
+
+
+def stored(pair: Pair) -> set[str]:
+    return set(os.listdir(pair.storage))
+
+
+def test_start_status_stop_through_the_cli(pair: Pair, image_factory, tmp_path) -> None:
+    image, zero, normal = image_factory(3 * MiB + 4096, seed=11)
+    job_file = write_job(str(tmp_path), "cli-job", image, pair.receiver.port, channels=3)
+    started = dsamig("start", job_file, "--socket", pair.sender.socket, "--wait", "--json")
+    assert started.returncode == 0, started.stderr
+    job_id, final = started.stdout.splitlines()[0], json.loads(started.stdout.splitlines()[-1])
+    assert final["id"] == job_id and final["status"] == "completed"
+    assert (final["duplicate"], final["normal"]) == (zero, normal)
+    assert read_bytes(os.path.join(pair.storage, "cli-job")) == read_bytes(image)
+
+    status = dsamig("status", job_id, "--socket", pair.sender.socket, "--json")
+    assert status.returncode == 0, status.stderr
+    as_sender = json.loads(status.stdout)
+    # The same figures the one-shot `dsamig send --json` prints, plus identity and state.
+    for key in ("total-time", "mbps", "transferred", "duplicate", "normal", "channel-stats"):
+        assert key in as_sender
+    assert as_sender["channels"] == 3
+    as_receiver = json.loads(dsamig("status", "cli-job", "--socket", pair.receiver.socket,
+                                    "--json").stdout)
+    assert as_receiver["id"] == job_id and as_receiver["status"] == "completed"
+    assert as_receiver["normal"] == normal
+
+    listing = dsamig("jobs", "--socket", pair.sender.socket)
+    assert job_id in listing.stdout and "completed" in listing.stdout
+    human = dsamig("status", "--socket", pair.sender.socket)
+    assert "dsamig sender" in human.stdout and "cli-job" in human.stdout
+
+    stopped = dsamig("stop", job_id, "--socket", pair.sender.socket)
+    assert stopped.returncode == 2
+    assert "already completed" in stopped.stderr
+    missing = dsamig("status", "no-such-job", "--socket", pair.sender.socket)
+    assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+
+async def test_many_concurrent_jobs(pair: Pair, image_factory) -> None:
+    images = [image_factory(2 * MiB + i * 4096, seed=100 + i) for i in range(6)]
+    async with await ControlClient.connect(pair.sender.socket) as client:
+        await client.execute("subscribe")
+        ids = {}
+        for i, (image, _, _) in enumerate(images):
+            # Paced so that they are certain to overlap.
+            job = await client.execute("job-start", job_document(
+                f"many-{i}", image, pair.receiver.port, channels=2, max_bandwidth="16MiB"))
+            ids[job["id"]] = i
+        seen: list[tuple[str, str]] = []
+        while sum(1 for _, s in seen if s in FINISHED) < len(ids):
+            event = await client.next_event(30)
+            data = event["data"]
+            if event["event"] == "JOB_STATUS_CHANGE" and data["id"] in ids:
+                seen.append((data["id"], data["status"]))
+    statuses = [s for _, s in seen]
+    assert statuses.count("completed") == 6, seen
+    first_done = statuses.index("completed")
+    assert statuses[:first_done].count("setup") == 6, "the jobs did not run at once"
+    for i, (image, _, _) in enumerate(images):
+        assert read_bytes(os.path.join(pair.storage, f"many-{i}")) == read_bytes(image)
+    received = {j["id"]: j for j in ok(pair.receiver.socket, "query-jobs")}
+    assert all(received[job_id]["status"] == "completed" for job_id in ids)
+
+
+async def test_subscriber_sees_every_state_in_order(pair: Pair, image_factory) -> None:
+    image, _, _ = image_factory(2 * MiB, seed=3)
+    async with await ControlClient.connect(pair.sender.socket) as client:
+        assert (await client.execute("subscribe", {"events": ["JOB_STATUS_CHANGE"]}))[
+            "events"] == ["JOB_STATUS_CHANGE"]
+        job = await client.execute("job-start", job_document(
+            "events-job", image, pair.receiver.port, max_bandwidth="8MiB"))
+        states = []
+        while not states or states[-1] not in FINISHED:
+            event = await client.next_event(30)
+            assert event["timestamp"]["seconds"] > 0
+            if event["data"]["id"] == job["id"]:
+                states.append(event["data"]["status"])
+    assert states == ["queued", "setup", "active", "completing", "completed"]
+
+
+def _active_with_progress(daemon: Daemon, job_id: str) -> bool:
+    job = execute(daemon.socket, "query-job", {"id": job_id}).get("return")
+    return bool(job) and job["status"] == "active" and 0 < job["remaining"] < job["total"]
+
+
+def test_cancel_mid_transfer_leaves_nothing(pair: Pair, image_factory) -> None:
+    image, _, _ = image_factory(8 * MiB, seed=5, zero_every=0)
+    job = ok(pair.sender.socket, "job-start", job_document(
+        "cancel-me", image, pair.receiver.port, max_bandwidth="4MiB"))
+    wait_for(lambda: _active_with_progress(pair.sender, job["id"]), what="progress")
+    assert "cancel-me.partial" in stored(pair)
+    stopped = dsamig("stop", job["id"], "--socket", pair.sender.socket)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "cancelled" in stopped.stdout
+    on_sender = pair.sender.job(job["id"])
+    assert on_sender["status"] == "cancelled"
+    assert on_sender["error-desc"] == "cancelled by the sender's operator"
+    on_receiver = pair.receiver.wait_job(job["id"], timeout_s=10)
+    assert on_receiver["status"] == "cancelled", on_receiver
+    assert "cancelled by the sender's operator" in on_receiver["error-desc"]
+    assert not {"cancel-me", "cancel-me.partial"} & stored(pair)
+
+
+def test_receiver_cancel_spares_the_other_jobs(pair: Pair, image_factory) -> None:
+    doomed, _, _ = image_factory(8 * MiB, seed=6, zero_every=0)
+    spared, _, _ = image_factory(3 * MiB, seed=7)
+    first = ok(pair.sender.socket, "job-start", job_document(
+        "doomed", doomed, pair.receiver.port, max_bandwidth="4MiB"))
+    second = ok(pair.sender.socket, "job-start", job_document(
+        "spared", spared, pair.receiver.port, max_bandwidth="6MiB"))
+    wait_for(lambda: _active_with_progress(pair.receiver, first["id"]), what="progress")
+    cancelled = ok(pair.receiver.socket, "job-cancel", {"id": "doomed"})
+    assert cancelled["status"] == "cancelled"
+    assert pair.sender.wait_job(first["id"])["status"] == "failed"
+    assert "CANCELLED" in pair.sender.job(first["id"])["error-desc"]
+    assert pair.sender.wait_job(second["id"])["status"] == "completed"
+    assert read_bytes(os.path.join(pair.storage, "spared")) == read_bytes(spared)
+    assert not {"doomed", "doomed.partial"} & stored(pair)
+
+
+def test_max_bandwidth_limits_a_job(pair: Pair, image_factory) -> None:
+    image, _, _ = image_factory(8 * MiB, seed=8, zero_every=0)
+    job = ok(pair.sender.socket, "job-start", job_document(
+        "paced", image, pair.receiver.port, max_bandwidth="20MiB"))
+    done = pair.sender.wait_job(job["id"])
+    assert done["status"] == "completed"
+    # 8 MiB of normal pages at 20 MiB/s cannot take less than 0.4 s.
+    assert done["total-time"] >= 350, done["total-time"]
+
+
+def _reply(reader: Any) -> dict[str, Any]:
+    while True:
+        message = json.loads(reader.readline())
+        if "event" not in message:
+            return message
+
+
+def test_garbage_and_broken_clients_do_not_hurt(pair: Pair, image_factory) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(pair.sender.socket)
+        reader = sock.makefile("rb")
+        greeting = json.loads(reader.readline())["dsamig"]
+        assert greeting["role"] == "sender" and "job-start" in greeting["commands"]
+        cases = [
+            (b"garbage", "GenericError", "not JSON"),
+            (b"[1, 2]", "GenericError", "JSON object"),
+            (b'{"execute": 5}', "GenericError", "command name"),
+            (b'{"execute": "query-daemon", "argumnts": {}}', "GenericError", "'argumnts'"),
+            (b'{"execute": "x", "arguments": {"a": NaN}}', "GenericError", "not JSON"),
+            (b"[" * 100000 + b"]" * 100000, "GenericError", "longer than"),
+            (b"\xff\xfe", "GenericError", "not JSON"),
+            (b'{"execute": "no-such-command", "id": 7}', "CommandNotFound", "no-such-command"),
+            (b'{"execute": "query-job", "arguments": {"id": 5}}', "InvalidArgument", "string"),
+            (b'{"execute": "query-job", "arguments": {}}', "InvalidArgument", "missing"),
+            (b'{"execute": "job-list", "arguments": {"x": 1}}', "InvalidArgument", "unknown"),
+            (b'{"execute": "job-start", "arguments": {"name": "x"}}', "InvalidArgument",
+             "missing required key 'source'"),
+            (b'{"execute": "job-cancel", "arguments": {"id": "nope"}}', "JobNotFound", "nope"),
+        ]
+        for line, error_class, words in cases:
+            sock.sendall(line + b"\n")
+            reply = _reply(reader)
+            assert reply["error"]["class"] == error_class, (line[:40], reply)
+            assert words in reply["error"]["desc"], (line[:40], reply)
+        sock.sendall(b'\n  \n{"execute": "query-daemon", "id": "x"}\n')
+        reply = _reply(reader)
+        assert reply["id"] == "x" and reply["return"]["role"] == "sender"
+
+    # A client that leaves halfway through a line: the line is never executed.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(pair.sender.socket)
+        sock.sendall(b'{"execute": "job-start", "arguments": {"name": "half"')
+    # A client that sends a whole command and leaves without reading the reply:
+    # the command still runs.
+    image, _, _ = image_factory(256 * 1024, seed=9)
+    request = {"execute": "job-start",
+               "arguments": job_document("hit-and-run", image, pair.receiver.port)}
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(pair.sender.socket)
+        sock.makefile("rb").readline()  # the greeting
+        sock.sendall(json.dumps(request).encode() + b"\n")
+    assert pair.sender.wait_job("hit-and-run")["status"] == "completed"
+    names = {job["name"] for job in ok(pair.sender.socket, "job-list")}
+    assert "half" not in names
+    assert ok(pair.sender.socket, "query-daemon")["state"] == "running"
+
+
+async def test_job_names_cannot_leave_storage_dir(pair: Pair, image_factory, tmp_path) -> None:
+    image, _, _ = image_factory(64 * 1024, seed=10)
+    for name in ("../../etc/passwd", "a/b", "..", ".hidden", "x.partial", "a..b", ""):
+        reply = execute(pair.sender.socket, "job-start",
+                        job_document(name, image, pair.receiver.port))
+        assert reply["error"]["class"] == "InvalidArgument", (name, reply)
+        assert "name" in reply["error"]["desc"]
+    # A sender that is not our daemon (no validation on its side) gets refused
+    # by the receiver, and nothing is written anywhere.
+    before_parent = set(os.listdir(pair.directory))
+    for name in ("../escaped", "sub/dir", "..", "evil.partial", "evil.partial.progress"):
+        with pytest.raises(DsamigError, match=r"job name .* (is not allowed|contains)"):
+            await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port,
+                                                channels=1, name=name))
+    assert set(os.listdir(pair.directory)) == before_parent
+    assert not any(n.startswith(("escaped", "evil")) for n in stored(pair))
+    refused = [j for j in ok(pair.receiver.socket, "job-list") if j["name"] == "../escaped"]
+    assert refused and refused[0]["status"] == "failed"
+    assert refused[0]["error-desc"].startswith("refused: job name")
+
+
+async def test_symlinks_and_existing_images_are_refused(pair: Pair, image_factory,
+                                                        tmp_path) -> None:
+    image, _, _ = image_factory(64 * 1024, seed=12)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, os.path.join(pair.storage, "linked"))
+    os.symlink(victim, os.path.join(pair.storage, "partial-linked.partial"))
+    for name, words in (("linked", "symbolic link"), ("partial-linked", "symbolic link")):
+        with pytest.raises(DsamigError, match=words):
+            await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port,
+                                                channels=1, name=name))
+    assert victim.read_bytes() == b"precious"
+    await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port, name="once"))
+    with pytest.raises(DsamigError, match="already exists"):
+        await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port,
+                                            name="once"))
+    assert read_bytes(os.path.join(pair.storage, "once")) == read_bytes(image)
+
+
+def test_metrics_endpoint(pair: Pair) -> None:
+    address = ok(pair.receiver.socket, "query-daemon")["metrics-listen"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {line.split(" ")[0]: float(line.split(" ")[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['dsamig_info{role="receiver",version="0.1.0"}'] == 1
+    assert samples["dsamig_image_bytes_total"] >= 0
+    for name in ("dsamig_transferred_bytes_total", "dsamig_zero_pages_total",
+                 "dsamig_normal_pages_total", "dsamig_image_rate_bytes_per_second",
+                 'dsamig_jobs{state="active"}', 'dsamig_jobs_finished_total{state="completed"}'):
+        assert name in samples, name
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{address}/other", timeout=5)
+    assert info.value.code == 404
+
+
+def test_queue_beyond_the_concurrent_job_limit(image_factory) -> None:
+    with short_dir() as directory:
+        storage = os.path.join(directory, "images")
+        os.mkdir(storage)
+        receiver = Daemon.start("receiver", directory,
+                                {"listen": "127.0.0.1:0", "storage_dir": storage})
+        sender = Daemon.start("sender", directory,
+                              {"limits": {"max_jobs": 1, "max_queued": 2, "max_channels": 4}})
+        events = EventStream(sender.socket)
+        try:
+            images = [image_factory(1 * MiB, seed=20 + i, zero_every=0)[0] for i in range(4)]
+            jobs = [ok(sender.socket, "job-start", job_document(
+                f"q{i}", images[i], receiver.port, max_bandwidth="10MiB", channels=2))
+                for i in range(3)]
+            statuses = {j["name"]: j["status"] for j in ok(sender.socket, "job-list")}
+            assert statuses["q0"] in ("setup", "active")
+            assert statuses["q1"] == statuses["q2"] == "queued"
+            overflow = execute(sender.socket, "job-start",
+                               job_document("q3", images[3], receiver.port))
+            assert overflow["error"]["class"] == "Unavailable"
+            assert "queue is full" in overflow["error"]["desc"]
+            too_wide = execute(sender.socket, "job-start",
+                               job_document("wide", images[3], receiver.port, channels=5))
+            assert "max_channels" in too_wide["error"]["desc"]
+            ids = [j["id"] for j in jobs]
+            seen = events.job_states(set(ids))
+            # One at a time, in order: each set up only after the one before it ended.
+            starts_and_ends = [(i, s) for i, s in seen if s in ("setup", "completed")]
+            assert starts_and_ends == [(ids[0], "setup"), (ids[0], "completed"),
+                                       (ids[1], "setup"), (ids[1], "completed"),
+                                       (ids[2], "setup"), (ids[2], "completed")]
+            for i in range(3):
+                assert read_bytes(os.path.join(storage, f"q{i}")) == read_bytes(images[i])
+        finally:
+            events.close()
+            sender.kill()
+            receiver.kill()
+
+
+def test_sigterm_during_a_job(image_factory) -> None:
+    """Sender stopped mid-job: exit 0, the receiver keeps no image, partial or final."""
+    with short_dir() as directory:
+        storage = os.path.join(directory, "images")
+        os.mkdir(storage)
+        receiver = Daemon.start("receiver", directory, {
+            "listen": "127.0.0.1:0", "storage_dir": storage, "shutdown_timeout": "200ms"})
+        sender = Daemon.start("sender", directory, {"shutdown_timeout": "300ms"})
+        try:
+            image, _, _ = image_factory(8 * MiB, seed=30, zero_every=0)
+            job = ok(sender.socket, "job-start",
+                     job_document("interrupted", image, receiver.port, max_bandwidth="4MiB"))
+            wait_for(lambda: _active_with_progress(sender, job["id"]), what="progress")
+            began = time.monotonic()
+            assert sender.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - began < 5
+            assert not os.path.exists(sender.socket)
+            finished = [e for e in sender.log_events() if e.get("event") == "job finished"]
+            assert finished[0]["status"] == "cancelled"
+            assert "shutting down" in finished[0]["error-desc"]
+            assert receiver.wait_job(job["id"])["status"] == "cancelled"
+            assert os.listdir(storage) == []
+
+            # The receiver stopped mid-job: the same guarantees on its side.
+            sender = Daemon.start("sender", directory, {})
+            job = ok(sender.socket, "job-start",
+                     job_document("interrupted", image, receiver.port, max_bandwidth="4MiB"))
+            wait_for(lambda: _active_with_progress(receiver, job["id"]), what="progress")
+            assert receiver.stop(signal.SIGTERM) == 0
+            assert os.listdir(storage) == []
+            failed = sender.wait_job(job["id"])
+            assert failed["status"] == "failed" and "shutting down" in failed["error-desc"]
+        finally:
+            sender.kill()
+            receiver.kill()
+
+
+def test_sigterm_lets_running_jobs_finish(image_factory) -> None:
+    with short_dir() as directory:
+        storage = os.path.join(directory, "images")
+        os.mkdir(storage)
+        receiver = Daemon.start("receiver", directory,
+                                {"listen": "127.0.0.1:0", "storage_dir": storage})
+        sender = Daemon.start("sender", directory, {"shutdown_timeout": "20s"})
+        try:
+            image, _, _ = image_factory(6 * MiB, seed=31, zero_every=0)
+            job = ok(sender.socket, "job-start",
+                     job_document("drained", image, receiver.port, max_bandwidth="8MiB"))
+            wait_for(lambda: _active_with_progress(sender, job["id"]), what="progress")
+            sender.send_signal(signal.SIGTERM)
+            wait_for(lambda: ok(sender.socket, "query-daemon")["state"] == "stopping",
+                     what="stopping")
+            refused = execute(sender.socket, "job-start",
+                              job_document("late", image, receiver.port))
+            assert refused["error"]["class"] == "Unavailable", refused
+            assert sender.stop(signal.SIGTERM) == 0
+            assert read_bytes(os.path.join(storage, "drained")) == read_bytes(image)
+            finished = [e for e in sender.log_events() if e.get("event") == "job finished"]
+            assert [e["status"] for e in finished] == ["completed"]
+        finally:
+            sender.kill()
+            receiver.kill()
+
+
+def test_sighup_reloads_limits_and_log_level(tmp_path) -> None:
+    with short_dir() as directory:
+        sender = Daemon.start("sender", directory, {"limits": {"max_jobs": 3}})
+        try:
+            with open(sender.config_path) as f:
+                config = yaml.safe_load(f)
+            config["limits"]["max_jobs"] = 2
+            config["log_level"] = "debug"
+            config["control_socket"] = os.path.join(directory, "moved.sock")
+            with open(sender.config_path, "w") as f:
+                yaml.safe_dump(config, f)
+            sender.send_signal(signal.SIGHUP)
+            info = wait_for(lambda: (i := ok(sender.socket, "query-daemon"))["limits"][
+                "max-jobs"] == 2 and i, what="reload")
+            assert info["log-level"] == "debug"
+            assert info["control-socket"] == sender.socket  # needs a restart: unchanged
+            reloaded = [e for e in sender.log_events()
+                        if e.get("event") == "configuration reloaded"]
+            assert reloaded and reloaded[0]["needs_restart"] == ["control_socket"]
+            assert "limits" in reloaded[0]["applied"]
+
+            with open(sender.config_path, "w") as f:
+                f.write("limits: {max_jobs: many}\n")
+            sender.send_signal(signal.SIGHUP)
+            wait_for(lambda: any(e.get("event", "").startswith("reload failed")
+                                 for e in sender.log_events()), what="reload failure")
+            assert ok(sender.socket, "query-daemon")["limits"]["max-jobs"] == 2
+            assert sender.stop() == 0
+        finally:
+            sender.kill()
+
+
+async def test_one_canonical_log_line_per_job_in_process(image_factory) -> None:
+    """Both daemons in this process, their logs captured: one "job finished" line
+    per side, with the job's id and name bound and its full figures."""
+    image, zero, normal = image_factory(MiB + 4096, seed=40)
+    with short_dir() as directory:
+        storage = os.path.join(directory, "images")
+        os.mkdir(storage)
+        receiver = ReceiverDaemon(ReceiverConfig.from_document(Document.from_object(
+            {"listen": "127.0.0.1:0", "storage_dir": storage,
+             "control_socket": os.path.join(directory, "r.sock")}, "test")),
+            notifier=Notifier(None), install_signals=False)
+        sender = SenderDaemon(SenderConfig.from_document(Document.from_object(
+            {"control_socket": os.path.join(directory, "s.sock")}, "test")),
+            notifier=Notifier(None), install_signals=False)
+        with capture_logs() as logs:
+            served = [asyncio.ensure_future(d.serve()) for d in (receiver, sender)]
+            try:
+                await asyncio.wait_for(_until(lambda: receiver.listen_address and os.path.exists(
+                    sender.config.control_socket)), 10)
+                assert receiver.listen_address is not None
+                async with await ControlClient.connect(sender.config.control_socket) as client:
+                    await client.execute("subscribe")
+                    job = await client.execute("job-start", job_document(
+                        "logged", image, receiver.listen_address[1], channels=2))
+                    while True:
+                        event = await client.next_event(30)
+                        if event["data"].get("status") == "completed":
+                            break
+            finally:
+                for daemon in (receiver, sender):
+                    daemon.request_stop()
+                assert await asyncio.wait_for(asyncio.gather(*served), 15) == [0, 0]
+    finished = [e for e in logs if e["event"] == "job finished"]
+    assert sorted(e["role"] for e in finished) == ["receiver", "sender"]
+    for entry in finished:
+        assert entry["job"] == entry["id"] == job["id"] and entry["name"] == "logged"
+        assert entry["status"] == "completed" and entry["log_level"] == "info"
+        assert (entry["duplicate"], entry["normal"]) == (zero, normal)
+        assert len(entry["channel-stats"]) == 2
+    # The transport's own lines carry the job too.
+    assert any(e["event"] == "engine selected" and e["job"] == job["id"] for e in logs)
+    assert any(e["event"] == "daemon stopped" for e in logs)
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
