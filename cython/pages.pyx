@@ -38,6 +38,7 @@ def packet_payload(data, bitmap, size_t page_size):
     cdef Py_buffer view
     cdef size_t page_count, first, count, start, end, total = 0
     cdef uint32_t crc = 0
+    cdef int err = 0
     cdef list views = []
     mv = data if isinstance(data, memoryview) else memoryview(data)
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
@@ -46,7 +47,12 @@ def packet_payload(data, bitmap, size_t page_size):
         for first, count in normal_runs(bitmap, page_count):
             start = first * page_size
             end = min((first + count) * page_size, <size_t>view.len)
-            crc = dsamig_crc32c(crc, <const uint8_t *>view.buf + start, end - start)
+            # Guarded: the first touch of these pages; the image may have been
+            # truncated under its mapping since it was scanned.
+            err = dsamig_crc32c_guarded(crc, <const uint8_t *>view.buf + start, end - start, &crc)
+            if err:
+                raise OSError(err, _os.strerror(err) +
+                              " (reading a mapped page: was the file truncated?)")
             total += end - start
             views.append(mv[start:end])
     finally:

@@ -1,4 +1,5 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+import os as _os
 
 SIMD_LEVELS = ("generic", "sse2", "avx2")
 
@@ -33,6 +34,7 @@ def zero_bitmap(data, size_t page_size, size_t group_pages=0):
     cdef size_t zero, nbytes
     cdef bytes out
     cdef uint8_t *dst
+    cdef int err
     if page_size == 0:
         raise ValueError("page_size must be positive")
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -43,10 +45,14 @@ def zero_bitmap(data, size_t page_size, size_t group_pages=0):
         out = PyBytes_FromStringAndSize(NULL, nbytes)
         dst = <uint8_t *>PyBytes_AS_STRING(out)
         with nogil:
-            zero = dsamig_zero_bitmap(<const uint8_t *>view.buf, <size_t>view.len, page_size,
-                                      group_pages, dst)
+            # Guarded: ``data`` may be a mapping of a file truncated under us.
+            err = dsamig_zero_bitmap_guarded(<const uint8_t *>view.buf, <size_t>view.len,
+                                             page_size, group_pages, dst, &zero)
     finally:
         PyBuffer_Release(&view)
+    if err:
+        raise OSError(err, _os.strerror(err) +
+                      " (reading a mapped page: was the file truncated?)")
     return out, zero
 
 

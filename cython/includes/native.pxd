@@ -62,3 +62,11 @@ cdef extern from "cpu_engine.h" nogil:
     int dsamig_cpu_engine_submit(dsamig_cpu_engine *e, dsamig_batch *b)
     void dsamig_cpu_engine_stop(dsamig_cpu_engine *e)
     void dsamig_prefault(const void *buf, size_t len)
+
+
+cdef extern from "sigbus_guard.h" nogil:
+    int dsamig_guarded(void (*fn)(void *) noexcept nogil, void *arg)
+    uint64_t dsamig_sigbus_caught()
+    int dsamig_zero_bitmap_guarded(const uint8_t *buf, size_t len, size_t page_size,
+                                   size_t group_pages, uint8_t *bitmap, size_t *zero_pages)
+    int dsamig_crc32c_guarded(uint32_t crc, const void *buf, size_t len, uint32_t *out)

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "cpu_engine.h"
+#include "sigbus_guard.h"
 #include "zeroscan.h"
 
 #include <errno.h>
@@ -26,6 +27,22 @@ void dsamig_prefault(const void *buf, size_t len)
         populate_supported = 0; /* kernel older than 5.14, or not a mapping */
 }
 
+struct scan_args {
+    dsamig_batch *b;
+    int prefault;
+};
+
+/* Runs under the SIGBUS guard: it touches the mapped image, which may have
+ * been truncated since the batch was submitted. */
+static void scan_batch(void *arg)
+{
+    struct scan_args *a = arg;
+    dsamig_batch *b = a->b;
+    if (a->prefault)
+        dsamig_prefault(b->buf, b->len);
+    b->zero_pages = dsamig_zero_bitmap(b->buf, b->len, b->page_size, b->group_pages, b->bitmap);
+}
+
 static void *worker_main(void *arg)
 {
     dsamig_cpu_engine *e = arg;
@@ -47,11 +64,11 @@ static void *worker_main(void *arg)
             e->qtail = NULL;
         pthread_mutex_unlock(&e->lock);
 
-        if (e->prefault)
-            dsamig_prefault(b->buf, b->len);
-        b->zero_pages = dsamig_zero_bitmap(b->buf, b->len, b->page_size, b->group_pages, b->bitmap);
+        struct scan_args args = {b, e->prefault};
+        b->status = dsamig_guarded(scan_batch, &args); /* EFAULT: image truncated */
+        if (b->status)
+            b->zero_pages = 0;
         b->cpu_pages = (b->len + b->page_size - 1) / b->page_size;
-        b->status = 0;
 
         pthread_mutex_lock(&e->lock);
         e->batches++;

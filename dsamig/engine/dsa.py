@@ -1,0 +1,406 @@
+"""The DSA backend: zero-page checks on Intel DSA work queues, real or emulated.
+
+``DsaConfig`` says which work queues to use (device paths, or a number of
+software WQs with their faults), ``DsaEngine`` drives them through the native
+``DsaEngineCore`` (one completion thread, descriptors built and polled in C)
+and reports its figures under the job's ``engine`` stats object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dsamig.engine.base import NativeEngine
+from dsamig.errors import ConfigError, EngineError
+from dsamig.logs import get_logger
+from dsamig.native import native, native_error
+
+DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_EMULATED_SIZE = 32
+DEFAULT_EMULATED_BATCH = 128
+DEFAULT_EMULATED_TRANSFER = 2 << 20
+MAX_WQS = 16
+
+#: Fault classes of the software device, as written in a fault spec.
+FAULT_KEYS = ("page-fault", "batch-fail", "list-fault", "hw-error", "hang", "wq-full")
+
+
+@dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """Fault injection of the software DSA device.
+
+    Each rate is a probability: per descriptor (``page-fault``, ``hw-error``),
+    per batch descriptor (``batch-fail``: one member fails; ``list-fault``:
+    reading the descriptor list faults part way), per submitted descriptor
+    (``hang``: never completes) or per submission attempt (``wq-full``: the
+    WQ answers "retry", or on a dedicated WQ silently drops it).  Decisions
+    are a hash of ``seed`` and the descriptor's submission number, so a run
+    is reproducible.
+    """
+
+    page_fault: float = 0.0
+    batch_fail: float = 0.0
+    list_fault: float = 0.0
+    hw_error: float = 0.0
+    hang: float = 0.0
+    wq_full: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FaultSpec:
+        """Parse ``"page-fault=0.05,batch-fail=0.01,hang=0.001,seed=7"``."""
+        values: dict[str, Any] = {}
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not raw:
+                raise ConfigError(f"DSA fault spec: {item!r} is not KEY=VALUE")
+            if key in values:
+                raise ConfigError(f"DSA fault spec: {key!r} given twice")
+            values[key] = raw
+        return cls.from_mapping(values, where="DSA fault spec")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "faults") -> FaultSpec:
+        """Build from ``{"page-fault": 0.05, ..., "seed": 7}`` (YAML keys)."""
+        kwargs: dict[str, Any] = {}
+        for key, raw in data.items():
+            if key == "seed":
+                try:
+                    seed = int(raw)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: seed must be an integer, not {raw!r}") from None
+                if seed < 0:
+                    raise ConfigError(f"{where}: seed must not be negative, not {seed}")
+                kwargs["seed"] = seed
+                continue
+            if key not in FAULT_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown fault {key!r} (known: {', '.join(FAULT_KEYS)}, seed)"
+                )
+            try:
+                rate = float(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{where}: {key} must be a probability 0..1, not {raw!r}"
+                ) from None
+            if not 0.0 <= rate <= 1.0 or math.isnan(rate):
+                raise ConfigError(f"{where}: {key} must be a probability 0..1, not {raw!r}")
+            kwargs[key.replace("-", "_")] = rate
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The spec as YAML/JSON keys (rates that are set, and the seed)."""
+        out: dict[str, float | int] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed" or value:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+@dataclass
+class DsaConfig:
+    """Which DSA work queues a job uses, and how.
+
+    ``wqs`` are device paths (``/dev/dsa/wq0.0``); with none and no
+    ``emulate``, every usable WQ found in sysfs is used.  ``emulate`` asks
+    for that many software work queues instead, configured by the
+    ``emulate_*`` fields (``rate`` in bytes per second, 0: unlimited).
+    """
+
+    wqs: list[str] = field(default_factory=list)
+    emulate: int = 0
+    emulate_faults: FaultSpec | None = None
+    emulate_mode: str = "shared"
+    emulate_submit: str = "portal"
+    emulate_size: int = DEFAULT_EMULATED_SIZE
+    emulate_threshold: int | None = None
+    emulate_engines: int = 1
+    max_batch_size: int = DEFAULT_EMULATED_BATCH
+    max_transfer_size: int = DEFAULT_EMULATED_TRANSFER
+    rate: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    prefault: bool = True
+    spin_us: float = 5.0
+    sysfs_root: str = "/sys/bus/dsa/devices"
+    dev_root: str = "/dev/dsa"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        if self.wqs and self.emulate:
+            raise ConfigError("DSA: give work queue paths or an emulated count, not both")
+        if len(self.wqs) > MAX_WQS:
+            raise ConfigError(f"DSA: at most {MAX_WQS} work queues, not {len(self.wqs)}")
+        if len(set(self.wqs)) != len(self.wqs):
+            raise ConfigError("DSA: a work queue path is given twice")
+        if not 0 <= self.emulate <= MAX_WQS:
+            raise ConfigError(f"DSA: emulate must be 0..{MAX_WQS} work queues, not {self.emulate}")
+        if self.emulate_mode not in ("shared", "dedicated"):
+            raise ConfigError(
+                f"DSA: emulated mode must be shared or dedicated, not {self.emulate_mode!r}"
+            )
+        if self.emulate_submit not in ("portal", "write"):
+            raise ConfigError(
+                f"DSA: emulated submission must be portal or write, not {self.emulate_submit!r}"
+            )
+        if not 1 <= self.emulate_size <= 4096:
+            raise ConfigError(f"DSA: emulated WQ size must be 1..4096, not {self.emulate_size}")
+        threshold = self.emulate_threshold
+        if threshold is not None and not 1 <= threshold <= self.emulate_size:
+            raise ConfigError(
+                f"DSA: emulated threshold must be 1..{self.emulate_size}, not {threshold}"
+            )
+        if not 1 <= self.emulate_engines <= 8:
+            raise ConfigError(f"DSA: emulated engines must be 1..8, not {self.emulate_engines}")
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ConfigError(f"DSA: max batch size must be 1..4096, not {self.max_batch_size}")
+        if not 1 <= self.max_transfer_size <= 1 << 31:
+            raise ConfigError(
+                f"DSA: max transfer size must be 1..2GiB, not {self.max_transfer_size}"
+            )
+        if self.rate < 0:
+            raise ConfigError(f"DSA: rate must not be negative, not {self.rate}")
+        if not 0 < self.timeout_s <= 3600 or math.isnan(self.timeout_s):
+            raise ConfigError(f"DSA: timeout must be 0..3600 s, not {self.timeout_s}")
+        if self.spin_us < 0:
+            raise ConfigError(f"DSA: spin must not be negative, not {self.spin_us}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "dsa") -> DsaConfig:
+        """Build from a job's structured ``dsa:`` mapping.
+
+        ``wqs: [{path: /dev/dsa/wq0.0}, ...]``, ``timeout-s: 1.0``,
+        ``prefault: true`` and ``emulate: {count: 2, mode: shared, size: 32,
+        threshold: 32, engines: 1, max-batch-size: 128, max-transfer-size:
+        2097152, rate: 0, submit: portal, faults: {page-fault: 0.01, seed: 7}}``.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, not {type(data).__name__}")
+        known = {"wqs", "emulate", "timeout-s", "prefault", "spin-us"}
+        for key in data:
+            if key not in known:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+                )
+        config = cls()
+        wqs = data.get("wqs", [])
+        if not isinstance(wqs, list):
+            raise ConfigError(f"{where}.wqs: expected a list of {{path: ...}}")
+        for i, entry in enumerate(wqs):
+            if not isinstance(entry, Mapping) or set(entry) != {"path"}:
+                raise ConfigError(f"{where}.wqs[{i}]: expected {{path: /dev/dsa/wqX.Y}}")
+            config.wqs.append(str(entry["path"]))
+        emulate = data.get("emulate")
+        if emulate is not None:
+            _apply_emulate(config, emulate, f"{where}.emulate")
+        if "timeout-s" in data:
+            config.timeout_s = _number(data["timeout-s"], f"{where}.timeout-s", float)
+        if "spin-us" in data:
+            config.spin_us = _number(data["spin-us"], f"{where}.spin-us", float)
+        if "prefault" in data:
+            if not isinstance(data["prefault"], bool):
+                raise ConfigError(f"{where}.prefault: expected true or false")
+            config.prefault = data["prefault"]
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The job-document form that :meth:`from_mapping` reads back."""
+        out: dict[str, Any] = {
+            "timeout-s": self.timeout_s, "prefault": self.prefault, "spin-us": self.spin_us,
+        }
+        if self.wqs:
+            out["wqs"] = [{"path": path} for path in self.wqs]
+        if self.emulate:
+            emulate: dict[str, Any] = {
+                "count": self.emulate, "mode": self.emulate_mode, "submit": self.emulate_submit,
+                "size": self.emulate_size, "engines": self.emulate_engines,
+                "max-batch-size": self.max_batch_size,
+                "max-transfer-size": self.max_transfer_size, "rate": self.rate,
+            }
+            if self.emulate_threshold is not None:
+                emulate["threshold"] = self.emulate_threshold
+            if self.emulate_faults is not None:
+                emulate["faults"] = self.emulate_faults.to_dict()
+            out["emulate"] = emulate
+        return out
+
+    def core_specs(self) -> list[dict[str, Any]]:
+        """The emulated work queues as DsaEngineCore specs."""
+        faults = (self.emulate_faults or FaultSpec()).to_dict()
+        spec: dict[str, Any] = {
+            "mode": self.emulate_mode,
+            "submit": self.emulate_submit,
+            "size": self.emulate_size,
+            "max_batch_size": self.max_batch_size,
+            "max_transfer_size": self.max_transfer_size,
+            "engines": self.emulate_engines,
+            "rate": self.rate,
+            "faults": faults,
+        }
+        if self.emulate_mode == "shared":
+            spec["threshold"] = self.emulate_threshold or self.emulate_size
+        return [dict(spec) for _ in range(self.emulate)]
+
+
+def dsa_config_converter(value: Any, where: Any) -> DsaConfig:
+    """A converter for the job schema (``dsamig.jobs.schema``): ``where`` is
+    its position object, so errors read ``FILE:LINE: engine.dsa.KEY: ...``."""
+    return DsaConfig.from_mapping(value, where=where.describe("")[:-2])
+
+
+def _number(raw: Any, where: str, kind: type) -> Any:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ConfigError(f"{where}: expected a number, not {raw!r}")
+    return kind(raw)
+
+
+def _apply_emulate(config: DsaConfig, emulate: Any, where: str) -> None:
+    if isinstance(emulate, int) and not isinstance(emulate, bool):
+        config.emulate = emulate
+        return
+    if not isinstance(emulate, Mapping):
+        raise ConfigError(f"{where}: expected a count or a mapping")
+    keys = {
+        "count": ("emulate", int),
+        "mode": ("emulate_mode", str),
+        "submit": ("emulate_submit", str),
+        "size": ("emulate_size", int),
+        "threshold": ("emulate_threshold", int),
+        "engines": ("emulate_engines", int),
+        "max-batch-size": ("max_batch_size", int),
+        "max-transfer-size": ("max_transfer_size", int),
+        "rate": ("rate", int),
+    }
+    for key, raw in emulate.items():
+        if key == "faults":
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{where}.faults: expected a mapping such as {{hang: 0.001}}")
+            config.emulate_faults = FaultSpec.from_mapping(raw, f"{where}.faults")
+            continue
+        if key not in keys:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join([*keys, 'faults'])})"
+            )
+        attr, kind = keys[key]
+        if kind is str:
+            if not isinstance(raw, str):
+                raise ConfigError(f"{where}.{key}: expected a string, not {raw!r}")
+            setattr(config, attr, raw)
+        else:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise ConfigError(f"{where}.{key}: expected an integer, not {raw!r}")
+            setattr(config, attr, raw)
+
+
+def dsa_available() -> str | None:
+    """None when the native DSA core can be used, else why not."""
+    if native is None:
+        return f"the native extension is not loaded ({native_error})"
+    if not hasattr(native, "DsaEngineCore"):
+        return "the native extension was built without the DSA engine"
+    return None
+
+
+class DsaEngine(NativeEngine):
+    """Zero-page detection on DSA work queues through ``DsaEngineCore``.
+
+    ``specs`` are the core's work-queue dicts (see ``DsaConfig.core_specs``
+    and ``dsa_discovery.core_spec``).  A WQ taken out of service (timeout,
+    hardware error, failed submission, dead completion thread) is logged once
+    with its reason; its batches go on, checked by the CPU.
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], config: DsaConfig) -> None:
+        why_not = dsa_available()
+        if why_not is not None:
+            raise EngineError(f"engine dsa: {why_not}")
+        assert native is not None
+        try:
+            core = native.DsaEngineCore(
+                specs,
+                timeout_s=config.timeout_s,
+                prefault=config.prefault,
+                spin_us=config.spin_us,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EngineError(f"engine dsa: {exc}") from None
+        self._emulated = bool(config.emulate)
+        self._names = [str(s.get("path", f"emulated:{i}")) for i, s in enumerate(specs)]
+        self._unhealthy_logged: set[int] = set()
+        self._log = get_logger(component="engine", backend="dsa")
+        try:
+            super().__init__(core, "dsa")
+        except BaseException:
+            core.close()
+            raise
+
+    def _on_ready(self) -> None:
+        super()._on_ready()
+        self._log_health()
+
+    def _log_health(self) -> None:
+        if len(self._unhealthy_logged) == len(self._names):
+            return
+        for i, wq in enumerate(self._core.wq_stats()):
+            if not wq["healthy"] and i not in self._unhealthy_logged:
+                self._unhealthy_logged.add(i)
+                self._log.warning(
+                    "DSA work queue taken out of service; its pages go to the CPU",
+                    wq=self._names[i],
+                    reason=wq["reason"],
+                )
+
+    def submission(self, wqs: list[dict[str, Any]] | None = None) -> str:
+        """How descriptors reach the WQs: portal-enqcmd, portal-movdir64b,
+        write, emulated (or several of these joined by '+')."""
+        if self._emulated:
+            return "emulated"
+        names = {"enqcmd": "portal-enqcmd", "movdir64b": "portal-movdir64b", "write": "write"}
+        found = sorted({names.get(w["method"], w["method"]) for w in wqs or self._core.wq_stats()})
+        return "+".join(found)
+
+    def stats(self) -> dict[str, Any]:
+        base = super().stats()
+        core = self._core.stats()
+        wqs = self._core.wq_stats()
+        for name, wq in zip(self._names, wqs, strict=False):  # none after close
+            wq["name"] = name
+        base.pop("worker-cpu-s", None)
+        return {
+            **base,
+            "backend": "dsa",
+            "submission": self.submission(wqs),
+            "engine-batches": base["batches"],
+            # The base counts the pages the CPU examined; here that is the
+            # fallbacks (cpu-fallback-pages), and "pages" means all of them.
+            "pages": core["pages"],
+            "batches": core["batches"],
+            "descriptors": core["descriptors"],
+            "submit-retries": core["submit-retries"],
+            "submit-failures": core["submit-failures"],
+            "page-faults": core["page-faults"],
+            "batch-failures": core["batch-failures"],
+            "cpu-fallback-pages": core["cpu-fallback-pages"],
+            "timeouts": core["timeouts"],
+            "errors": core["errors"],
+            "unhealthy-events": core["unhealthy-events"],
+            "quarantined": core["quarantined"],
+            "completion-thread-cpu-s": round(float(core["completion-thread-cpu-s"]), 4),
+            "wqs": wqs,
+        }
+
+    def close(self) -> None:
+        if not self._closed:
+            self._log_health()
+        super().close()
