@@ -11,18 +11,29 @@ import sys
 from collections.abc import Sequence
 
 from dsamig import __version__
+from dsamig.daemon.pacing import TokenBucket
+from dsamig.engine.dsa import DsaConfig, FaultSpec
 from dsamig.errors import EXIT_USAGE, DsamigError
 from dsamig.logs import LEVELS, configure
 from dsamig.transport.common import Timeouts, parse_address
+from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import (
     DEFAULT_CHANNELS,
     DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
+    RETRY_FOR_S,
     SendOptions,
 )
-from dsamig.units import parse_size
+from dsamig.units import parse_rate, parse_size
 
-ENGINE_CHOICES = ("auto", "cpu", "none")
+ENGINE_CHOICES = ("auto", "cpu", "dsa", "none")
+
+
+def _rate(text: str) -> float:
+    try:
+        return parse_rate(text)
+    except DsamigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -50,9 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
                       help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
     send.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                      help="zero-page detection: auto, cpu, or none (send every page)")
+                      help="zero-page detection: auto, cpu, dsa, or none (send every page)")
     send.add_argument("--engine-threads", type=int, default=None, metavar="N",
                       help="CPU engine scan threads (default: one per two cores, at most 4)")
+    send.add_argument("--dsa-wq", action="append", default=[], metavar="PATH",
+                      help="DSA work queue to use, e.g. /dev/dsa/wq0.0 (repeatable; "
+                           "default: every usable one)")
+    send.add_argument("--dsa-emulate", type=int, default=0, metavar="N",
+                      help="use N software DSA work queues instead of hardware")
+    send.add_argument("--dsa-emulate-faults", default=None, metavar="SPEC",
+                      help="faults of the software work queues, e.g. "
+                           "page-fault=0.05,batch-fail=0.01,hw-error=0.01,hang=0.001,"
+                           "wq-full=0.2,seed=7")
+    send.add_argument("--dsa-timeout", type=float, default=1.0, metavar="S",
+                      help="a DSA descriptor not done in S seconds goes to the CPU (default 1)")
     send.add_argument("--packet-size", type=_size, default=DEFAULT_PACKET_SIZE, metavar="SIZE",
                       help="bytes per packet, e.g. 512KiB (default)")
     send.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
@@ -61,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--connect-timeout", type=float, default=Timeouts.connect_s, metavar="S")
     send.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
                       help="fail when the receiver makes no progress for S seconds")
+    send.add_argument("--resume", action="store_true",
+                      help="continue an interrupted transfer from what the receiver holds")
+    send.add_argument("--retry-for", type=float, default=RETRY_FOR_S, metavar="S",
+                      help=f"reconnect a broken transfer for S seconds (default {RETRY_FOR_S:g})")
+    send.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                      help="limit the page data rate, e.g. 800Mbit or 100MiB")
     send.add_argument("--json", action="store_true", help="print the job's stats as JSON")
+    _add_security_args(send, "sender")
 
     receive = sub.add_parser("receive", help="receive images into a file")
     receive.add_argument("--listen", required=True, metavar="HOST:PORT",
@@ -72,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
                          help="fail a job whose sender is silent for S seconds")
     receive.add_argument("--json", action="store_true", help="print each job's stats as JSON")
+    _add_security_args(receive, "receiver")
+
+    verify = sub.add_parser("verify", help="compare an image with a received copy")
+    verify.add_argument("image", help="the source image")
+    verify.add_argument("dest", help="the received copy")
+    verify.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
+                        help="page size of the job digest (default 4KiB)")
+    verify.add_argument("--packet-size", type=_size, default=DEFAULT_PACKET_SIZE,
+                        metavar="SIZE", help="packet size of the job digest (default 512KiB)")
+
+    dsa = sub.add_parser("dsa", help="Intel DSA work queues")
+    dsa_sub = dsa.add_subparsers(dest="dsa_command", required=True, metavar="COMMAND")
+    dsa_list = dsa_sub.add_parser("list", help="show the work queues and whether they are usable")
+    dsa_list.add_argument("--json", action="store_true", help="print as JSON")
 
     demo = sub.add_parser("demo", help="generate a snapshot and move it over loopback")
     demo.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
@@ -80,7 +123,68 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
     demo.add_argument("--workdir", default=None, help="where to put the image (default /dev/shm)")
     demo.add_argument("--json", action="store_true", help="print stats as JSON")
+    _add_service_commands(sub)
     return parser
+
+
+def _add_security_args(parser: argparse.ArgumentParser, role: str) -> None:
+    """TLS and pre-shared-key options of the data path (docs/protocol.md "Authentication")."""
+    peer = "receiver" if role == "sender" else "senders"
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="certificate chain this side presents (enables TLS)")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="private key of --tls-cert (default: in the --tls-cert file)")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help=f"CA bundle the {peer} must be signed by (enables TLS)")
+    if role == "sender":
+        parser.add_argument("--tls-server-name", metavar="NAME",
+                            help="name the receiver's certificate must carry (default: the "
+                                 "host name of --to; not checked for an IP address)")
+    parser.add_argument("--psk-file", metavar="FILE",
+                        help="pre-shared key (at least 32 bytes) both sides must hold")
+
+
+def _security(args: argparse.Namespace) -> SecurityConfig | None:
+    """The SecurityConfig the options ask for, or None for the plain path."""
+    config = SecurityConfig(
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_server_name=getattr(args, "tls_server_name", None), psk_file=args.psk_file,
+    )
+    wanted = config.tls or config.psk_file or config.tls_key or config.tls_server_name
+    return config if wanted else None
+
+
+def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The daemons and the commands that talk to them over the control socket."""
+    for role in ("receiver", "sender"):
+        daemon = sub.add_parser(role, help=f"run the {role} daemon in the foreground")
+        daemon.add_argument("--config", required=True, metavar="FILE",
+                            help=f"{role} configuration (YAML; see configs/{role}.yaml)")
+        daemon.add_argument("--check", action="store_true",
+                            help="validate the configuration and exit")
+        daemon.add_argument("--daemon-log-level", choices=LEVELS, default=None,
+                            metavar="LEVEL", help="override the config's log_level")
+    socket_help = "the daemon's control socket (default: $DSAMIG_SOCKET, else " \
+                  "/run/dsamig/sender.sock)"
+    start = sub.add_parser("start", help="submit a job file to the sender daemon")
+    start.add_argument("job_file", metavar="JOB.yaml", help="the job (see configs/job.yaml)")
+    start.add_argument("--socket", metavar="PATH", help=socket_help)
+    start.add_argument("--wait", action="store_true",
+                       help="wait for the job to end, with a progress bar; the exit code says "
+                            "how it ended (0 completed, 1 failed, 5 cancelled); Ctrl-C "
+                            "cancels the job")
+    start.add_argument("--json", action="store_true",
+                       help="with --wait: print the finished job's stats as JSON")
+    status = sub.add_parser("status", help="show a daemon's jobs, or one job in full")
+    status.add_argument("job", nargs="?", metavar="JOB", help="job id or name")
+    status.add_argument("--socket", metavar="PATH", help=socket_help)
+    status.add_argument("--json", action="store_true", help="print JSON (the --json stats)")
+    stop = sub.add_parser("stop", help="cancel a queued or running job")
+    stop.add_argument("job", metavar="JOB", help="job id or name")
+    stop.add_argument("--socket", metavar="PATH", help=socket_help)
+    jobs = sub.add_parser("jobs", help="list a daemon's jobs")
+    jobs.add_argument("--socket", metavar="PATH", help=socket_help)
+    jobs.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,20 +210,61 @@ def _dispatch(args: argparse.Namespace) -> int:
         options = SendOptions(
             host=host, port=port, channels=args.channels, packet_size=args.packet_size,
             page_size=args.page_size, engine=args.engine, engine_threads=args.engine_threads,
-            name=args.name,
+            dsa=DsaConfig(
+                wqs=args.dsa_wq, emulate=args.dsa_emulate, timeout_s=args.dsa_timeout,
+                emulate_faults=(FaultSpec.parse(args.dsa_emulate_faults)
+                                if args.dsa_emulate_faults else None),
+            ),
+            name=args.name, resume=args.resume, retry_for_s=args.retry_for,
             timeouts=Timeouts(connect_s=args.connect_timeout, idle_s=args.idle_timeout),
+            pacer=TokenBucket(args.max_bandwidth) if args.max_bandwidth else None,
+            security=_security(args),
         )
         options.validate()
         return SendCommand(args.image, options, as_json=args.json).run()
     if args.command == "receive":
         return ReceiveCommand(
             args.listen, args.output, once=args.once, as_json=args.json,
-            timeouts=Timeouts(idle_s=args.idle_timeout),
+            timeouts=Timeouts(idle_s=args.idle_timeout), security=_security(args),
         ).run()
+    if args.command == "verify":
+        from dsamig.verify import VerifyCommand
+
+        return VerifyCommand(args.image, args.dest, page_size=args.page_size,
+                             packet_size=args.packet_size).run()
+    if args.command == "dsa":
+        from dsamig.engine.dsa_discovery import list_command
+
+        return list_command(as_json=args.json)
     if args.command == "demo":
         return DemoCommand(size=args.size, channels=args.channels, engine=args.engine,
                            as_json=args.json, workdir=args.workdir).run()
+    if args.command in ("receiver", "sender", "start", "status", "stop", "jobs"):
+        return _dispatch_service(args)
     return EXIT_USAGE
+
+
+def _dispatch_service(args: argparse.Namespace) -> int:
+    from dsamig.control.commands import (
+        JobsCommand,
+        StartCommand,
+        StatusCommand,
+        StopCommand,
+        default_socket,
+    )
+    from dsamig.daemon import DaemonCommand
+
+    if args.command in ("receiver", "sender"):
+        return DaemonCommand(args.command, args.config, log_level=args.daemon_log_level,
+                             check_only=args.check).run()
+    socket = args.socket or default_socket()
+    if args.command == "start":
+        return StartCommand(args.job_file, socket, wait=args.wait, as_json=args.json).run()
+    if args.command == "status":
+        return StatusCommand(socket, job=args.job, as_json=args.json).run()
+    if args.command == "stop":
+        return StopCommand(socket, args.job).run()
+    return JobsCommand(socket, as_json=args.json).run()
 
 
 if __name__ == "__main__":

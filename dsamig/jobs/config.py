@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsamig.engine.dsa import DsaConfig, dsa_config_converter
 from dsamig.jobs.schema import (
     Converter,
     Document,
@@ -36,6 +37,7 @@ from dsamig.jobs.schema import (
 )
 from dsamig.logs import LEVELS
 from dsamig.transport.common import DEFAULT_PORT, Timeouts
+from dsamig.transport.sender import RETRY_FOR_S
 
 # --- job names -----------------------------------------------------------------
 
@@ -261,6 +263,8 @@ ENGINE_KEYS: tuple[Key, ...] = (
         help="zero-page detection backend: auto picks the best available"),
     Key("threads", optional(integer(1, 256)), default=None,
         help="CPU scan threads (default: one per two cores, at most 4)"),
+    Key("dsa", optional(dsa_config_converter), default=None,
+        help="DSA work queues: wqs (paths) or emulate (software queues), faults, timeout"),
 )
 DESTINATION_KEYS = (
     Key("host", string(max_length=255), required=True, help="receiver host name or address"),
@@ -291,6 +295,10 @@ JOB_SCHEMA = mapping((
     Key("max_bandwidth", optional(rate()), default=None,
         help="bandwidth cap of this job (unlimited when absent)"),
     Key("timeouts", mapping(JOB_TIMEOUT_KEYS), default=None, help="time bounds of the job"),
+    Key("resume", boolean(), default=False,
+        help="continue from what the receiver already holds of this image"),
+    Key("retry_for", duration(0, 86400), default=RETRY_FOR_S,
+        help="keep reconnecting a broken transfer this long (0: fail at once)"),
 ))
 
 
@@ -300,10 +308,14 @@ class EngineSpec:
 
     kind: str = "auto"
     threads: int | None = None
+    dsa: DsaConfig | None = None
 
     def to_document(self) -> dict[str, Any]:
         """The mapping as a job document writes it."""
-        return {"kind": self.kind, "threads": self.threads}
+        doc: dict[str, Any] = {"kind": self.kind, "threads": self.threads}
+        if self.dsa is not None:
+            doc["dsa"] = self.dsa.to_mapping()
+        return doc
 
 
 @dataclass(frozen=True)
@@ -320,6 +332,8 @@ class JobSpec:
     engine: EngineSpec = field(default_factory=EngineSpec)
     max_bandwidth: float | None = None  # bytes per second
     timeouts: Timeouts = field(default_factory=Timeouts)
+    resume: bool = False
+    retry_for_s: float = RETRY_FOR_S
 
     @classmethod
     def from_document(cls, doc: Document) -> JobSpec:
@@ -341,6 +355,8 @@ class JobSpec:
                 connect_s=timeouts["connect"], handshake_s=timeouts["handshake"],
                 idle_s=timeouts["idle"], commit_s=timeouts["commit"],
             ),
+            resume=values["resume"],
+            retry_for_s=values["retry_for"],
         )
         # Cross-key rules the transport enforces, reported here with the file.
         ps = spec.page_size
@@ -372,6 +388,8 @@ class JobSpec:
                 "connect": self.timeouts.connect_s, "handshake": self.timeouts.handshake_s,
                 "idle": self.timeouts.idle_s, "commit": self.timeouts.commit_s,
             },
+            "resume": self.resume,
+            "retry_for": self.retry_for_s,
         }
 
     def send_options(self, job_id: uuid.UUID, pacer: Any = None) -> Any:
@@ -381,8 +399,9 @@ class JobSpec:
         return SendOptions(
             host=self.host, port=self.port, channels=self.channels,
             packet_size=self.packet_size, page_size=self.page_size,
-            engine=self.engine.kind, engine_threads=self.engine.threads,
+            engine=self.engine.kind, engine_threads=self.engine.threads, dsa=self.engine.dsa,
             name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
+            resume=self.resume, retry_for_s=self.retry_for_s,
         )
 
 

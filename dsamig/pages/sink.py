@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 from dsamig.errors import SinkError
@@ -124,6 +125,11 @@ class PageSink:
                 self._fd, payload, bitmap, page_size, offset, span
             )
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = "no space left on device"
+                if exc.errno == errno.EDQUOT:
+                    what = "disk quota exceeded"
+                raise SinkError(f"{what} writing {self.partial_path!r}") from None
             raise SinkError(f"cannot write {self.partial_path!r}: {exc.strerror}") from None
 
     def commit(self) -> None:

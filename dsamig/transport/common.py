@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 
 from dsamig.errors import ConfigError, NetworkError
@@ -26,6 +27,25 @@ class Timeouts:
     handshake_s: float = 10.0
     idle_s: float = 60.0  # no progress on a channel for this long fails the job
     commit_s: float = 600.0  # fsync of a large image on a slow disk
+
+
+# TCP keepalive on data connections: a peer whose host died (no FIN, no RST)
+# is noticed in about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+
+
+def tune_socket(sock: socket.socket | None) -> None:
+    """No Nagle (small control frames must not wait), and keepalive probes."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def checkpoint_bytes(manifest: Manifest, channels: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from dsamig.proto import (
     encode,
 )
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Timeouts, checkpoint_bytes
+from dsamig.transport.common import Timeouts, checkpoint_bytes, tune_socket
 from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 
 SinkFactory = Callable[[Hello], PageSink]
@@ -389,9 +388,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_socket(transport.get_extra_info("socket"))
         self.server.channel_opened(self)
 
     def _in_payload(self) -> bool:
@@ -607,6 +604,9 @@ class ReceiverServer:
 
     ``sink_factory`` turns a job's HELLO into its PageSink (deciding where the
     data goes); ``on_job_finished`` is called once per job, completed or not.
+    ``security`` (TLS, pre-shared key) guards every connection, and
+    ``on_refused`` gets one line for each connection turned away before it
+    joined a job (failed TLS handshake, failed authentication, garbage).
     """
 
     def __init__(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import socket
 import ssl
 import time
 import uuid
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_engine
+from dsamig.engine.dsa import DsaConfig
 from dsamig.errors import ConfigError, DsamigError, NetworkError, SourceError, TransferError
 from dsamig.logs import get_logger
 from dsamig.native import impl
@@ -62,7 +62,7 @@ from dsamig.proto import (
     packet_record,
 )
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Drain, Timeouts, window_bytes
+from dsamig.transport.common import Drain, Timeouts, tune_socket, window_bytes
 from dsamig.transport.security import (
     SecurityConfig,
     authenticate,
@@ -102,6 +102,7 @@ class SendOptions:
     page_size: int = DEFAULT_PAGE_SIZE
     engine: str = "auto"
     engine_threads: int | None = None
+    dsa: DsaConfig | None = None  # DSA work queues (engine dsa or auto)
     name: str = ""
     job_id: uuid.UUID = field(default_factory=uuid.uuid4)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -162,6 +163,10 @@ class ChannelLostError(TransferError):
     """A channel broke without the receiver failing the job: worth reconnecting."""
 
 
+class ReceiverBusyError(TransferError):
+    """The receiver refused the job for now (busy, destination in use)."""
+
+
 class ImageChangedError(TransferError):
     """The receiver holds packets that differ from the image: start clean."""
 
@@ -194,10 +199,7 @@ class SenderChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Small frames (END, COMMIT_REQUEST) must not wait for Nagle.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_socket(transport.get_extra_info("socket"))
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
@@ -207,7 +209,8 @@ class SenderChannel(asyncio.Protocol):
         except ProtocolError as exc:
             if exc.code is ErrorCode.AUTH:
                 # Say why we hang up, so that the receiver reports it too.
-                self.send([encode(Error(ErrorCode.AUTH, exc.message))])
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(encode(Error(ErrorCode.AUTH, exc.message)))
                 self._fail(TransferError(f"channel {self.index}: {exc}"))
                 return
             self._fail(TransferError(f"channel {self.index}: receiver broke the protocol: {exc}"))
@@ -265,7 +268,10 @@ class SenderChannel(asyncio.Protocol):
                     self.commit.set_result(event)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
-                self._fail(TransferError(f"receiver failed the job ({code}): {event.message}"))
+                error_class = (
+                    ReceiverBusyError if event.code == ErrorCode.REJECTED else TransferError
+                )
+                self._fail(error_class(f"receiver failed the job ({code}): {event.message}"))
                 return
 
     def _acknowledged(self, frames: int) -> None:
@@ -376,7 +382,7 @@ class Sender:
     async def run(self) -> JobStats:
         try:
             self.engine, reason = create_engine(
-                self.options.engine, threads=self.options.engine_threads
+                self.options.engine, threads=self.options.engine_threads, dsa=self.options.dsa
             )
             self.log.info("engine selected", reason=reason)
             await self._run_sessions()
@@ -432,10 +438,14 @@ class Sender:
                 self.options.job_id = uuid.uuid4()
                 self._new_job_state()
                 continue
-            except (ChannelLostError, NetworkError) as exc:
+            except (ChannelLostError, NetworkError, ReceiverBusyError) as exc:
                 # Reconnect only a job that got going and talks to a receiver
-                # that acknowledges: before that, an error is the answer.
+                # that acknowledges: before that, an error is the answer.  A
+                # busy receiver is worth waiting for only while recovering (its
+                # old connections of this job may not have timed out yet).
                 if not self.acks or self.options.retry_for_s <= 0:
+                    raise
+                if isinstance(exc, ReceiverBusyError) and retry_until is None:
                     raise
                 now = time.monotonic()
                 if retry_until is None:

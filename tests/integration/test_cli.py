@@ -75,3 +75,38 @@ def test_version_and_help() -> None:
     assert dsamig("--version").stdout.startswith("dsamig ")
     helped = dsamig("send", "--help")
     assert helped.returncode == 0 and "--channels" in helped.stdout
+
+
+def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
+    """On a terminal, send draws a progress bar (bytes, rate, ETA) and a table."""
+    import pty
+    import subprocess
+    import sys
+
+    image, _, _ = image_factory(6 * 1024 * 1024, seed=8, zero_every=0)
+    receiver = Receiver.start(str(tmp_path / "d"), "--once")
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsamig", "send", image, "--to",
+             f"127.0.0.1:{receiver.port}", "--max-bandwidth", "8MiB"],
+            stdout=terminal, stderr=terminal, close_fds=True,
+        )
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=60) == 0
+        receiver.finish()
+    finally:
+        os.close(controller)
+        receiver.kill()
+    text = seen.decode(errors="replace")
+    assert "] " in text and "/s" in text and "ETA" in text  # [#####    ] 3.0 MiB / 6.0 MiB ...
+    assert "dsamig sender" in text and "completed" in text
