@@ -260,9 +260,9 @@ class ReceiverJob:
         self, future: asyncio.Future[None], acks: list[tuple[ReceiverChannel, int, int]]
     ) -> None:
         self._checkpointing = None
+        exc = future.exception()  # retrieved even when the job ended meanwhile
         if self.done.done():
             return
-        exc = future.exception()
         if exc is not None:
             message = str(exc) if isinstance(exc, SinkError) else f"checkpoint failed: {exc}"
             self.fail(JobFailedError(message, ErrorCode.IO, resumable=True))
@@ -390,6 +390,17 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         tune_socket(transport.get_extra_info("socket"))
         self.server.channel_opened(self)
+        # A peer that never completes its HELLO must not hold a channel forever.
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.server.timeouts.handshake_s, self._hello_timeout
+        )
+
+    def _hello_timeout(self) -> None:
+        if self.job is None and not self.discarding:
+            self._fail(JobFailedError(
+                f"no HELLO from {self.peer} within {self.server.timeouts.handshake_s:g} s",
+                ErrorCode.PROTOCOL,
+            ))
 
     def _in_payload(self) -> bool:
         """Whether the next bytes are payload that goes straight to our buffer."""
@@ -438,6 +449,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._hello_timer.cancel()
         self.server.channel_closed(self)
         job = self.job
         if job is None or job.finished:
@@ -500,6 +512,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         return self.job
 
     def _hello(self, hello: Hello) -> None:
+        self._hello_timer.cancel()
         self.index = hello.channel_index
         self.stats.index = hello.channel_index
         job = self.server.job_for(hello)

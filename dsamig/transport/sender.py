@@ -224,7 +224,14 @@ class SenderChannel(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ChannelLostError(f"receiver closed channel {self.index}{self._why(exc)}"))
+        finished = (
+            self.index != 0 and self.state.state is SenderState.ENDED and not self.unacked
+        )
+        if not finished:
+            # A channel other than 0 that ENDed and holds no unacknowledged data
+            # has nothing left to say: the receiver may close it before channel
+            # 0's COMMIT reaches us.
+            self._fail(ChannelLostError(f"receiver closed channel {self.index}{self._why(exc)}"))
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -494,6 +501,10 @@ class Sender:
         waiters: list[asyncio.Future[Any]] = [task, self._failure]
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
+            if task.exception() is not None and self._failure.done():
+                # Both ended in the same pass: the channel's failure (say, the
+                # receiver's ERROR) is the cause, the task's error its echo.
+                self._failure.result()
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
