@@ -17,43 +17,12 @@ import time
 
 import pytest
 
-from dsamig.pages import PageSink, PageSource
-from dsamig.proto import Hello
 from dsamig.transport.common import MIN_WINDOW_BYTES as WINDOW_BYTES
-from dsamig.transport.common import Timeouts
-from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.sender import Sender, SendOptions
+from dsamig.transport.receiver import ReceiverServer
 from tests.conftest import read_bytes
-from tests.integration.helpers import TIMEOUT_S, last_json
+from tests.integration.helpers import TIMEOUT_S, last_json, transfer_in_process
 
 MiB = 1024 * 1024
-
-
-async def transfer_with_cuts(image: str, output: str, cut, **options) -> tuple:
-    """Send in-process; ``cut(job)`` is awaited beside the transfer to break it."""
-    finished: asyncio.Future[ReceiverJob] = asyncio.get_running_loop().create_future()
-
-    def sink(hello: Hello) -> PageSink:
-        assert hello.manifest is not None
-        return PageSink(output, hello.manifest.image_size)
-
-    server = ReceiverServer(
-        "127.0.0.1", 0, sink, timeouts=Timeouts(idle_s=20),
-        on_job_finished=lambda job: finished.done() or finished.set_result(job),
-    )
-    _, port = await server.start()
-    source = PageSource(image)
-    try:
-        sender = Sender(source, SendOptions(host="127.0.0.1", port=port, **options))
-        run = asyncio.ensure_future(sender.run())
-        breaker = asyncio.ensure_future(cut(server))
-        sent = await asyncio.wait_for(run, TIMEOUT_S)
-        await asyncio.wait_for(breaker, TIMEOUT_S)
-        job = await asyncio.wait_for(finished, TIMEOUT_S)
-    finally:
-        source.close()
-        await server.close()
-    return sent, job.stats
 
 
 async def wait_for_packets(server: ReceiverServer, packets: int) -> list:
@@ -78,7 +47,7 @@ async def test_channel_reset_heals(tmp_path, image_factory, which: str) -> None:
             assert channel.transport is not None
             channel.transport.abort()  # a reset, as a dying peer or middlebox sends
 
-    sent, received = await transfer_with_cuts(
+    sent, received = await transfer_in_process(
         image, output, cut, channels=4, packet_size=256 * 1024
     )
     assert read_bytes(output) == read_bytes(image)
@@ -113,7 +82,7 @@ async def test_corrupted_payload_is_resent(tmp_path, image_factory) -> None:
 
         channel._packet_complete = flip_once  # type: ignore[method-assign]
 
-    sent, received = await transfer_with_cuts(image, output, corrupt, channels=2)
+    sent, received = await transfer_in_process(image, output, corrupt, channels=2)
     assert flipped, "no packet was corrupted"
     assert read_bytes(output) == read_bytes(image)
     assert (received.duplicate, received.normal) == (zero, normal)

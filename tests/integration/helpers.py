@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,15 @@ from dsamig.transport.sender import Sender, SendOptions
 TIMEOUT_S = 60
 
 
-async def transfer_in_process(image: str, output: str, **options: Any) -> tuple[JobStats, JobStats]:
-    """Send ``image`` to a receiver in the same loop; return (sender, receiver) stats."""
+async def transfer_in_process(
+    image: str, output: str, during: Callable[[ReceiverServer], Awaitable[None]] | None = None,
+    **options: Any,
+) -> tuple[JobStats, JobStats]:
+    """Send ``image`` to a receiver in the same loop; return (sender, receiver) stats.
+
+    ``during(server)``, if given, runs beside the transfer: fault tests use
+    it to break channels or corrupt packets mid-way.
+    """
     finished: asyncio.Future[ReceiverJob] = asyncio.get_running_loop().create_future()
 
     def sink(hello: Hello) -> PageSink:
@@ -36,7 +44,11 @@ async def transfer_in_process(image: str, output: str, **options: Any) -> tuple[
     source = PageSource(image)
     try:
         sender = Sender(source, SendOptions(host="127.0.0.1", port=port, **options))
-        sent = await asyncio.wait_for(sender.run(), TIMEOUT_S)
+        run = asyncio.ensure_future(sender.run())
+        side = asyncio.ensure_future(during(server)) if during is not None else None
+        sent = await asyncio.wait_for(run, TIMEOUT_S)
+        if side is not None:
+            await asyncio.wait_for(side, TIMEOUT_S)
         job = await asyncio.wait_for(finished, TIMEOUT_S)
     finally:
         source.close()
