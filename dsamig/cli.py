@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from dsamig import __version__
-from dsamig.daemon.pacing import TokenBucket
 from dsamig.engine.dsa import DsaConfig, FaultSpec
 from dsamig.errors import EXIT_USAGE, DsamigError
 from dsamig.logs import LEVELS, configure
 from dsamig.transport.common import Timeouts, parse_address
+from dsamig.transport.pacing import TokenBucket
 from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import (
     DEFAULT_CHANNELS,

@@ -23,13 +23,13 @@ from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.control.server import Handler
 from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
 from dsamig.daemon.metrics import Figures
-from dsamig.daemon.pacing import TokenBucket, fair_shares
 from dsamig.errors import DsamigError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.logs import get_logger
 from dsamig.pages import PageSource
 from dsamig.proto import Error, ErrorCode, encode
+from dsamig.transport.pacing import TokenBucket, fair_shares
 from dsamig.transport.sender import Sender
 
 

@@ -85,7 +85,7 @@ _HANDSHAKING = frozenset({SenderState.AWAIT_CHALLENGE, SenderState.AWAIT_WELCOME
 
 
 class Pacer(Protocol):
-    """A bandwidth limiter shared by a job's channels (see ``dsamig.daemon.pacing``)."""
+    """A bandwidth limiter shared by a job's channels (see ``dsamig.transport.pacing``)."""
 
     async def acquire(self, nbytes: int) -> None:
         """Return once ``nbytes`` more bytes may be written."""

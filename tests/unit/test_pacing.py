@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dsamig.daemon.pacing import TokenBucket, fair_shares
+from dsamig.transport.pacing import TokenBucket, fair_shares
 
 
 @pytest.mark.parametrize(
