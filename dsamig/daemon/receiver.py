@@ -69,9 +69,14 @@ class ReceiverDaemon(Daemon):
         if not os.access(storage, os.W_OK | os.X_OK):
             raise SinkError(f"storage_dir {storage!r} is not writable by this user")
         host, port = self.config.listen
+        security = self.config.security
+        if security is not None:
+            for warning in security.check("receiver"):  # ConfigError if a file is bad
+                self.log.warning("security", warning=warning)
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
             max_jobs=self.config.limits.max_jobs, on_job_finished=self._job_finished,
+            security=security,
         )
         self.listen_address = await self.server.start()
 

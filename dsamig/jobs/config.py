@@ -37,6 +37,7 @@ from dsamig.jobs.schema import (
 )
 from dsamig.logs import LEVELS
 from dsamig.transport.common import DEFAULT_PORT, Timeouts
+from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import RETRY_FOR_S
 
 # --- job names -----------------------------------------------------------------
@@ -147,6 +148,30 @@ RECEIVER_TIMEOUT_KEYS = (
     Key("commit", duration(0.1, 86400), default=Timeouts.commit_s,
         help="bound on making a finished image durable (fsync, rename)"),
 )
+#: The ``security:`` mapping (receiver config and job files): mutual TLS
+#: and/or a pre-shared key on the data path (docs/protocol.md "Authentication").
+SECURITY_KEYS = (
+    Key("tls_cert", optional(path()), default=None,
+        help="PEM certificate chain this side presents; turns TLS on"),
+    Key("tls_key", optional(path()), default=None,
+        help="PEM private key of tls_cert (when not in the same file)"),
+    Key("tls_ca", optional(path()), default=None,
+        help="PEM CA bundle the peer's certificate must chain to; on a receiver it "
+             "makes client certificates mandatory"),
+    Key("tls_server_name", optional(string(max_length=255)), default=None,
+        help="(job) the name the receiver's certificate must carry"),
+    Key("psk_file", optional(path()), default=None,
+        help="file holding the pre-shared key (at least 32 bytes)"),
+)
+
+
+def security_from(values: dict[str, Any] | None) -> SecurityConfig | None:
+    """A SecurityConfig from a validated ``security:`` mapping (None if absent)."""
+    if not values or not any(values.values()):
+        return None
+    return SecurityConfig(**values)
+
+
 RECEIVER_SCHEMA = mapping((
     Key("listen", address(allow_port_zero=True), required=True,
         help="HOST:PORT the data channels connect to (port 0: any free port)"),
@@ -157,6 +182,8 @@ RECEIVER_SCHEMA = mapping((
         help="whether a job may replace an existing image of the same name"),
     Key("limits", mapping(RECEIVER_LIMIT_KEYS), default=None, help="per-daemon limits"),
     Key("timeouts", mapping(RECEIVER_TIMEOUT_KEYS), default=None, help="per-job time bounds"),
+    Key("security", mapping(SECURITY_KEYS), default=None,
+        help="TLS and/or pre-shared key every sender must use"),
 ))
 
 
@@ -177,6 +204,7 @@ class ReceiverConfig(DaemonConfig):
     replace_existing: bool = False
     limits: ReceiverLimits = field(default_factory=ReceiverLimits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    security: SecurityConfig | None = None
 
     @classmethod
     def from_document(cls, doc: Document) -> ReceiverConfig:
@@ -191,6 +219,7 @@ class ReceiverConfig(DaemonConfig):
             replace_existing=values["replace_existing"],
             limits=ReceiverLimits(**limits),
             timeouts=Timeouts(idle_s=timeouts["idle"], commit_s=timeouts["commit"]),
+            security=security_from(values["security"]),
         )
 
 
@@ -299,6 +328,8 @@ JOB_SCHEMA = mapping((
         help="continue from what the receiver already holds of this image"),
     Key("retry_for", duration(0, 86400), default=RETRY_FOR_S,
         help="keep reconnecting a broken transfer this long (0: fail at once)"),
+    Key("security", mapping(SECURITY_KEYS), default=None,
+        help="TLS and/or pre-shared key of the data path"),
 ))
 
 
@@ -334,6 +365,7 @@ class JobSpec:
     timeouts: Timeouts = field(default_factory=Timeouts)
     resume: bool = False
     retry_for_s: float = RETRY_FOR_S
+    security: SecurityConfig | None = None
 
     @classmethod
     def from_document(cls, doc: Document) -> JobSpec:
@@ -357,6 +389,7 @@ class JobSpec:
             ),
             resume=values["resume"],
             retry_for_s=values["retry_for"],
+            security=security_from(values["security"]),
         )
         # Cross-key rules the transport enforces, reported here with the file.
         ps = spec.page_size
@@ -390,6 +423,11 @@ class JobSpec:
             },
             "resume": self.resume,
             "retry_for": self.retry_for_s,
+            "security": None if self.security is None else {
+                "tls_cert": self.security.tls_cert, "tls_key": self.security.tls_key,
+                "tls_ca": self.security.tls_ca, "tls_server_name": self.security.tls_server_name,
+                "psk_file": self.security.psk_file,
+            },
         }
 
     def send_options(self, job_id: uuid.UUID, pacer: Any = None) -> Any:
@@ -401,7 +439,7 @@ class JobSpec:
             packet_size=self.packet_size, page_size=self.page_size,
             engine=self.engine.kind, engine_threads=self.engine.threads, dsa=self.engine.dsa,
             name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
-            resume=self.resume, retry_for_s=self.retry_for_s,
+            resume=self.resume, retry_for_s=self.retry_for_s, security=self.security,
         )
 
 
