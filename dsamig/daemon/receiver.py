@@ -76,6 +76,7 @@ class ReceiverDaemon(Daemon):
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
             max_jobs=self.config.limits.max_jobs, on_job_finished=self._job_finished,
+            max_jobs_per_peer=self.config.limits.max_jobs_per_peer,
             security=security,
         )
         self.listen_address = await self.server.start()
@@ -229,5 +230,8 @@ class ReceiverDaemon(Daemon):
         super().apply_config(old, new)
         if self.server is not None:
             self.server.max_jobs = new.limits.max_jobs
+            self.server.max_jobs_per_peer = new.limits.max_jobs_per_peer or max(
+                1, new.limits.max_jobs // 2
+            )
             # New jobs get the new bounds; running ones keep theirs.
             self.server.timeouts = new.timeouts

@@ -141,6 +141,8 @@ RECEIVER_LIMIT_KEYS = (
     Key("max_jobs", integer(1, 4096), default=16, help="jobs received at once; more are refused"),
     Key("max_channels", integer(1, 65536), default=256,
         help="TCP channels of all running jobs together; a job that would exceed it is refused"),
+    Key("max_jobs_per_peer", optional(integer(1, 4096)), default=None,
+        help="jobs one sending host may run at once (default: half of max_jobs)"),
 )
 RECEIVER_TIMEOUT_KEYS = (
     Key("idle", duration(0.1, 86400), default=Timeouts.idle_s,
@@ -193,6 +195,7 @@ class ReceiverLimits:
 
     max_jobs: int = 16
     max_channels: int = 256
+    max_jobs_per_peer: int | None = None
 
 
 @dataclass(frozen=True)

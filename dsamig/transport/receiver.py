@@ -95,6 +95,7 @@ class ReceiverJob:
         self.tracker.tolerant = self.acks
         self.resumed_packets = 0
         self.superseded = False  # a resuming sender took the destination over
+        self.peer_host = "?"  # the host that opened the job (limits per peer)
         self.channels: dict[int, ReceiverChannel] = {}
         self.ended: set[int] = set()
         self.all_ended = asyncio.Event()
@@ -375,6 +376,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.stats = ChannelStats(-1)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.discarding = False  # after an ERROR: read and drop until the peer closes
         self.again = False  # the current packet is already stored (retransmission)
         # Data frames (and their packets) fully stored on this connection: what
@@ -388,6 +390,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_host = str(peer[0]) if peer else "?"
         tune_socket(transport.get_extra_info("socket"))
         self.server.channel_opened(self)
         # A peer that never completes its HELLO must not hold a channel forever.
@@ -515,7 +518,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self._hello_timer.cancel()
         self.index = hello.channel_index
         self.stats.index = hello.channel_index
-        job = self.server.job_for(hello)
+        job = self.server.job_for(hello, self.peer_host)
         self.job = job
         job.attach(self, hello)
         manifest = job.manifest
@@ -630,6 +633,7 @@ class ReceiverServer:
         *,
         timeouts: Timeouts | None = None,
         max_jobs: int = 16,
+        max_jobs_per_peer: int | None = None,
         on_job_finished: Callable[[ReceiverJob], None] | None = None,
         security: SecurityConfig | None = None,
         on_refused: Callable[[str], None] | None = None,
@@ -639,6 +643,8 @@ class ReceiverServer:
         self.sink_factory = sink_factory
         self.timeouts = timeouts or Timeouts()
         self.max_jobs = max_jobs
+        # One host must not take every slot: by default at most half of them.
+        self.max_jobs_per_peer = max_jobs_per_peer or max(1, max_jobs // 2)
         self.on_job_finished = on_job_finished
         self.security = security
         self.psk = psk_of(security)
@@ -669,7 +675,7 @@ class ReceiverServer:
         self.port = sockname[1]
         return sockname[0], sockname[1]
 
-    def job_for(self, hello: Hello) -> ReceiverJob:
+    def job_for(self, hello: Hello, peer_host: str = "?") -> ReceiverJob:
         """The job a HELLO opens (channel 0) or joins (the others)."""
         if hello.manifest is None:
             job = self.jobs.get(hello.job_id)
@@ -705,12 +711,17 @@ class ReceiverServer:
         if len(self.jobs) >= self.max_jobs:
             raise JobFailedError(f"receiver is busy ({self.max_jobs} jobs running)",
                                  ErrorCode.REJECTED)
+        from_peer = sum(1 for job in self.jobs.values() if job.peer_host == peer_host)
+        if from_peer >= self.max_jobs_per_peer:
+            raise JobFailedError(f"receiver is busy ({from_peer} jobs from {peer_host} running, "
+                                 f"the most one host may have)", ErrorCode.REJECTED)
         resuming = bool(hello.features & FEATURE_ACKS and hello.features & FEATURE_RESUME)
         try:
             kept = sink.open(keep_partial=resuming)
         except DsamigError as exc:
             raise JobFailedError(str(exc), ErrorCode.IO) from None
         job = ReceiverJob(hello, sink, self)
+        job.peer_host = peer_host
         if kept:
             job.resume_from(sink.load_checkpoint())
         self.jobs[hello.job_id] = job
