@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
 import socket
 import stat
@@ -97,8 +98,10 @@ class ControlServer:
         greeting: dict[str, Any],
         *,
         max_clients: int = 64,
+        group: str | None = None,
     ) -> None:
         self.path = path
+        self.group = group
         self.commands: dict[str, Handler] = {
             "query-commands": self._query_commands,
             **commands,
@@ -137,6 +140,17 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, SOCKET_MODE)
+        if self.group is not None:
+            # Mode 0660: the daemon's user and this group, nobody else.
+            try:
+                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            except (KeyError, OSError) as exc:
+                sock.close()
+                os.unlink(self.path)
+                reason = "no such group" if isinstance(exc, KeyError) else exc.strerror
+                raise NetworkError(
+                    f"cannot give control socket {self.path!r} to group {self.group!r}: {reason}"
+                ) from None
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)

@@ -217,6 +217,7 @@ class Daemon(ABC):
         self.control = ControlServer(
             self.config.control_socket, commands,
             {"role": self.role, "version": __version__, "pid": os.getpid()},
+            group=self.config.control_group,
         )
         await self.control.start()
         if self.config.metrics_listen is not None:

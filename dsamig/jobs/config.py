@@ -94,6 +94,8 @@ _COMMON_KEYS = (
     Key("control_socket", optional(path()), default=None,
         help="Unix socket of the control API (default $RUNTIME_DIRECTORY/<role>.sock, "
              "else /run/dsamig/<role>.sock)"),
+    Key("control_group", optional(string(max_length=64)), default=None,
+        help="group that may use the control socket (mode 0660; default: the daemon's)"),
     Key("log_level", choice(LEVELS), default="info", help="log verbosity"),
     Key("metrics_listen", optional(address(allow_port_zero=True)), default=None,
         help="HOST:PORT of the Prometheus text endpoint (off when absent)"),
@@ -116,6 +118,7 @@ class DaemonConfig:
 
     role: str
     control_socket: str
+    control_group: str | None = None
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -127,6 +130,7 @@ class DaemonConfig:
         return {
             "role": role,
             "control_socket": values["control_socket"] or default_control_socket(role),
+            "control_group": values["control_group"],
             "log_level": values["log_level"],
             "metrics_listen": values["metrics_listen"],
             "shutdown_timeout_s": values["shutdown_timeout"],

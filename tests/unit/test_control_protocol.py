@@ -183,3 +183,22 @@ async def test_stale_live_and_foreign_socket_paths() -> None:
             await ControlServer(os.path.join(directory, "no", "ctl.sock"), {}, {}).start()
         with pytest.raises(NetworkError, match="no daemon is listening"):
             await ControlClient.connect(path)
+
+
+async def test_control_socket_group_and_mode(tmp_path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    path = str(tmp_path / "c.sock")
+    server = ControlServer(path, {}, {"role": "test"}, group=group)
+    await server.start()
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == os.getgid()
+    finally:
+        await server.close()
+    bad = ControlServer(str(tmp_path / "d.sock"), {}, {"role": "test"}, group="no-such-grp-x")
+    with pytest.raises(NetworkError, match="no such group"):
+        await bad.start()
+    assert not os.path.exists(tmp_path / "d.sock")
