@@ -345,6 +345,11 @@ class Daemon(ABC):
         finally:
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
+                if handler in (None, signal.SIG_DFL) and sig == signal.SIGTERM and self.should_exit:
+                    # We are on our way out after a stop request: a repeated
+                    # SIGTERM (systemd, a supervisor) must not turn the clean
+                    # exit into death by signal in the last milliseconds.
+                    handler = signal.SIG_IGN
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def handle_signal(self, sig: signal.Signals) -> None:
