@@ -616,11 +616,26 @@ class Sender:
 
     async def _pump(self, channel: SenderChannel, chunks: Iterator[Chunk]) -> None:
         """Take chunks from the shared plan until it is empty; then END."""
+        pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]] = deque()
+        try:
+            await self._pump_chunks(channel, chunks, pending)
+        finally:
+            # A pump that stops early (a failure, a new session) leaves batches
+            # on the engine: nobody will read their results.
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
+
+    async def _pump_chunks(
+        self,
+        channel: SenderChannel,
+        chunks: Iterator[Chunk],
+        pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]],
+    ) -> None:
         assert self.engine is not None
         manifest = self.manifest
         packet_bytes = manifest.page_size * manifest.packet_pages
         view = self.source.view
-        pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]] = deque()
         # Mapped ranges already queued, with the channel's byte count at their end.
         unreleased: deque[tuple[int, int, int]] = deque()
         idle_s = self.options.timeouts.idle_s
