@@ -133,7 +133,7 @@ def test_receiver_killed_and_restarted(tmp_path, image_factory) -> None:
     output = str(tmp_path / "dest.img")
     port = free_port()
     receiver = start_receiver(output, port)
-    sender = start_sender(image, port, "--max-bandwidth", "20MiB", "--retry-for", "30")
+    sender = start_sender(image, port, "--max-bandwidth", "10MiB", "--retry-for", "30")
     try:
         wait_for_progress(output)
         time.sleep(0.2)
@@ -167,7 +167,7 @@ def test_sender_killed_and_resumed(tmp_path, image_factory, change: bool) -> Non
     output = str(tmp_path / "dest.img")
     port = free_port()
     receiver = start_receiver(output, port)
-    first = start_sender(image, port, "--max-bandwidth", "16MiB")
+    first = start_sender(image, port, "--max-bandwidth", "8MiB")
     try:
         wait_for_progress(output)
         time.sleep(0.2)
