@@ -5,7 +5,9 @@
     python3 dev.py test      # build, install with test tools, run lint, types, tests
 
 Needs only Python 3.11+, pip and a C compiler: everything else (Cython, uvloop,
-pytest, ...) is installed into ``.venv`` from the package index.
+pytest, ...) is installed into ``.venv`` from the package index, and the two
+system tools some tests run (systemd-analyze, openssl) with apt-get when they
+are missing and we may.
 """
 
 from __future__ import annotations
@@ -36,6 +38,26 @@ def setup(extras: str) -> None:
     run(*pip, "install", "--quiet", "-e", f".{extras}")
 
 
+# Commands some tests run that pip cannot install, with their Debian package:
+# systemd-analyze verifies the unit files (no PID 1 needed); openssl makes
+# throwaway certificates for the TLS tests.
+SYSTEM_TOOLS = (("systemd-analyze", "systemd"), ("openssl", "openssl"))
+
+
+def system_tools() -> None:
+    """Install the missing SYSTEM_TOOLS with apt-get where we may; else say so."""
+    missing = [pkg for cmd, pkg in SYSTEM_TOOLS if shutil.which(cmd) is None]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else (["sudo"] if shutil.which("sudo") else None)
+    if shutil.which("apt-get") is None or sudo is None:
+        print(f"note: install {' '.join(missing)} for the tests that need them", flush=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(*sudo, "apt-get", "update", "-qq", env=env)
+    run(*sudo, "apt-get", "install", "-y", "-qq", *missing, env=env, stdout=subprocess.DEVNULL)
+
+
 def main() -> int:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "demo":
@@ -47,8 +69,7 @@ def main() -> int:
         py = os.path.join(BIN, "python")
         run(py, "-m", "ruff", "check", "dsamig", "tests", "benchmarks")
         run(py, "-m", "mypy")
-        if shutil.which("systemd-analyze") is None:
-            print("note: systemd-analyze not found; unit-file tests will say so", flush=True)
+        system_tools()
         run(py, "-m", "pytest", *sys.argv[2:])
         return 0
     print(__doc__)
