@@ -84,25 +84,20 @@ class SendCommand:
         return EXIT_OK
 
     async def _send(self) -> JobStats:
-        if self.as_json:
-            return await send_image(self.image, self.options)
-        # With a progress bar: same as send_image, with the bar on the job's stats.
-        from dsamig.pages import PageSource
+        bar: ProgressBar | None = None
 
-        source = PageSource(self.image)
-        try:
-            sender = Sender(source, self.options)
+        def show_progress(sender: Sender) -> None:
+            nonlocal bar
             bar = ProgressBar(sender.stats)
             bar.start()
-            try:
-                return await sender.run()
-            except DsamigError as exc:
-                exc.stats = sender.stats  # type: ignore[attr-defined]
-                raise
-            finally:
-                bar.stop()
+
+        try:
+            return await send_image(
+                self.image, self.options, on_start=None if self.as_json else show_progress
+            )
         finally:
-            source.close()
+            if bar is not None:
+                bar.stop()
 
 
 @dataclass

@@ -50,7 +50,6 @@ class PageSink:
         if self._fd >= 0:
             return False
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        kept = False
         if keep_partial:
             try:
                 fd = os.open(self.partial_path, flags & ~os.O_CREAT)
@@ -73,7 +72,7 @@ class PageSink:
             raise SinkError(
                 f"cannot size {self.partial_path!r} to {self.image_size} bytes: {exc.strerror}"
             ) from None
-        return kept
+        return False
 
     def reset(self) -> None:
         """Throw away what a kept partial file holds: back to a fresh sparse file."""

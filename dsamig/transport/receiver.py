@@ -79,6 +79,14 @@ class JobFailedError(TransferError):
         self.resumable = resumable
 
 
+class CorruptPacketError(JobFailedError):
+    """A payload failed its CRC32C: nothing of it was stored.  With
+    acknowledgements the channel is dropped and the packet comes again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.INTEGRITY)
+
+
 class ReceiverJob:
     """One job being received: its sink, its channels and its packet tracker."""
 
@@ -190,10 +198,9 @@ class ReceiverJob:
         """
         crc = impl.crc32c(payload)
         if crc != header.payload_crc:
-            raise JobFailedError(
+            raise CorruptPacketError(
                 f"packet {header.packet_number}: payload CRC32C {crc:#010x} "
-                f"!= {header.payload_crc:#010x} (corrupted in transit)",
-                ErrorCode.INTEGRITY,
+                f"!= {header.payload_crc:#010x} (corrupted in transit)"
             )
         manifest = self.manifest
         offset, span = manifest.range_bytes(header.packet_number, 1)
@@ -551,8 +558,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         job = self._job()
         try:
             job.packet_received(header, self.payload[: header.payload_length], self.again)
-        except JobFailedError as exc:
-            if exc.code == ErrorCode.INTEGRITY and job.acks and "CRC32C" in str(exc):
+        except CorruptPacketError as exc:
+            if job.acks:
                 # Self-healing: drop this connection; the sender reconnects and
                 # re-sends the packet, which we never stored.
                 job.log.warning("corrupted packet, dropping channel", channel=self.index,

@@ -22,7 +22,7 @@ import time
 import uuid
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -764,7 +764,10 @@ class Sender:
         page_size = manifest.page_size
         view = self.source.view
         bitmaps = detection.bitmaps
+        # The all-zero bitmaps: of a full packet, and of the (maybe shorter) last one.
+        last = manifest.packet_count - 1
         full_zero = manifest.full_zero_bitmap(0)
+        last_zero = manifest.full_zero_bitmap(last)
         zero_from: int | None = None
         offset = 0
         stats = self.stats
@@ -775,7 +778,7 @@ class Sender:
             blen = (pages + 7) >> 3
             bitmap = bitmaps[offset : offset + blen]
             offset += blen
-            if bitmap == full_zero or bitmap == manifest.full_zero_bitmap(number):
+            if bitmap == (last_zero if number == last else full_zero):
                 if zero_from is None:
                     zero_from = number
                 continue
@@ -849,11 +852,20 @@ class Sender:
             await asyncio.wait([c.closed for c in channels], timeout=5)
 
 
-async def send_image(path: str, options: SendOptions) -> JobStats:
-    """Send the image at ``path``; the stats of the committed job."""
+async def send_image(
+    path: str, options: SendOptions, *, on_start: Callable[[Sender], None] | None = None
+) -> JobStats:
+    """Send the image at ``path``; the stats of the committed job.
+
+    ``on_start(sender)`` runs once the job exists, before it connects (the
+    CLI hangs its progress bar on ``sender.stats`` there).  A DsamigError
+    carries the job's stats as ``exc.stats``.
+    """
     source = PageSource(path)
     try:
         sender = Sender(source, options)
+        if on_start is not None:
+            on_start(sender)
         try:
             return await sender.run()
         except DsamigError as exc:
