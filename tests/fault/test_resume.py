@@ -115,6 +115,28 @@ def start_sender(image: str, port: int, *extra: str) -> subprocess.Popen[str]:
     )
 
 
+def kill_mid_transfer(proc: subprocess.Popen[str], output: str) -> None:
+    """SIGKILL ``proc`` once the receiver has checkpointed part of the job."""
+    wait_for_progress(output)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """Wait for ``proc`` (bounded): exit code, stdout, stderr."""
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    return proc.returncode, out, err
+
+
+def reap(*procs: subprocess.Popen[str]) -> None:
+    """Kill whatever a failed test left running."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def wait_for_progress(output: str, min_bytes: int = 1) -> None:
     """Wait until the receiver has a checkpoint (bounded)."""
     deadline = time.monotonic() + 20
@@ -135,21 +157,15 @@ def test_receiver_killed_and_restarted(tmp_path, image_factory) -> None:
     receiver = start_receiver(output, port)
     sender = start_sender(image, port, "--max-bandwidth", "10MiB", "--retry-for", "30")
     try:
-        wait_for_progress(output)
-        time.sleep(0.2)
-        receiver.send_signal(signal.SIGKILL)
-        receiver.wait(timeout=10)
+        kill_mid_transfer(receiver, output)
         assert not os.path.exists(output)  # nothing that looks complete
         assert os.path.exists(output + ".partial")
         receiver = start_receiver(output, port)
-        out, err = sender.communicate(timeout=TIMEOUT_S)
-        code, rout, rerr = receiver.wait(timeout=TIMEOUT_S), *receiver.communicate(timeout=5)
+        sent_code, out, err = finish(sender)
+        code, rout, rerr = finish(receiver)
     finally:
-        for proc in (sender, receiver):
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert sender.returncode == 0, err
+        reap(sender, receiver)
+    assert sent_code == 0, err
     assert code == 0, rerr
     assert read_bytes(output) == read_bytes(image)
     sent, received = last_json(out), last_json(rout)
@@ -169,23 +185,17 @@ def test_sender_killed_and_resumed(tmp_path, image_factory, change: bool) -> Non
     receiver = start_receiver(output, port)
     first = start_sender(image, port, "--max-bandwidth", "8MiB")
     try:
-        wait_for_progress(output)
-        time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
+        kill_mid_transfer(first, output)
         if change:
             with open(image, "r+b") as f:  # the guest ran on meanwhile
                 f.seek(4096 * 7 + 11)
                 f.write(b"changed")
         second = start_sender(image, port, "--resume")
-        out, err = second.communicate(timeout=TIMEOUT_S)
-        code, rout, rerr = receiver.wait(timeout=TIMEOUT_S), *receiver.communicate(timeout=5)
+        sent_code, out, err = finish(second)
+        code, rout, rerr = finish(receiver)
     finally:
-        for proc in (first, receiver):
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert second.returncode == 0, err
+        reap(first, receiver)
+    assert sent_code == 0, err
     assert code == 0, rerr
     assert read_bytes(output) == read_bytes(image)
     sent, received = last_json(out), last_json(rout)
