@@ -1,6 +1,13 @@
 from libc.errno cimport errno, EINTR
 import os as _os
 from posix.unistd cimport pwrite
+from posix.types cimport off_t
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+    enum:
+        FALLOC_FL_KEEP_SIZE
+        FALLOC_FL_PUNCH_HOLE
 
 
 cdef inline bint _bit(const uint8_t *bm, size_t i) noexcept nogil:
@@ -103,3 +110,17 @@ def write_runs(int fd, payload, bitmap, size_t page_size, unsigned long long off
     finally:
         PyBuffer_Release(&view)
     return pos
+
+
+def punch_hole(int fd, unsigned long long offset, unsigned long long length):
+    """Make ``length`` bytes of ``fd`` from ``offset`` read as zeros, freeing
+    their blocks (``fallocate`` PUNCH_HOLE, size kept).  Raises OSError, with
+    EOPNOTSUPP where the file system cannot punch holes."""
+    cdef int rc
+    if length == 0:
+        return
+    with nogil:
+        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset,
+                       <off_t>length)
+    if rc != 0:
+        raise OSError(errno, _os.strerror(errno))

@@ -23,6 +23,7 @@ def packet_payload(
 def write_runs(
     fd: int, payload: _Buffer, bitmap: _Buffer, page_size: int, offset: int, span: int
 ) -> int: ...
+def punch_hole(fd: int, offset: int, length: int) -> None: ...
 
 class CpuEngineCore:
     threads: int

@@ -166,6 +166,18 @@ def write_runs(
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _PR_SET_NAME = 15
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make ``length`` bytes of ``fd`` from ``offset`` read as zeros (PUNCH_HOLE)."""
+    if length == 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def set_thread_name(name: str) -> None:

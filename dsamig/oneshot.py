@@ -22,6 +22,7 @@ from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import Hello
 from dsamig.report import ProgressBar, print_json, summary_table
+from dsamig.settings import ReceiverLimits
 from dsamig.stats import JobStats
 from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
@@ -129,7 +130,7 @@ class ReceiveCommand:
             raise SinkError(f"output {self.output!r} is a directory")
         finished: asyncio.Queue[ReceiverJob] = asyncio.Queue()
         server = ReceiverServer(
-            host, port, self._sink, timeouts=self.timeouts, max_jobs=1,
+            host, port, self._sink, timeouts=self.timeouts, limits=ReceiverLimits(max_jobs=1),
             on_job_finished=finished.put_nowait, security=self.security,
             on_refused=lambda message: print(f"dsamig: error: {message}", file=sys.stderr,
                                              flush=True),

@@ -12,12 +12,13 @@ O_NOFOLLOW and renames it into place only after the job digest matched.
 from __future__ import annotations
 
 import os
+import resource
 import stat
 from typing import Any
 
 from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.daemon.base import Daemon, rate_text
-from dsamig.errors import DsamigError, SinkError
+from dsamig.errors import ConfigError, SinkError
 from dsamig.jobs.config import ReceiverConfig, job_name_problem, load_receiver_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.pages import PageSink
@@ -26,8 +27,27 @@ from dsamig.proto import ErrorCode, Hello
 from dsamig.transport.receiver import JobFailedError, ReceiverJob, ReceiverServer
 
 
-class JobRefusedError(SinkError):
+class JobRefusedError(JobFailedError):
     """A job the receiver will not take (name, limits, existing file, shutdown)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.REJECTED)
+
+
+def ensure_descriptors(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``needed``; ConfigError if the hard limit
+    (systemd's LimitNOFILE=) is lower: the configured limits could then run the
+    daemon out of descriptors, where they must refuse peers instead."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(
+            f"the receiver's limits need up to {needed} file descriptors (max_channels + "
+            f"max_unauthenticated + 2 x max_jobs + 128), but this process may open only "
+            f"{hard}: raise LimitNOFILE= (or ulimit -n) or lower those limits"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 class ReceiverDaemon(Daemon):
@@ -68,6 +88,7 @@ class ReceiverDaemon(Daemon):
             raise SinkError(f"storage_dir {storage!r} {why}") from None
         if not os.access(storage, os.W_OK | os.X_OK):
             raise SinkError(f"storage_dir {storage!r} is not writable by this user")
+        ensure_descriptors(self.config.limits.descriptors_needed())
         host, port = self.config.listen
         security = self.config.security
         if security is not None:
@@ -75,8 +96,8 @@ class ReceiverDaemon(Daemon):
                 self.log.warning("security", warning=warning)
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
-            max_jobs=self.config.limits.max_jobs, on_job_finished=self._job_finished,
-            max_jobs_per_peer=self.config.limits.max_jobs_per_peer,
+            limits=self.config.limits, on_job_started=self._job_started,
+            on_job_finished=self._job_finished, on_job_refused=self._job_refused,
             security=security,
         )
         self.listen_address = await self.server.start()
@@ -89,25 +110,28 @@ class ReceiverDaemon(Daemon):
             self._dir_fd = None
 
     def _sink_for(self, hello: Hello) -> PageSink:
-        """Admit a job whose channel 0 arrived, and open its destination."""
+        """Admit a job whose channel 0 arrived, and name its destination."""
         assert hello.manifest is not None
-        size = hello.manifest.image_size
-        try:
-            self._admit(hello)
-            sink = self._open_sink(hello.name, size)
-        except DsamigError as exc:
-            # Keep a record of the refusal: the operator asks "where is my job?"
-            record = JobRecord(
-                hello.job_id, hello.name, self.role, JobState.FAILED, total=size,
-                channels=hello.channel_count, error=f"refused: {exc}", on_change=self.job_changed,
-            )
-            self.registry.add(record)
-            raise
+        self._admit(hello)
+        return self._open_sink(hello.name, hello.manifest.image_size)
+
+    def _job_started(self, job: ReceiverJob) -> None:
         self.registry.add(JobRecord(
-            hello.job_id, hello.name, self.role, JobState.SETUP, total=size,
-            channels=hello.channel_count, on_change=self.job_changed,
+            job.job_id, job.name, self.role, JobState.SETUP, total=job.manifest.image_size,
+            channels=job.channel_count, on_change=self.job_changed,
         ))
-        return sink
+
+    def _job_refused(self, hello: Hello, reason: str) -> None:
+        """Keep a record of every refusal (the operator asks "where is my job?"),
+        finished at once, so that the name is free for the next attempt."""
+        existing = self.registry.get(str(hello.job_id))
+        if existing is not None and not existing.finished:
+            return  # a refused reconnect of a running job: its record tells its story
+        size = hello.manifest.image_size if hello.manifest is not None else 0
+        self.registry.add(JobRecord(
+            hello.job_id, hello.name, self.role, JobState.FAILED, total=size,
+            channels=hello.channel_count, error=f"refused: {reason}", on_change=self.job_changed,
+        ))
 
     def _admit(self, hello: Hello) -> None:
         if self.stopping:
@@ -229,9 +253,6 @@ class ReceiverDaemon(Daemon):
     def apply_config(self, old: Any, new: Any) -> None:
         super().apply_config(old, new)
         if self.server is not None:
-            self.server.max_jobs = new.limits.max_jobs
-            self.server.max_jobs_per_peer = new.limits.max_jobs_per_peer or max(
-                1, new.limits.max_jobs // 2
-            )
-            # New jobs get the new bounds; running ones keep theirs.
+            # New jobs and connections get the new bounds; running jobs keep theirs.
+            self.server.limits = new.limits
             self.server.timeouts = new.timeouts

@@ -36,6 +36,7 @@ from dsamig.jobs.schema import (
     string,
 )
 from dsamig.logs import LEVELS
+from dsamig.settings import WIRE_MAX_IMAGE_SIZE, ReceiverLimits
 from dsamig.transport.common import DEFAULT_PORT, Timeouts
 from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import RETRY_FOR_S
@@ -147,6 +148,22 @@ RECEIVER_LIMIT_KEYS = (
         help="TCP channels of all running jobs together; a job that would exceed it is refused"),
     Key("max_jobs_per_peer", optional(integer(1, 4096)), default=None,
         help="jobs one sending host may run at once (default: half of max_jobs)"),
+    Key("max_packet_bytes", size(4096, 1 << 30), default=ReceiverLimits.max_packet_bytes,
+        help="largest packet (page size x pages per packet) a job may use; each channel "
+             "holds one packet buffer"),
+    Key("max_image_size", size(1, WIRE_MAX_IMAGE_SIZE), default=ReceiverLimits.max_image_size,
+        help="largest image a job may send (images larger than the file system of "
+             "storage_dir are refused as well)"),
+    Key("max_sessions", integer(1, 1 << 20), default=ReceiverLimits.max_sessions,
+        help="how many times one job may reconnect"),
+    Key("max_unauthenticated", integer(1, 65536), default=ReceiverLimits.max_unauthenticated,
+        help="connections whose HELLO is not accepted yet, from all hosts together"),
+    Key("max_unauthenticated_per_peer", integer(1, 65536),
+        default=ReceiverLimits.max_unauthenticated_per_peer,
+        help="connections whose HELLO is not accepted yet, from one host"),
+    Key("min_job_rate", optional(rate()), default=ReceiverLimits.min_job_rate,
+        help="bytes per second of its image a job must complete, over each idle timeout; "
+             "a slower job is failed (null: no minimum)"),
 )
 RECEIVER_TIMEOUT_KEYS = (
     Key("idle", duration(0.1, 86400), default=Timeouts.idle_s,
@@ -194,15 +211,6 @@ RECEIVER_SCHEMA = mapping((
 
 
 @dataclass(frozen=True)
-class ReceiverLimits:
-    """Per-daemon limits of the receiver (reloaded on SIGHUP)."""
-
-    max_jobs: int = 16
-    max_channels: int = 256
-    max_jobs_per_peer: int | None = None
-
-
-@dataclass(frozen=True)
 class ReceiverConfig(DaemonConfig):
     """The receiver daemon's configuration."""
 
@@ -224,7 +232,7 @@ class ReceiverConfig(DaemonConfig):
             listen=values["listen"],
             storage_dir=values["storage_dir"],
             replace_existing=values["replace_existing"],
-            limits=ReceiverLimits(**limits),
+            limits=ReceiverLimits(**{**limits, "min_job_rate": limits["min_job_rate"] or 0.0}),
             timeouts=Timeouts(idle_s=timeouts["idle"], commit_s=timeouts["commit"]),
             security=security_from(values["security"]),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Iterable
 
 from dsamig.errors import SinkError
 from dsamig.native import impl
@@ -82,6 +83,27 @@ class PageSink:
         except OSError as exc:
             raise SinkError(f"cannot reset {self.partial_path!r}: {exc.strerror}") from None
         self._drop_checkpoint()
+
+    def discard(self, ranges: Iterable[tuple[int, int]]) -> bool:
+        """Make byte ranges ``(offset, length)`` of the partial file read as
+        zeros again, freeing their blocks (holes).
+
+        A kept partial file may hold bytes that no checkpoint recorded (a
+        receiver killed between writing and checkpointing); a zero page that
+        arrives for such a place is never written, so the place must be a
+        hole first.  Returns False where the file system cannot punch holes
+        (the caller then starts from an empty file); SinkError otherwise.
+        """
+        try:
+            for offset, length in ranges:
+                impl.punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return False
+            raise SinkError(
+                f"cannot clear pages of {self.partial_path!r}: {exc.strerror}"
+            ) from None
+        return True
 
     def load_checkpoint(self) -> bytes | None:
         """The progress record stored by the last ``checkpoint``, if any."""

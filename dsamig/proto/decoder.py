@@ -131,12 +131,17 @@ class FrameDecoder:
         "_eof",
         "_error",
         "_header_checked",
+        "_max_body",
         "_payload_remaining",
         "_phase",
     )
 
-    def __init__(self, *, expect_preamble: bool) -> None:
+    def __init__(self, *, expect_preamble: bool, max_body: int = MAX_BODY) -> None:
         self._buffer = bytearray()
+        #: The largest body this side accepts; a receiver passes
+        #: RECEIVER_MAX_BODY, so that a frame header alone never makes it
+        #: buffer more than a few KiB for a peer it does not know yet.
+        self._max_body = min(max_body, MAX_BODY)
         self._phase = _Phase.PREAMBLE if expect_preamble else _Phase.HEADER
         self._payload_remaining = 0
         self._eof = False
@@ -334,8 +339,13 @@ class FrameDecoder:
         if ftype is _HELLO and flags & HELLO_MANIFEST:
             low += MANIFEST_SIZE
         # One combined test on the hot path; the messages are built on failure.
-        if flags or reserved or not low <= body_length <= high:
+        if flags or reserved or not low <= body_length <= high or body_length > self._max_body:
             self._header_problem(ftype, flags, reserved, body_length, low, high)
+        if body_length > self._max_body:
+            raise RemoteProtocolError(
+                f"{ftype.name} body_length {body_length} exceeds this side's limit of "
+                f"{self._max_body} bytes"
+            )
         self._header_checked = True
         return ftype, body_length
 

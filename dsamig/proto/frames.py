@@ -54,6 +54,12 @@ PACKET_PAGE_LIST: Final = 0x01
 PACKET_FIXED_BODY: Final = 32
 HELLO_FIXED_BODY: Final = 32
 MANIFEST_SIZE: Final = 32
+ERROR_FIXED_BODY: Final = 4
+#: The largest body a sender ever needs to send: an ERROR with the longest
+#: message (a HELLO with a manifest, a MAC and the longest name is 351 bytes,
+#: a PACKET with 4096 pages 544). A receiver refuses bigger frame bodies, so a
+#: peer it has not authenticated can make it buffer only this much.
+RECEIVER_MAX_BODY: Final = ERROR_FIXED_BODY + MAX_ERROR_MESSAGE
 
 _U16: Final = 0xFFFF
 _U32: Final = 0xFFFFFFFF
@@ -693,6 +699,7 @@ __all__ = [
     "PACKET_PAGE_LIST",
     "PREAMBLE",
     "PROTOCOL_VERSION",
+    "RECEIVER_MAX_BODY",
     "RESUME_LAST",
     "RESUME_STRUCT",
     "Ack",

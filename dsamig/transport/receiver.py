@@ -27,8 +27,8 @@ from dsamig.proto import (
     FEATURE_ACKS,
     FEATURE_RESUME,
     FRAME_HEADER_SIZE,
-    MAX_BODY,
     NEED_DATA,
+    RECEIVER_MAX_BODY,
     Ack,
     Challenge,
     Commit,
@@ -52,6 +52,7 @@ from dsamig.proto import (
     ZeroRange,
     encode,
 )
+from dsamig.settings import ReceiverLimits
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Timeouts, checkpoint_bytes, tune_socket
 from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
@@ -59,9 +60,12 @@ from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 SinkFactory = Callable[[Hello], PageSink]
 
 # A checkpoint (fsync + progress record, then ACKs) is taken when
-# common.checkpoint_bytes() of payload were stored since the last one, or
-# after CHECKPOINT_INTERVAL_S while data arrives.
+# common.checkpoint_bytes() of payload were stored since the last one, at a
+# channel's END, or after CHECKPOINT_INTERVAL_S while data arrives; and never
+# so often that writing the records (4 bytes per packet) exceeds
+# CHECKPOINT_RECORD_BYTES_PER_S, whatever the sender does.
 CHECKPOINT_INTERVAL_S = 0.25
+CHECKPOINT_RECORD_BYTES_PER_S = 32 * 1024 * 1024
 
 
 class JobFailedError(TransferError):
@@ -77,6 +81,13 @@ class JobFailedError(TransferError):
         super().__init__(message)
         self.code = code
         self.resumable = resumable
+
+
+class ChannelRefusedError(JobFailedError):
+    """One channel is refused (a stray or forged HELLO); its job goes on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.REJECTED)
 
 
 class CorruptPacketError(JobFailedError):
@@ -99,12 +110,15 @@ class ReceiverJob:
         self.channel_count = hello.channel_count
         self.sink = sink
         self.server = server
-        self.tracker = PacketTracker(self.manifest)
+        self.limits = server.limits
+        self.tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets)
         self.tracker.tolerant = self.acks
         self.resumed_packets = 0
         self.superseded = False  # a resuming sender took the destination over
         self.peer_host = "?"  # the host that opened the job (limits per peer)
+        self.sessions = 1  # channel 0's HELLOs, and channels that reconnected alone
         self.channels: dict[int, ReceiverChannel] = {}
+        self._joined: set[int] = set()  # channel indexes that ever attached
         self.ended: set[int] = set()
         self.all_ended = asyncio.Event()
         self.stats = JobStats(
@@ -116,39 +130,77 @@ class ReceiverJob:
         self.log = get_logger(job=str(self.job_id), name=self.name, role="receiver")
         self._watchdog = asyncio.ensure_future(self._watch())
         self._commit_task: asyncio.Task[None] | None = None
-        # Checkpoints: payload bytes stored since the last one, when it was,
-        # whether one is being written, and whether another is due after it.
+        # Checkpoints: payload bytes stored since the last one; the tracker's
+        # packet count it covers (the job is "dirty" when that moved); when
+        # the next may start; whether one is being written, and whether
+        # another is due after it.
         self._uncheckpointed_bytes = 0
         self._checkpoint_bytes = checkpoint_bytes(self.manifest, self.channel_count)
+        self._checkpointed_packets = 0
+        record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
+        self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
         self._last_checkpoint = time.monotonic()
         self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpoint_again = False
 
     def resume_from(self, record: bytes | None) -> None:
-        """Start from the sink's checkpoint when it is of this very image layout."""
-        if record is None:
-            return
-        try:
-            progress = Progress.from_bytes(record)
-        except ValueError as exc:
-            self.log.warning("checkpoint ignored", reason=str(exc))
+        """Continue in a kept partial file from its checkpoint, or start afresh.
+
+        Only the packets the checkpoint records are known; any other byte of
+        the file may be left from a receiver killed between writing and
+        checkpointing, and a zero page is never written over it. So every
+        packet not done is cleared before data is accepted, and without a
+        usable checkpoint the file starts empty.
+        """
+        progress = None
+        if record is not None:
+            try:
+                progress = Progress.from_bytes(record)
+            except ValueError as exc:
+                self.log.warning("checkpoint ignored", reason=str(exc))
+            else:
+                if progress.manifest != self.manifest:
+                    self.log.warning("checkpoint ignored", reason="another image layout")
+                    progress = None
+        if progress is not None:
+            self.tracker.restore(progress)
+            runs = (self.manifest.range_bytes(first, count)
+                    for first, count in self.tracker.not_done_runs())
+            if not self.sink.discard(runs):
+                self.log.warning("checkpoint ignored",
+                                 reason="the file system cannot punch holes")
+                self.tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets)
+                self.tracker.tolerant = self.acks
+                progress = None
+        if progress is None:
             self.sink.reset()
             return
-        if progress.manifest != self.manifest:
-            self.log.warning("checkpoint ignored", reason="another image layout")
-            self.sink.reset()
-            return
-        self.tracker.restore(progress)
+        self._checkpointed_packets = progress.received_packets
         self.resumed_packets = progress.received_packets
         self.stats.extra["resumed-packets"] = progress.received_packets
         self.stats.duplicate = progress.zero_pages
         self.stats.normal = progress.normal_pages
+        self.stats.done_bytes = self.tracker.done_bytes
         self.log.info("job resumed", packets_done=progress.received_packets,
                       packets=self.manifest.packet_count)
+
+    def _new_session(self) -> None:
+        """Count a reconnect; a sender that keeps reconnecting is refused."""
+        self.sessions += 1
+        if self.sessions > self.limits.max_sessions:
+            exc = JobFailedError(
+                f"the sender opened {self.sessions} sessions of this job (reconnects), more "
+                f"than this receiver's max_sessions {self.limits.max_sessions}",
+                ErrorCode.REJECTED, resumable=True,
+            )
+            self.fail(exc)
+            raise exc
 
     def restart_session(self) -> None:
         """Channel 0 said HELLO again: the sender lost its channels and starts
         over from our RESUME_STATE; the old connections are done with."""
+        self._new_session()
         for channel in list(self.channels.values()):
             channel.detach()
             channel.close()
@@ -163,24 +215,27 @@ class ReceiverJob:
         return self.done.done()
 
     def attach(self, channel: ReceiverChannel, hello: Hello) -> None:
+        """Join a channel to the job; ChannelRefusedError refuses that channel
+        alone (a stray or forged HELLO must not end a running job)."""
         if hello.channel_count != self.channel_count:
-            raise JobFailedError(
+            raise ChannelRefusedError(
                 f"channel {hello.channel_index} says {hello.channel_count} channels, "
-                f"channel 0 said {self.channel_count}",
-                ErrorCode.REJECTED,
+                f"channel 0 said {self.channel_count}"
             )
-        old = self.channels.get(hello.channel_index)
+        index = hello.channel_index
+        old = self.channels.get(index)
+        if old is not None and not self.acks:
+            raise ChannelRefusedError(f"channel index {index} is already connected")
+        if index in self._joined and index != 0:  # channel 0's HELLO restarted the session
+            self._new_session()
+        self._joined.add(index)
         if old is not None:
-            if not self.acks:
-                raise JobFailedError(
-                    f"channel index {hello.channel_index} is already connected",
-                    ErrorCode.REJECTED,
-                )
             # The sender reconnected this channel: the old connection is stale.
             old.detach()
             old.close()
-            self.stats.earlier_transferred += old.stats.transferred
-            self.stats.channels.remove(old.stats)
+        for stale in [s for s in self.stats.channels if s.index == index]:
+            self.stats.earlier_transferred += stale.transferred
+            self.stats.channels.remove(stale)
         self.ended.discard(hello.channel_index)
         self.all_ended.clear()
         self.channels[hello.channel_index] = channel
@@ -189,6 +244,11 @@ class ReceiverJob:
         if len(self.channels) == self.channel_count:
             self.stats.mark_setup_done()
             self.stats.status = "active"
+
+    @property
+    def packet_bytes(self) -> int:
+        """The payload buffer a channel needs: one whole packet."""
+        return self.manifest.packet_pages * self.manifest.page_size
 
     def packet_received(self, header: PacketHeader, payload: memoryview, again: bool) -> None:
         """Verify and store one packet whose payload is complete in ``payload``.
@@ -206,7 +266,6 @@ class ReceiverJob:
         offset, span = manifest.range_bytes(header.packet_number, 1)
         if again or self.tracker.is_done(header.packet_number):
             self.tracker.packet_done(header, crc)  # compares the record
-            self.last_progress = time.monotonic()
             return
         try:
             self.sink.write_packet(payload, header.zero_bitmap, manifest.page_size, offset, span)
@@ -219,18 +278,18 @@ class ReceiverJob:
         self.stats.duplicate += zero
         self.stats.normal += header.page_count - zero
         self.stats.normal_bytes += header.payload_length
-        self.stats.done_bytes += span
+        self.stats.done_bytes = self.tracker.done_bytes
         self.last_progress = time.monotonic()
 
     def zero_range_received(self, frame: ZeroRange) -> None:
         tracker = self.tracker
-        before = tracker.zero_pages
+        before = tracker.received_packets, tracker.zero_pages
         tracker.check_zero_range(frame)
         tracker.zero_range_done(frame)
-        _, span = self.manifest.range_bytes(frame.first_packet, frame.packet_count)
-        self.stats.duplicate += tracker.zero_pages - before
-        self.stats.done_bytes += span
-        self.last_progress = time.monotonic()
+        if tracker.received_packets != before[0]:
+            self.stats.duplicate += tracker.zero_pages - before[1]
+            self.stats.done_bytes = tracker.done_bytes
+            self.last_progress = time.monotonic()
 
     def channel_ended(self, index: int) -> None:
         self.ended.add(index)
@@ -245,24 +304,58 @@ class ReceiverJob:
         if self.acks and self._uncheckpointed_bytes >= self._checkpoint_bytes:
             self.checkpoint()
 
+    @property
+    def _dirty(self) -> bool:
+        """Whether packets were recorded since the last checkpoint was taken."""
+        return self.tracker.received_packets != self._checkpointed_packets
+
     def checkpoint(self) -> None:
         """Make what is stored durable, record it beside the partial file, then
         ACK each channel up to what the checkpoint covers.  An ACK therefore
-        means "durable": after a crash nothing acknowledged is sent again."""
-        if self._commit_task is not None:
+        means "durable": after a crash nothing acknowledged is sent again.
+
+        Frames that recorded nothing new (repeats, END) need no checkpoint:
+        they are acknowledged at once, or after the checkpoint being written.
+        Checkpoints are spaced so that their records are written at no more
+        than CHECKPOINT_RECORD_BYTES_PER_S, whatever the sender sends.
+        """
+        if self._commit_task is not None or self.done.done():
             return  # the commit makes everything durable itself
         if self._checkpointing is not None:
             self._checkpoint_again = True
             return
+        if not self._dirty:
+            self._acknowledge(self._acks_due())
+            return
+        wait_s = self._last_checkpoint + self._checkpoint_gap_s - time.monotonic()
+        if wait_s > 0:
+            if self._checkpoint_timer is None:
+                self._checkpoint_timer = asyncio.get_running_loop().call_later(
+                    wait_s, self._checkpoint_timer_fired)
+            return
         self._checkpoint_again = False
         self._uncheckpointed_bytes = 0
         self._last_checkpoint = time.monotonic()
+        self._checkpointed_packets = self.tracker.received_packets
         progress = self.tracker.snapshot().to_bytes()
-        acks = [(ch, ch.frames_done, ch.packets_done) for ch in self.channels.values()]
+        acks = self._acks_due()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, self.sink.checkpoint, progress)
         self._checkpointing = future
         future.add_done_callback(lambda f: self._checkpointed(f, acks))
+
+    def _checkpoint_timer_fired(self) -> None:
+        self._checkpoint_timer = None
+        self.checkpoint()
+
+    def _acks_due(self) -> list[tuple[ReceiverChannel, int, int]]:
+        return [(ch, ch.frames_done, ch.packets_done) for ch in self.channels.values()]
+
+    def _acknowledge(self, acks: list[tuple[ReceiverChannel, int, int]]) -> None:
+        for channel, frames, packets in acks:
+            if channel.job is self and frames > channel.frames_acked:  # still attached
+                channel.frames_acked = frames
+                channel.send_frame(Ack(frames=frames, packets=packets))
 
     def _checkpointed(
         self, future: asyncio.Future[None], acks: list[tuple[ReceiverChannel, int, int]]
@@ -275,9 +368,7 @@ class ReceiverJob:
             message = str(exc) if isinstance(exc, SinkError) else f"checkpoint failed: {exc}"
             self.fail(JobFailedError(message, ErrorCode.IO, resumable=True))
             return
-        for channel, frames, packets in acks:
-            if channel.job is self:  # still attached
-                channel.send_frame(Ack(frames=frames, packets=packets))
+        self._acknowledge(acks)
         if self._checkpoint_again:
             self.checkpoint()
 
@@ -316,7 +407,10 @@ class ReceiverJob:
             channel.send_frame(Commit(digest=digest))
             self.stats.finish("completed")
             self.log.info("job completed", path=self.sink.path, **self.stats.to_dict())
-            self._close_channels()
+            self._end()
+            for channel in list(self.channels.values()):
+                channel.close()
+            self._release()
             if not self.done.done():
                 self.done.set_result(self.stats)
             self.server.job_finished(self)
@@ -333,29 +427,42 @@ class ReceiverJob:
         self.sink.abort(keep_for_resume=resumable)
         self.stats.finish(status, str(exc))
         self.log.warning("job failed", error=str(exc), **self.stats.to_dict())
-        self._watchdog.cancel()
+        self._end()
         for channel in list(self.channels.values()):
             channel.send_error(code, str(exc))
             channel.close_after_error()
+        self._release()
         self.done.set_exception(exc)
         self.done.exception()  # retrieved: whoever awaits it still gets it
         self.server.job_finished(self)
 
-    def _close_channels(self) -> None:
+    def _end(self) -> None:
+        """Stop the job's timers."""
         self._watchdog.cancel()
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+
+    def _release(self) -> None:
+        """Let go of the channels and their packet buffers once the job is over."""
         for channel in list(self.channels.values()):
-            channel.close()
+            channel.detach()
+        self.channels.clear()
 
     async def _watch(self) -> None:
-        """Fail the job when no channel made progress for ``idle_s``."""
+        """Fail the job when no channel made progress for ``idle_s``, or when it
+        completes its image slower than ``min_job_rate`` over such a window
+        (a peer trickling frames must not hold a job slot forever)."""
         idle_s = self.server.timeouts.idle_s
         tick = min(CHECKPOINT_INTERVAL_S if self.acks else 1.0, idle_s / 4)
+        min_bytes = self.limits.min_job_rate * idle_s
+        window_start, window_bytes = time.monotonic(), self.tracker.done_bytes
         while not self.done.done():
             await asyncio.sleep(tick)
             now = time.monotonic()
             if (
                 self.acks
-                and self._uncheckpointed_bytes
+                and self._dirty
                 and now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S
             ):
                 self.checkpoint()
@@ -365,6 +472,19 @@ class ReceiverJob:
                 self.fail(JobFailedError(
                     f"no data from the sender for {idle_s:g} s", resumable=True
                 ))
+                return
+            if now - window_start >= idle_s:
+                moved = self.tracker.done_bytes - window_bytes
+                left = self.manifest.image_size - window_bytes
+                if min_bytes and moved < min(min_bytes, left):
+                    self.fail(JobFailedError(
+                        f"the sender completed {moved} bytes of the image in {idle_s:g} s, "
+                        f"less than this receiver's min_job_rate of "
+                        f"{self.limits.min_job_rate:.0f} bytes/s", ErrorCode.REJECTED,
+                        resumable=True,
+                    ))
+                    return
+                window_start, window_bytes = now, self.tracker.done_bytes
 
 
 class ReceiverChannel(asyncio.BufferedProtocol):
@@ -372,9 +492,11 @@ class ReceiverChannel(asyncio.BufferedProtocol):
 
     def __init__(self, server: ReceiverServer) -> None:
         self.server = server
-        self.decoder = FrameDecoder(expect_preamble=True)
+        self.decoder = FrameDecoder(expect_preamble=True, max_body=RECEIVER_MAX_BODY)
         self.state = ReceiverChannelState(psk=server.psk)
-        self.header = memoryview(bytearray(FRAME_HEADER_SIZE + MAX_BODY))
+        # Small until a HELLO is accepted: an unauthenticated connection costs
+        # this buffer (4 KiB) and no more. The packet buffer comes with the job.
+        self.header = memoryview(bytearray(FRAME_HEADER_SIZE + RECEIVER_MAX_BODY))
         self.payload: memoryview | None = None
         self.current: PacketHeader | None = None
         self.filled = 0
@@ -390,6 +512,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         # the next checkpoint may acknowledge.
         self.frames_done = 0
         self.packets_done = 0
+        self.frames_acked = 0  # what the last ACK on this connection said
+        self.unauthenticated = False  # counted by the server's gate until HELLO
 
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -398,6 +522,12 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.peer_host = str(peer[0]) if peer else "?"
+        if not self.server.gate.enter(self.peer_host):
+            self.discarding = True
+            self.transport.abort()  # over the bound on unauthenticated connections
+            self.server.refused(self.peer, self.server.gate.why(self.peer_host))
+            return
+        self.unauthenticated = True
         tune_socket(transport.get_extra_info("socket"))
         self.server.channel_opened(self)
         # A peer that never completes its HELLO must not hold a channel forever.
@@ -459,7 +589,10 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.unauthenticated and self.job is None and self.index < 0:
+            return  # refused at connection_made: nothing was set up
         self._hello_timer.cancel()
+        self._authenticated()
         self.server.channel_closed(self)
         job = self.job
         if job is None or job.finished:
@@ -474,8 +607,10 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         job.fail(JobFailedError(f"sender closed channel {self.index} mid-transfer{reason}"))
 
     def detach(self) -> None:
-        """Leave the job: a half-received packet is given up (it will be re-sent)."""
+        """Leave the job: a half-received packet is given up (it will be re-sent),
+        and the packet buffer is let go."""
         job = self.job
+        self.payload = None
         if job is None:
             return
         if self.current is not None and not self.again:
@@ -484,6 +619,12 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         if job.channels.get(self.index) is self:
             del job.channels[self.index]
         self.job = None
+
+    def _authenticated(self) -> None:
+        """This connection no longer counts as unauthenticated."""
+        if self.unauthenticated:
+            self.unauthenticated = False
+            self.server.gate.leave(self.peer_host)
 
     # frames
     def _process(self) -> None:
@@ -526,10 +667,12 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.index = hello.channel_index
         self.stats.index = hello.channel_index
         job = self.server.job_for(hello, self.peer_host)
+        job.attach(self, hello)  # ChannelRefusedError: this channel only
         self.job = job
-        job.attach(self, hello)
-        manifest = job.manifest
-        self.payload = memoryview(bytearray(manifest.packet_pages * manifest.page_size))
+        self._authenticated()
+        job.last_progress = time.monotonic()
+        # Bounded by the receiver's max_packet_bytes, checked when the job opened.
+        self.payload = memoryview(bytearray(job.packet_bytes))
         features = hello.features & (FEATURE_ACKS | FEATURE_RESUME) if job.acks else 0
         self.send_frame(Welcome(job_id=hello.job_id, features=features))
         if features & FEATURE_RESUME:
@@ -613,7 +756,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             # Before HELLO there is no channel index; refused() names the peer.
             where = f"channel {self.index} from {self.peer}: " if self.index >= 0 else ""
             exc = JobFailedError(f"{where}{exc}", exc.code)
-        if self.job is not None:
+        if self.job is not None and not isinstance(exc, ChannelRefusedError):
             self.job.fail(exc)
         else:
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
@@ -622,14 +765,65 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.close_after_error()
 
 
+class ConnectionGate:
+    """Counts connections that have not had a HELLO accepted, in all and per
+    host, and refuses those beyond the bounds: a flood of idle connections
+    from one address must not take descriptors or memory from the others."""
+
+    def __init__(self, limits: ReceiverLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.per_host: dict[str, int] = {}
+
+    def enter(self, host: str) -> bool:
+        """Count one more from ``host``; False (not counted) when over a bound."""
+        if (
+            self.total >= self.limits.max_unauthenticated
+            or self.per_host.get(host, 0) >= self.limits.max_unauthenticated_per_peer
+        ):
+            return False
+        self.total += 1
+        self.per_host[host] = self.per_host.get(host, 0) + 1
+        return True
+
+    def leave(self, host: str) -> None:
+        """One connection from ``host`` authenticated or closed."""
+        self.total -= 1
+        left = self.per_host[host] - 1
+        if left:
+            self.per_host[host] = left
+        else:
+            del self.per_host[host]
+
+    def why(self, host: str) -> str:
+        """The message for a connection ``enter`` refused."""
+        if self.per_host.get(host, 0) >= self.limits.max_unauthenticated_per_peer:
+            return (f"{self.per_host[host]} connections from {host} have not sent a HELLO yet "
+                    f"(max_unauthenticated_per_peer {self.limits.max_unauthenticated_per_peer})")
+        return (f"{self.total} connections have not sent a HELLO yet "
+                f"(max_unauthenticated {self.limits.max_unauthenticated})")
+
+
+def filesystem_size(path: str) -> int | None:
+    """Bytes of the file system holding ``path`` (None if it cannot be told)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
+
+
 class ReceiverServer:
     """Listens on one address and runs every job whose channels arrive there.
 
     ``sink_factory`` turns a job's HELLO into its PageSink (deciding where the
-    data goes); ``on_job_finished`` is called once per job, completed or not.
-    ``security`` (TLS, pre-shared key) guards every connection, and
-    ``on_refused`` gets one line for each connection turned away before it
-    joined a job (failed TLS handshake, failed authentication, garbage).
+    data goes); ``on_job_started`` is called once per job that opened,
+    ``on_job_finished`` once per such job, completed or not, and
+    ``on_job_refused`` with the HELLO and the reason for each job refused
+    before it opened. ``limits`` bound what any peer may cost. ``security``
+    (TLS, pre-shared key) guards every connection, and ``on_refused`` gets one
+    line for each connection turned away before it joined a job (failed TLS
+    handshake, failed authentication, garbage, too many connections).
     """
 
     def __init__(
@@ -639,9 +833,10 @@ class ReceiverServer:
         sink_factory: SinkFactory,
         *,
         timeouts: Timeouts | None = None,
-        max_jobs: int = 16,
-        max_jobs_per_peer: int | None = None,
+        limits: ReceiverLimits | None = None,
+        on_job_started: Callable[[ReceiverJob], None] | None = None,
         on_job_finished: Callable[[ReceiverJob], None] | None = None,
+        on_job_refused: Callable[[Hello, str], None] | None = None,
         security: SecurityConfig | None = None,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
@@ -649,10 +844,10 @@ class ReceiverServer:
         self.port = port
         self.sink_factory = sink_factory
         self.timeouts = timeouts or Timeouts()
-        self.max_jobs = max_jobs
-        # One host must not take every slot: by default at most half of them.
-        self.max_jobs_per_peer = max_jobs_per_peer or max(1, max_jobs // 2)
+        self.gate = ConnectionGate(limits or ReceiverLimits())
+        self.on_job_started = on_job_started
         self.on_job_finished = on_job_finished
+        self.on_job_refused = on_job_refused
         self.security = security
         self.psk = psk_of(security)
         self.on_refused = on_refused  # told about every connection refused before a job
@@ -660,6 +855,15 @@ class ReceiverServer:
         self.channels: set[ReceiverChannel] = set()
         self._server: asyncio.base_events.Server | TlsListener | None = None
         self.log = get_logger(role="receiver")
+
+    @property
+    def limits(self) -> ReceiverLimits:
+        """The bounds new jobs and connections get (a reload may change them)."""
+        return self.gate.limits
+
+    @limits.setter
+    def limits(self, limits: ReceiverLimits) -> None:
+        self.gate.limits = limits
 
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the bound address (port 0 picks a free port)."""
@@ -669,7 +873,7 @@ class ReceiverServer:
             if context is not None:
                 self._server = TlsListener.listen(
                     self.host, self.port, partial(ReceiverChannel, self), context,
-                    self.timeouts.handshake_s, self.refused,
+                    self.timeouts.handshake_s, self.refused, self.gate,
                 )
             else:
                 self._server = await loop.create_server(
@@ -683,7 +887,12 @@ class ReceiverServer:
         return sockname[0], sockname[1]
 
     def job_for(self, hello: Hello, peer_host: str = "?") -> ReceiverJob:
-        """The job a HELLO opens (channel 0) or joins (the others)."""
+        """The job a HELLO opens (channel 0) or joins (the others).
+
+        Raises JobFailedError (REJECTED, IO) when the HELLO is refused; a job
+        refused before it opened is reported to ``on_job_refused`` and leaves
+        nothing behind.
+        """
         if hello.manifest is None:
             job = self.jobs.get(hello.job_id)
             if job is None or job.finished:
@@ -701,9 +910,43 @@ class ReceiverServer:
                 return existing
             raise JobFailedError(f"job {hello.job_id} is already running", ErrorCode.REJECTED)
         try:
+            self._check_manifest(hello.manifest)
+            return self._open_job(hello, peer_host)
+        except JobFailedError as exc:
+            if self.on_job_refused is not None:
+                self.on_job_refused(hello, str(exc))
+            raise
+
+    def _check_manifest(self, manifest: Manifest) -> None:
+        """Refuse a geometry beyond this receiver's limits, before anything is opened."""
+        limits = self.limits
+        packet_bytes = manifest.packet_pages * manifest.page_size
+        if packet_bytes > limits.max_packet_bytes:
+            raise JobFailedError(
+                f"packets of {packet_bytes} bytes ({manifest.packet_pages} pages of "
+                f"{manifest.page_size}) exceed this receiver's max_packet_bytes "
+                f"{limits.max_packet_bytes}", ErrorCode.REJECTED)
+        if manifest.image_size > limits.max_image_size:
+            raise JobFailedError(
+                f"an image of {manifest.image_size} bytes exceeds this receiver's "
+                f"max_image_size {limits.max_image_size}", ErrorCode.REJECTED)
+        if manifest.packet_count > limits.max_packets:
+            raise JobFailedError(
+                f"an image of {manifest.packet_count} packets exceeds this receiver's limit "
+                f"of {limits.max_packets} packets", ErrorCode.REJECTED)
+
+    def _open_job(self, hello: Hello, peer_host: str) -> ReceiverJob:
+        assert hello.manifest is not None
+        try:
             sink = self.sink_factory(hello)
         except DsamigError as exc:
-            raise JobFailedError(str(exc), ErrorCode.IO) from None
+            code = exc.code if isinstance(exc, JobFailedError) else ErrorCode.IO
+            raise JobFailedError(str(exc), code) from None
+        room = filesystem_size(sink.path)
+        if room is not None and hello.manifest.image_size > room:
+            raise JobFailedError(
+                f"an image of {hello.manifest.image_size} bytes is larger than the file "
+                f"system that would hold it ({room} bytes)", ErrorCode.REJECTED)
         for other in list(self.jobs.values()):
             if other.sink.path == sink.path and not other.finished:
                 if other.channels:
@@ -715,11 +958,12 @@ class ReceiverServer:
                 other.superseded = True
                 other.fail(JobFailedError("superseded by a resuming sender",
                                           ErrorCode.CANCELLED, resumable=True))
-        if len(self.jobs) >= self.max_jobs:
-            raise JobFailedError(f"receiver is busy ({self.max_jobs} jobs running)",
+        limits = self.limits
+        if len(self.jobs) >= limits.max_jobs:
+            raise JobFailedError(f"receiver is busy ({limits.max_jobs} jobs running)",
                                  ErrorCode.REJECTED)
         from_peer = sum(1 for job in self.jobs.values() if job.peer_host == peer_host)
-        if from_peer >= self.max_jobs_per_peer:
+        if from_peer >= limits.jobs_per_peer:
             raise JobFailedError(f"receiver is busy ({from_peer} jobs from {peer_host} running, "
                                  f"the most one host may have)", ErrorCode.REJECTED)
         resuming = bool(hello.features & FEATURE_ACKS and hello.features & FEATURE_RESUME)
@@ -730,11 +974,18 @@ class ReceiverServer:
         job = ReceiverJob(hello, sink, self)
         job.peer_host = peer_host
         if kept:
-            job.resume_from(sink.load_checkpoint())
+            try:
+                job.resume_from(sink.load_checkpoint())
+            except DsamigError as exc:
+                job._end()
+                sink.abort()
+                raise JobFailedError(str(exc), ErrorCode.IO) from None
         self.jobs[hello.job_id] = job
         job.log.info("job started", channels=hello.channel_count,
                      size=hello.manifest.image_size, path=sink.path,
                      resumed_packets=job.resumed_packets)
+        if self.on_job_started is not None:
+            self.on_job_started(job)
         return job
 
     def job_finished(self, job: ReceiverJob) -> None:

@@ -21,7 +21,7 @@ import ssl
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dsamig.errors import ConfigError, TransferError
 from dsamig.proto import (
@@ -314,6 +314,19 @@ async def authenticate(
     return channel.state.sign_hello(hello)
 
 
+class Gate(Protocol):
+    """Bounds on connections not yet authenticated (the receiver's ConnectionGate)."""
+
+    def enter(self, host: str) -> bool:
+        """Count one more connection from ``host``; False when over a bound."""
+
+    def leave(self, host: str) -> None:
+        """One connection from ``host`` authenticated or closed."""
+
+    def why(self, host: str) -> str:
+        """Why ``enter`` refused ``host``."""
+
+
 class TlsListener:
     """A TLS listening socket that says why it refused each peer it refused.
 
@@ -334,8 +347,10 @@ class TlsListener:
         context: ssl.SSLContext,
         timeout_s: float,
         on_refused: Callable[[str, str], None],
+        gate: Gate,
     ) -> None:
         self.sockets = (sock,)
+        self._gate = gate
         self._sock = sock
         self._factory = factory
         self._context = context
@@ -353,12 +368,13 @@ class TlsListener:
         context: ssl.SSLContext,
         timeout_s: float,
         on_refused: Callable[[str, str], None],
+        gate: Gate,
     ) -> TlsListener:
         """Bind ``host:port`` (raises OSError) and start accepting."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=128)
         sock.setblocking(False)
-        return cls(sock, factory, context, timeout_s, on_refused)
+        return cls(sock, factory, context, timeout_s, on_refused, gate)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -368,6 +384,12 @@ class TlsListener:
             except OSError as exc:  # EMFILE and friends: try again shortly
                 self._on_refused("?", f"accept failed: {exc.strerror or exc}")
                 await asyncio.sleep(0.1)
+                continue
+            # A TLS handshake costs more than an idle connection: it counts
+            # against the same bounds as a connection waiting for its HELLO.
+            if not self._gate.enter(address[0]):
+                conn.close()
+                self._on_refused(f"{address[0]}:{address[1]}", self._gate.why(address[0]))
                 continue
             task = asyncio.ensure_future(self._handshake(conn, address))
             self._handshakes.add(task)
@@ -383,6 +405,8 @@ class TlsListener:
         except (OSError, TimeoutError) as exc:
             conn.close()
             self._on_refused(where, f"TLS handshake failed: {describe_tls_error(exc)}")
+        finally:
+            self._gate.leave(address[0])
 
     def close(self) -> None:
         """Stop accepting; handshakes still in progress are abandoned."""

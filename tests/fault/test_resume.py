@@ -210,3 +210,82 @@ def test_sender_killed_and_resumed(tmp_path, image_factory, change: bool) -> Non
         # What the receiver held was checked, not sent again.
         assert sent["transferred"] < image_bytes - zero * 4096
     assert not os.path.exists(output + ".partial")
+
+
+# --- crash states, built deterministically ---------------------------------------------
+
+PACKET = 128 * 4096  # the default packet
+
+
+def checkpoint_of(image: str, done: list[int]) -> bytes:
+    """The checkpoint a receiver would have written holding ``done`` packets of
+    ``image``: their real records, as if they had arrived and been made durable."""
+    from dsamig.native import impl
+    from dsamig.proto import Manifest, PacketHeader, PacketTracker
+
+    data = read_bytes(image)
+    manifest = Manifest(image_size=len(data))
+    tracker = PacketTracker(manifest)
+    for n in done:
+        offset, span = manifest.range_bytes(n, 1)
+        chunk = data[offset : offset + span]
+        bitmap, _ = impl.zero_bitmap(chunk, 4096)
+        _, length, crc = impl.packet_payload(memoryview(chunk), bitmap, 4096)
+        header = PacketHeader(n, n * 128, manifest.pages_in_packet(n), length, crc, bitmap)
+        tracker.check_packet(header)
+        tracker.packet_done(header, crc)
+    return tracker.snapshot().to_bytes()
+
+
+def crashed_partial(image: str, output: str, done: list[int], garbage: list[int]) -> None:
+    """A .partial as a receiver killed between writing and checkpointing leaves it:
+    the image's bytes in ``done`` packets, other bytes in ``garbage`` packets."""
+    data = read_bytes(image)
+    with open(output + ".partial", "wb") as f:
+        f.truncate(len(data))
+        for n in done:
+            f.seek(n * PACKET)
+            f.write(data[n * PACKET : (n + 1) * PACKET])
+        for n in garbage:
+            f.seek(n * PACKET)
+            f.write(bytes([0xA5]) * PACKET)
+
+
+async def test_resume_clears_what_the_checkpoint_does_not_cover(tmp_path, image_factory) -> None:
+    """Packets written but never checkpointed held old bytes; the resumed source
+    is zero there, zero pages are never written, and the copy used to commit
+    with the old bytes in it."""
+    image, _zero, _normal = image_factory(8 * MiB, seed=21, zero_every=3)
+    with open(image, "r+b") as f:  # packets 5 and 9 are all zero in the source now
+        for n in (5, 9):
+            f.seek(n * PACKET)
+            f.write(bytes(PACKET))
+    output = str(tmp_path / "out.img")
+    done = [0, 1, 2, 3]
+    crashed_partial(image, output, done, garbage=[5, 6, 9, 15])
+    with open(output + ".partial.progress", "wb") as f:
+        f.write(checkpoint_of(image, done))
+    _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
+    assert read_bytes(output) == read_bytes(image)
+    assert received.extra["resumed-packets"] == len(done)
+    assert not os.path.exists(output + ".partial")
+
+
+async def test_a_partial_without_checkpoint_starts_empty(tmp_path, image_factory) -> None:
+    image, zero, normal = image_factory(4 * MiB, seed=22, zero_every=2)
+    output = str(tmp_path / "out.img")
+    crashed_partial(image, output, done=[], garbage=list(range(8)))
+    _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
+    assert read_bytes(output) == read_bytes(image)
+    assert "resumed-packets" not in received.extra
+    assert (received.duplicate, received.normal) == (zero, normal)
+
+
+async def test_a_damaged_checkpoint_starts_empty(tmp_path, image_factory) -> None:
+    image, _, _ = image_factory(4 * MiB, seed=23, zero_every=2)
+    output = str(tmp_path / "out.img")
+    crashed_partial(image, output, done=[0, 1], garbage=[2, 3, 4])
+    with open(output + ".partial.progress", "wb") as f:
+        f.write(checkpoint_of(image, [0, 1])[:-3])
+    await transfer_in_process(image, output, channels=2, resume=True)
+    assert read_bytes(output) == read_bytes(image)

@@ -8,6 +8,7 @@ import time
 
 from dsamig.pages import PageSink
 from dsamig.proto import PREAMBLE
+from dsamig.settings import ReceiverLimits
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverServer
 
@@ -45,7 +46,7 @@ async def test_one_host_cannot_take_every_job_slot(tmp_path) -> None:
     def sink(hello):
         return PageSink(str(tmp_path / hello.name), hello.manifest.image_size)
 
-    server = ReceiverServer("127.0.0.1", 0, sink, max_jobs=4)
+    server = ReceiverServer("127.0.0.1", 0, sink, limits=ReceiverLimits(max_jobs=4))
     await server.start()
     try:
         for i in range(2):  # half of max_jobs by default
