@@ -73,7 +73,7 @@ class ProgressBar:
         rate = 0.0
         while True:
             await asyncio.sleep(self.interval_s)
-            now, done = time.monotonic(), self.stats.done_bytes
+            now, done = time.monotonic(), self.stats.counters.done_bytes
             if now > last_t:
                 current = (done - last_b) / (now - last_t)
                 rate = current if rate == 0 else 0.7 * rate + 0.3 * current

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from dsamig.proto.counters import JobCounters
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -47,14 +49,31 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+class ChannelCounts(Protocol):
+    """What a channel's state machine counts (``dsamig.proto.ChannelState``)."""
+
+    packets: int
+    payload_bytes: int
+
+
 @dataclass
 class ChannelStats:
-    """Figures of one TCP channel."""
+    """Figures of one TCP channel: the bytes its transport moved, and the
+    packets its state machine counted (kept there, once)."""
 
     index: int
+    counts: ChannelCounts | None = None
     transferred: int = 0  # bytes on the wire, headers included
-    packets: int = 0
-    payload_bytes: int = 0
+
+    @property
+    def packets(self) -> int:
+        """Packets this channel carried (a ZERO_RANGE counts each packet)."""
+        return self.counts.packets if self.counts is not None else 0
+
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes of the PACKETs this channel carried."""
+        return self.counts.payload_bytes if self.counts is not None else 0
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -76,10 +95,8 @@ class JobStats:
     engine: dict[str, Any] = field(default_factory=dict)
     status: str = "setup"
     error: str | None = None
-    duplicate: int = 0  # zero pages
-    normal: int = 0  # normal pages
-    normal_bytes: int = 0
-    done_bytes: int = 0  # image bytes handled so far (zero or sent)
+    #: The job core's counters (zero and normal pages, bytes, sessions...).
+    counters: JobCounters = field(default_factory=JobCounters)
     started: float = field(default_factory=time.monotonic)
     setup_done: float | None = None
     finished: float | None = None
@@ -121,7 +138,8 @@ class JobStats:
         """QEMU ``query-migrate`` names where one exists, dsamig's own beside them."""
         elapsed = self.elapsed_s
         setup_ms = 0 if self.setup_done is None else (self.setup_done - self.started) * 1000
-        pages = self.duplicate + self.normal
+        counters = self.counters
+        pages = counters.zero_pages + counters.normal_pages
         cpu_end = self.cpu_end if self.cpu_end is not None else time.process_time()
         out: dict[str, Any] = {
             "role": self.role,
@@ -131,10 +149,10 @@ class JobStats:
             "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
             "transferred": self.transferred,
             "total": self.total,
-            "remaining": max(self.total - self.done_bytes, 0),
-            "duplicate": self.duplicate,
-            "normal": self.normal,
-            "normal-bytes": self.normal_bytes,
+            "remaining": max(self.total - counters.done_bytes, 0),
+            "duplicate": counters.zero_pages,
+            "normal": counters.normal_pages,
+            "normal-bytes": counters.normal_bytes,
             "pages-per-second": round(pages / elapsed),
             "page-size": self.page_size,
             "channels": len(self.channels),
@@ -143,6 +161,9 @@ class JobStats:
             "cpu-s": round(cpu_end - self.cpu_start, 3),
             "peak-rss-bytes": peak_rss_bytes(),
             "thread-cpu-s": self.threads,
+            "sessions": counters.sessions,
+            "resumed-packets": counters.resumed_packets,
+            "retransmitted-bytes": counters.retransmitted_bytes,
         }
         out.update(self.extra)
         if self.error is not None:

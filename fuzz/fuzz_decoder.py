@@ -30,15 +30,14 @@ with atheris.instrument_imports():
         NEED_DATA,
         PREAMBLE,
         Challenge,
+        ChannelState,
         FrameDecoder,
         Hello,
         Manifest,
         PacketHeader,
         PacketTracker,
         PayloadChunk,
-        ReceiverChannelState,
         RemoteProtocolError,
-        SenderChannelState,
         Welcome,
         ZeroRange,
     )
@@ -62,8 +61,8 @@ def run(data: bytes) -> None:
     receiving, keyed, cuts, stream = split(data)
     decoder = FrameDecoder(expect_preamble=receiving)
     psk = KEY if keyed else None
-    receiver = ReceiverChannelState(psk=psk)
-    sender = SenderChannelState(psk=psk)
+    receiver = ChannelState.receiver(psk=psk)
+    sender = ChannelState.sender(psk=psk)
     if not receiving:
         # Put the sender where answers are expected: after its CHALLENGE or HELLO.
         if keyed:

@@ -40,11 +40,11 @@ class Figures:
 
     def add(self, stats: JobStats, engine: dict[str, Any] | None = None) -> None:
         """Add one job's figures (``engine``: live engine counters, else the job's)."""
-        self.image_bytes += stats.done_bytes
+        self.image_bytes += stats.counters.done_bytes
         self.transferred += stats.transferred
-        self.zero_pages += stats.duplicate
-        self.normal_pages += stats.normal
-        self.normal_bytes += stats.normal_bytes
+        self.zero_pages += stats.counters.zero_pages
+        self.normal_pages += stats.counters.normal_pages
+        self.normal_bytes += stats.counters.normal_bytes
         engine = stats.engine if engine is None else engine
         backend = str(engine.get("backend", "")) if engine else ""
         for key, value in (engine or {}).items():

@@ -28,7 +28,6 @@ from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.logs import get_logger
 from dsamig.pages import PageSource
-from dsamig.proto import Error, ErrorCode, encode
 from dsamig.transport.pacing import TokenBucket, fair_shares
 from dsamig.transport.sender import Sender
 
@@ -202,15 +201,10 @@ class SenderDaemon(Daemon):
 
     def _cancel(self, job: SendingJob, reason: str) -> None:
         job.cancel_reason = reason
-        # Tell the receiver why, so it records a cancellation rather than a
-        # broken connection; it deletes the partial file either way.  Every
-        # write so far was whole frames, so the ERROR lands on a frame boundary.
+        # The sender tells the receiver why, so it records a cancellation
+        # rather than a broken connection (and deletes the partial file).
         if job.sender is not None:
-            frame = encode(Error(code=ErrorCode.CANCELLED, message=reason))
-            for channel in job.sender.channels:
-                transport = channel.transport
-                if transport is not None and not transport.is_closing():
-                    transport.write(frame)
+            job.sender.cancel(reason)
         if job.task is not None:
             job.task.cancel()
 

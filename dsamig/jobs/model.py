@@ -146,7 +146,7 @@ class JobRecord:
         }
         if self.stats is not None:
             out["total"] = self.stats.total
-            out["remaining"] = max(self.stats.total - self.stats.done_bytes, 0)
+            out["remaining"] = max(self.stats.total - self.stats.counters.done_bytes, 0)
         if self.error is not None:
             out["error-desc"] = self.error
         return out

@@ -1,16 +1,41 @@
 """The dsamig wire protocol, version 1, without I/O.
 
 Bytes in, frames out: :class:`FrameDecoder` parses a channel's byte stream,
-:func:`encode` and :func:`encode_packet_header` produce one, and the classes
-of :mod:`dsamig.proto.state` check the order of frames and the job's packets.
+:func:`encode` and :func:`encode_packet_header` produce one.
+:class:`ChannelState` (``channel``) checks the order of one channel's frames;
+:class:`PacketTracker` (``tracker``), :class:`JobDigest` (``digest``) and the
+checkpoint format (``checkpoint``) keep a job's books; the job cores
+(``send_core``, ``receive_core``) make every per-job decision.
 docs/protocol.md is the normative description.
 """
 
 from __future__ import annotations
 
 from dsamig.proto.auth import MIN_PSK_SIZE
+from dsamig.proto.channel import (
+    RECEIVER_CLOSE_OK,
+    RECEIVER_TRANSITIONS,
+    SENDER_CLOSE_OK,
+    SENDER_TRANSITIONS,
+    TRANSITIONS,
+    ChannelState,
+    Direction,
+    ReceiverState,
+    Role,
+    SenderState,
+)
+from dsamig.proto.checkpoint import Progress
+from dsamig.proto.counters import JobCounters
 from dsamig.proto.decoder import FrameDecoder
-from dsamig.proto.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from dsamig.proto.digest import JobDigest, packet_record
+from dsamig.proto.errors import (
+    ChannelRefusedError,
+    ErrorCode,
+    LimitExceededError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from dsamig.proto.frames import (
     AUTH_HMAC_SHA256,
     AUTH_MAC_SIZE,
@@ -60,28 +85,28 @@ from dsamig.proto.frames import (
     encode_preamble,
     frame_type,
 )
-from dsamig.proto.state import (
-    DEFAULT_MAX_PACKETS,
-    RECEIVER_CLOSE_OK,
-    RECEIVER_TRANSITIONS,
-    SENDER_CLOSE_OK,
-    SENDER_TRANSITIONS,
-    Direction,
-    JobDigest,
-    PacketTracker,
-    Progress,
-    ReceiverChannelState,
-    ReceiverState,
-    SenderChannelState,
-    SenderState,
-    packet_record,
+from dsamig.proto.receive_core import (
+    Checkpoint,
+    ReceiveJobCore,
+    checkpoint_bytes,
+    manifest_problem,
+    window_bytes,
 )
+from dsamig.proto.send_core import (
+    CHUNK_PACKETS,
+    Chunk,
+    ImageChangedError,
+    SendJobCore,
+    plan_chunks,
+)
+from dsamig.proto.tracker import DEFAULT_MAX_PACKETS, PacketTracker
 
 __all__ = [
     "AUTH_HMAC_SHA256",
     "AUTH_MAC_SIZE",
     "AUTH_NONCE_SIZE",
     "CHECKSUM_CRC32C",
+    "CHUNK_PACKETS",
     "CLOSED",
     "DEFAULT_MAX_PACKETS",
     "DIGEST_SHA256_RECORDS",
@@ -110,8 +135,13 @@ __all__ = [
     "RECEIVER_TRANSITIONS",
     "SENDER_CLOSE_OK",
     "SENDER_TRANSITIONS",
+    "TRANSITIONS",
     "Ack",
     "Challenge",
+    "ChannelRefusedError",
+    "ChannelState",
+    "Checkpoint",
+    "Chunk",
     "Commit",
     "CommitRequest",
     "Direction",
@@ -123,7 +153,10 @@ __all__ = [
     "FrameDecoder",
     "FrameType",
     "Hello",
+    "ImageChangedError",
+    "JobCounters",
     "JobDigest",
+    "LimitExceededError",
     "LocalProtocolError",
     "Manifest",
     "PacketHeader",
@@ -131,18 +164,23 @@ __all__ = [
     "PayloadChunk",
     "Progress",
     "ProtocolError",
-    "ReceiverChannelState",
+    "ReceiveJobCore",
     "ReceiverState",
     "RemoteProtocolError",
     "ResumeState",
-    "SenderChannelState",
+    "Role",
+    "SendJobCore",
     "SenderState",
     "Sentinel",
     "Welcome",
     "ZeroRange",
+    "checkpoint_bytes",
     "encode",
     "encode_packet_header",
     "encode_preamble",
     "frame_type",
+    "manifest_problem",
     "packet_record",
+    "plan_chunks",
+    "window_bytes",
 ]

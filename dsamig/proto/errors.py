@@ -47,8 +47,25 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids."""
 
 
+class LimitExceededError(RemoteProtocolError):
+    """The peer went beyond one of this side's limits (reconnects, a minimum
+    rate). What it sent is sound, so a receiver keeps it for a resume."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.REJECTED)
+
+
+class ChannelRefusedError(RemoteProtocolError):
+    """One channel is refused (a stray or forged HELLO); its job goes on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.REJECTED)
+
+
 __all__ = [
+    "ChannelRefusedError",
     "ErrorCode",
+    "LimitExceededError",
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",

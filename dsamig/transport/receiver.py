@@ -1,10 +1,12 @@
 """The receiving side: a listener that routes channels to jobs, and the jobs.
 
-Payload bytes go from the socket straight into a per-channel buffer sized for
-one packet (``recv_into`` through ``asyncio.BufferedProtocol``), are verified
-against their CRC32C there and written to the sink with one ``pwrite`` per run
-of normal pages.  Headers are read with exact-size reads so payload bytes
-never pass through the decoder's buffer.
+Every decision of a job is its :class:`ReceiveJobCore`'s (``dsamig.proto``);
+this module moves the bytes and runs the timers. Payload bytes go from the
+socket straight into a per-channel buffer sized for one packet (``recv_into``
+through ``asyncio.BufferedProtocol``), are verified against their CRC32C there
+and written to the sink with one ``pwrite`` per run of normal pages. Headers
+are read with exact-size reads so payload bytes never pass through the
+decoder's buffer.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from dsamig.proto import (
     RECEIVER_MAX_BODY,
     Ack,
     Challenge,
+    ChannelRefusedError,
+    ChannelState,
+    Checkpoint,
     Commit,
     CommitRequest,
     End,
@@ -39,40 +44,34 @@ from dsamig.proto import (
     Frame,
     FrameDecoder,
     Hello,
-    Manifest,
+    LimitExceededError,
     PacketHeader,
     PacketTracker,
     PayloadChunk,
-    Progress,
     ProtocolError,
-    ReceiverChannelState,
+    ReceiveJobCore,
     ReceiverState,
     RemoteProtocolError,
     Welcome,
     ZeroRange,
     encode,
+    manifest_problem,
 )
 from dsamig.settings import ReceiverLimits
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Timeouts, checkpoint_bytes, tune_socket
+from dsamig.transport.common import Timeouts, tune_socket
 from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 
 SinkFactory = Callable[[Hello], PageSink]
-
-# A checkpoint (fsync + progress record, then ACKs) is taken when
-# common.checkpoint_bytes() of payload were stored since the last one, at a
-# channel's END, or after CHECKPOINT_INTERVAL_S while data arrives; and never
-# so often that writing the records (4 bytes per packet) exceeds
-# CHECKPOINT_RECORD_BYTES_PER_S, whatever the sender does.
-CHECKPOINT_INTERVAL_S = 0.25
-CHECKPOINT_RECORD_BYTES_PER_S = 32 * 1024 * 1024
+Clock = Callable[[], float]
 
 
 class JobFailedError(TransferError):
     """A receiving job failed; ``code`` is what the sender is told.
 
-    ``resumable`` failures (the sender vanished) keep the partial file and its
-    checkpoint so that the sender can resume; the others delete them.
+    ``resumable`` failures (the sender vanished, or went beyond a limit) keep
+    the partial file and its checkpoint so that the sender can resume; the
+    others delete them.
     """
 
     def __init__(
@@ -82,12 +81,12 @@ class JobFailedError(TransferError):
         self.code = code
         self.resumable = resumable
 
-
-class ChannelRefusedError(JobFailedError):
-    """One channel is refused (a stray or forged HELLO); its job goes on."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, ErrorCode.REJECTED)
+    @classmethod
+    def of(cls, exc: ProtocolError, prefix: str = "") -> JobFailedError:
+        """The job failure a protocol error from the peer makes; a peer that
+        merely went beyond a limit leaves a sound partial file behind."""
+        return cls(prefix + exc.message, exc.code,
+                   resumable=isinstance(exc, LimitExceededError))
 
 
 class CorruptPacketError(JobFailedError):
@@ -99,113 +98,68 @@ class CorruptPacketError(JobFailedError):
 
 
 class ReceiverJob:
-    """One job being received: its sink, its channels and its packet tracker."""
+    """One job being received: its core, its sink, its channels, its timers."""
 
     def __init__(self, hello: Hello, sink: PageSink, server: ReceiverServer) -> None:
-        assert hello.manifest is not None
-        self.acks = bool(hello.features & FEATURE_ACKS)
+        self.server = server
+        self.clock = server.clock
+        self.core = ReceiveJobCore(hello, server.limits, self.clock())
+        self.manifest = self.core.manifest
         self.job_id = hello.job_id
         self.name = hello.name
-        self.manifest: Manifest = hello.manifest
         self.channel_count = hello.channel_count
+        self.acks = self.core.acks
         self.sink = sink
-        self.server = server
-        self.limits = server.limits
-        self.tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets)
-        self.tracker.tolerant = self.acks
-        self.resumed_packets = 0
         self.superseded = False  # a resuming sender took the destination over
         self.peer_host = "?"  # the host that opened the job (limits per peer)
-        self.sessions = 1  # channel 0's HELLOs, and channels that reconnected alone
         self.channels: dict[int, ReceiverChannel] = {}
-        self._joined: set[int] = set()  # channel indexes that ever attached
-        self.ended: set[int] = set()
         self.all_ended = asyncio.Event()
-        self.stats = JobStats(
-            role="receiver", total=self.manifest.image_size, page_size=self.manifest.page_size
-        )
+        self.stats = JobStats(role="receiver", total=self.manifest.image_size,
+                              page_size=self.manifest.page_size, counters=self.core.counters)
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[JobStats] = loop.create_future()
-        self.last_progress = time.monotonic()
         self.log = get_logger(job=str(self.job_id), name=self.name, role="receiver")
         self._watchdog = asyncio.ensure_future(self._watch())
         self._commit_task: asyncio.Task[None] | None = None
-        # Checkpoints: payload bytes stored since the last one; the tracker's
-        # packet count it covers (the job is "dirty" when that moved); when
-        # the next may start; whether one is being written, and whether
-        # another is due after it.
-        self._uncheckpointed_bytes = 0
-        self._checkpoint_bytes = checkpoint_bytes(self.manifest, self.channel_count)
-        self._checkpointed_packets = 0
-        record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
-        self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
-        self._last_checkpoint = time.monotonic()
-        self._checkpointing: asyncio.Future[None] | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
-        self._checkpoint_again = False
+        self._checkpointing: asyncio.Future[None] | None = None
+
+    @property
+    def tracker(self) -> PacketTracker:
+        """The core's packet tracker."""
+        return self.core.tracker
 
     def resume_from(self, record: bytes | None) -> None:
         """Continue in a kept partial file from its checkpoint, or start afresh.
 
-        Only the packets the checkpoint records are known; any other byte of
-        the file may be left from a receiver killed between writing and
-        checkpointing, and a zero page is never written over it. So every
-        packet not done is cleared before data is accepted, and without a
-        usable checkpoint the file starts empty.
+        Only the packets the checkpoint records are known: the core names the
+        byte ranges to clear, and without a usable checkpoint the file starts
+        empty.
         """
-        progress = None
-        if record is not None:
-            try:
-                progress = Progress.from_bytes(record)
-            except ValueError as exc:
-                self.log.warning("checkpoint ignored", reason=str(exc))
-            else:
-                if progress.manifest != self.manifest:
-                    self.log.warning("checkpoint ignored", reason="another image layout")
-                    progress = None
-        if progress is not None:
-            self.tracker.restore(progress)
-            runs = (self.manifest.range_bytes(first, count)
-                    for first, count in self.tracker.not_done_runs())
-            if not self.sink.discard(runs):
-                self.log.warning("checkpoint ignored",
-                                 reason="the file system cannot punch holes")
-                self.tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets)
-                self.tracker.tolerant = self.acks
-                progress = None
-        if progress is None:
+        ranges, reason = self.core.restore(record)
+        if ranges is not None and not self.sink.discard(ranges):
+            self.core.forget_restored()
+            ranges, reason = None, "the file system cannot punch holes"
+        if ranges is None:
+            if reason != "no checkpoint":
+                self.log.warning("checkpoint ignored", reason=reason)
             self.sink.reset()
             return
-        self._checkpointed_packets = progress.received_packets
-        self.resumed_packets = progress.received_packets
-        self.stats.extra["resumed-packets"] = progress.received_packets
-        self.stats.duplicate = progress.zero_pages
-        self.stats.normal = progress.normal_pages
-        self.stats.done_bytes = self.tracker.done_bytes
-        self.log.info("job resumed", packets_done=progress.received_packets,
+        self.log.info("job resumed", packets_done=self.core.counters.resumed_packets,
                       packets=self.manifest.packet_count)
-
-    def _new_session(self) -> None:
-        """Count a reconnect; a sender that keeps reconnecting is refused."""
-        self.sessions += 1
-        if self.sessions > self.limits.max_sessions:
-            exc = JobFailedError(
-                f"the sender opened {self.sessions} sessions of this job (reconnects), more "
-                f"than this receiver's max_sessions {self.limits.max_sessions}",
-                ErrorCode.REJECTED, resumable=True,
-            )
-            self.fail(exc)
-            raise exc
 
     def restart_session(self) -> None:
         """Channel 0 said HELLO again: the sender lost its channels and starts
         over from our RESUME_STATE; the old connections are done with."""
-        self._new_session()
+        try:
+            self.core.restart_session(self.clock())
+        except LimitExceededError as exc:
+            self.fail(JobFailedError.of(exc))
+            raise
         for channel in list(self.channels.values()):
             channel.detach()
             channel.close()
         self.channels.clear()
-        self.ended.clear()
         self.all_ended.clear()
         self.stats.earlier_transferred += sum(c.transferred for c in self.stats.channels)
         self.stats.channels.clear()
@@ -214,21 +168,16 @@ class ReceiverJob:
     def finished(self) -> bool:
         return self.done.done()
 
-    def attach(self, channel: ReceiverChannel, hello: Hello) -> None:
-        """Join a channel to the job; ChannelRefusedError refuses that channel
-        alone (a stray or forged HELLO must not end a running job)."""
-        if hello.channel_count != self.channel_count:
-            raise ChannelRefusedError(
-                f"channel {hello.channel_index} says {hello.channel_count} channels, "
-                f"channel 0 said {self.channel_count}"
-            )
+    def attach(self, channel: ReceiverChannel, hello: Hello) -> int:
+        """Join a channel to the job; its generation. ChannelRefusedError
+        refuses that channel alone."""
         index = hello.channel_index
+        try:
+            generation = self.core.attach(index, hello.channel_count, self.clock())
+        except LimitExceededError as exc:
+            self.fail(JobFailedError.of(exc))
+            raise
         old = self.channels.get(index)
-        if old is not None and not self.acks:
-            raise ChannelRefusedError(f"channel index {index} is already connected")
-        if index in self._joined and index != 0:  # channel 0's HELLO restarted the session
-            self._new_session()
-        self._joined.add(index)
         if old is not None:
             # The sender reconnected this channel: the old connection is stale.
             old.detach()
@@ -236,21 +185,30 @@ class ReceiverJob:
         for stale in [s for s in self.stats.channels if s.index == index]:
             self.stats.earlier_transferred += stale.transferred
             self.stats.channels.remove(stale)
-        self.ended.discard(hello.channel_index)
         self.all_ended.clear()
-        self.channels[hello.channel_index] = channel
+        self.channels[index] = channel
         self.stats.channels.append(channel.stats)
         self.stats.channels.sort(key=lambda c: c.index)
-        if len(self.channels) == self.channel_count:
+        if self.core.all_attached:
             self.stats.mark_setup_done()
             self.stats.status = "active"
+        return generation
+
+    def detach(self, channel: ReceiverChannel) -> None:
+        """A channel left the job (closed, or replaced by a reconnect)."""
+        self.core.detach(channel.index, channel.generation,
+                         None if channel.again else channel.current)
+        if self.channels.get(channel.index) is channel:
+            del self.channels[channel.index]
 
     @property
     def packet_bytes(self) -> int:
         """The payload buffer a channel needs: one whole packet."""
         return self.manifest.packet_pages * self.manifest.page_size
 
-    def packet_received(self, header: PacketHeader, payload: memoryview, again: bool) -> None:
+    def packet_received(
+        self, index: int, header: PacketHeader, payload: memoryview, again: bool
+    ) -> None:
         """Verify and store one packet whose payload is complete in ``payload``.
 
         ``again``: the packet is already stored (a retransmission after a
@@ -262,115 +220,69 @@ class ReceiverJob:
                 f"packet {header.packet_number}: payload CRC32C {crc:#010x} "
                 f"!= {header.payload_crc:#010x} (corrupted in transit)"
             )
-        manifest = self.manifest
-        offset, span = manifest.range_bytes(header.packet_number, 1)
-        if again or self.tracker.is_done(header.packet_number):
-            self.tracker.packet_done(header, crc)  # compares the record
-            return
-        try:
-            self.sink.write_packet(payload, header.zero_bitmap, manifest.page_size, offset, span)
-        except SinkError as exc:
-            # Keep what is stored: once space is freed the sender can resume.
-            raise JobFailedError(str(exc), ErrorCode.IO, resumable=self.acks) from None
-        self.tracker.packet_done(header, crc)
-        self._uncheckpointed_bytes += span
-        zero = int.from_bytes(header.zero_bitmap, "little").bit_count()
-        self.stats.duplicate += zero
-        self.stats.normal += header.page_count - zero
-        self.stats.normal_bytes += header.payload_length
-        self.stats.done_bytes = self.tracker.done_bytes
-        self.last_progress = time.monotonic()
+        if not again:
+            offset, span = self.manifest.range_bytes(header.packet_number, 1)
+            try:
+                self.sink.write_packet(payload, header.zero_bitmap, self.manifest.page_size,
+                                       offset, span)
+            except SinkError as exc:
+                # Keep what is stored: once space is freed the sender can resume.
+                raise JobFailedError(str(exc), ErrorCode.IO, resumable=self.acks) from None
+        self.core.packet_stored(index, header, crc, again, self.clock())
+        self.checkpoint(urgent=False)
 
-    def zero_range_received(self, frame: ZeroRange) -> None:
-        tracker = self.tracker
-        before = tracker.received_packets, tracker.zero_pages
-        tracker.check_zero_range(frame)
-        tracker.zero_range_done(frame)
-        if tracker.received_packets != before[0]:
-            self.stats.duplicate += tracker.zero_pages - before[1]
-            self.stats.done_bytes = tracker.done_bytes
-            self.last_progress = time.monotonic()
+    def zero_range_received(self, index: int, frame: ZeroRange) -> None:
+        self.core.zero_range(index, frame, self.clock())
+        self.checkpoint(urgent=False)
 
     def channel_ended(self, index: int) -> None:
-        self.ended.add(index)
-        self.last_progress = time.monotonic()
-        if self.acks:
-            self.checkpoint()  # the sender waits for the ACKs of its last frames
-        if len(self.ended) == self.channel_count:
+        if self.core.channel_ended(index, self.clock()):
             self.all_ended.set()
+        self.checkpoint(urgent=True)  # the sender waits for the ACKs of its last frames
 
-    def data_stored(self) -> None:
-        """A data frame was stored: checkpoint when enough piled up."""
-        if self.acks and self._uncheckpointed_bytes >= self._checkpoint_bytes:
-            self.checkpoint()
-
-    @property
-    def _dirty(self) -> bool:
-        """Whether packets were recorded since the last checkpoint was taken."""
-        return self.tracker.received_packets != self._checkpointed_packets
-
-    def checkpoint(self) -> None:
-        """Make what is stored durable, record it beside the partial file, then
-        ACK each channel up to what the checkpoint covers.  An ACK therefore
-        means "durable": after a crash nothing acknowledged is sent again.
-
-        Frames that recorded nothing new (repeats, END) need no checkpoint:
-        they are acknowledged at once, or after the checkpoint being written.
-        Checkpoints are spaced so that their records are written at no more
-        than CHECKPOINT_RECORD_BYTES_PER_S, whatever the sender sends.
-        """
+    def checkpoint(self, *, urgent: bool) -> None:
+        """Make what is stored durable when the core says so, then ACK each
+        channel up to what the checkpoint covers: an ACK means "durable"."""
         if self._commit_task is not None or self.done.done():
             return  # the commit makes everything durable itself
-        if self._checkpointing is not None:
-            self._checkpoint_again = True
-            return
-        if not self._dirty:
-            self._acknowledge(self._acks_due())
-            return
-        wait_s = self._last_checkpoint + self._checkpoint_gap_s - time.monotonic()
-        if wait_s > 0:
+        action = self.core.checkpoint(self.clock(), urgent=urgent)
+        if action is Checkpoint.ACK:
+            self._send_acks(self.core.acks_due())
+        elif action is Checkpoint.LATER:
             if self._checkpoint_timer is None:
                 self._checkpoint_timer = asyncio.get_running_loop().call_later(
-                    wait_s, self._checkpoint_timer_fired)
-            return
-        self._checkpoint_again = False
-        self._uncheckpointed_bytes = 0
-        self._last_checkpoint = time.monotonic()
-        self._checkpointed_packets = self.tracker.received_packets
-        progress = self.tracker.snapshot().to_bytes()
-        acks = self._acks_due()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self.sink.checkpoint, progress)
-        self._checkpointing = future
-        future.add_done_callback(lambda f: self._checkpointed(f, acks))
+                    self.core.checkpoint_delay_s, self._checkpoint_timer_fired)
+        elif action is Checkpoint.TAKE:
+            record = self.core.begin_checkpoint(self.clock())
+            future = asyncio.get_running_loop().run_in_executor(
+                None, self.sink.checkpoint, record)
+            self._checkpointing = future
+            future.add_done_callback(self._checkpointed)
 
     def _checkpoint_timer_fired(self) -> None:
         self._checkpoint_timer = None
-        self.checkpoint()
+        self.checkpoint(urgent=True)
 
-    def _acks_due(self) -> list[tuple[ReceiverChannel, int, int]]:
-        return [(ch, ch.frames_done, ch.packets_done) for ch in self.channels.values()]
-
-    def _acknowledge(self, acks: list[tuple[ReceiverChannel, int, int]]) -> None:
-        for channel, frames, packets in acks:
-            if channel.job is self and frames > channel.frames_acked:  # still attached
-                channel.frames_acked = frames
-                channel.send_frame(Ack(frames=frames, packets=packets))
-
-    def _checkpointed(
-        self, future: asyncio.Future[None], acks: list[tuple[ReceiverChannel, int, int]]
-    ) -> None:
+    def _checkpointed(self, future: asyncio.Future[None]) -> None:
         self._checkpointing = None
         exc = future.exception()  # retrieved even when the job ended meanwhile
         if self.done.done():
             return
         if exc is not None:
+            self.core.checkpoint_failed()
             message = str(exc) if isinstance(exc, SinkError) else f"checkpoint failed: {exc}"
             self.fail(JobFailedError(message, ErrorCode.IO, resumable=True))
             return
-        self._acknowledge(acks)
-        if self._checkpoint_again:
-            self.checkpoint()
+        acks, again = self.core.checkpoint_written()
+        self._send_acks(acks)
+        if again:
+            self.checkpoint(urgent=True)
+
+    def _send_acks(self, acks: list[tuple[int, Ack]]) -> None:
+        for index, ack in acks:
+            channel = self.channels.get(index)
+            if channel is not None:
+                channel.send_frame(ack)
 
     def commit_requested(self, request: CommitRequest) -> None:
         if self._commit_task is None:
@@ -382,16 +294,16 @@ class ReceiverJob:
             try:
                 await asyncio.wait_for(self.all_ended.wait(), timeouts.idle_s)
             except TimeoutError:
-                missing = sorted(set(range(self.channel_count)) - self.ended)
+                missing = sorted(set(range(self.channel_count)) - self.core.ended)
                 raise JobFailedError(f"channels {missing} never sent END") from None
             self.stats.status = "completing"
             if self._checkpointing is not None:
                 # Never fsync/close the file under a checkpoint still writing.
                 await asyncio.wait([self._checkpointing], timeout=timeouts.commit_s)
             try:
-                digest = self.tracker.check_commit_request(request)
+                digest = self.core.commit(request)
             except RemoteProtocolError as exc:
-                raise JobFailedError(str(exc), exc.code) from None
+                raise JobFailedError.of(exc) from None
             loop = asyncio.get_running_loop()
             try:
                 await asyncio.wait_for(
@@ -403,8 +315,7 @@ class ReceiverJob:
                 raise JobFailedError(
                     f"commit of {self.sink.path!r} took over {timeouts.commit_s:g} s", ErrorCode.IO
                 ) from None
-            channel = self.channels[0]
-            channel.send_frame(Commit(digest=digest))
+            self.channels[0].send_frame(Commit(digest=digest))
             self.stats.finish("completed")
             self.log.info("job completed", path=self.sink.path, **self.stats.to_dict())
             self._end()
@@ -418,7 +329,8 @@ class ReceiverJob:
             self.fail(exc)
 
     def fail(self, exc: DsamigError) -> None:
-        """Fail the job: tell the sender, close every channel, delete the partial file."""
+        """Fail the job: tell the sender, close every channel, delete the partial
+        file (or keep it for a resume when the failure allows)."""
         if self.done.done():
             return
         code = exc.code if isinstance(exc, JobFailedError) else ErrorCode.INTERNAL
@@ -450,41 +362,19 @@ class ReceiverJob:
         self.channels.clear()
 
     async def _watch(self) -> None:
-        """Fail the job when no channel made progress for ``idle_s``, or when it
-        completes its image slower than ``min_job_rate`` over such a window
-        (a peer trickling frames must not hold a job slot forever)."""
+        """Fail the job when the core says it stalled; take the checkpoints
+        that are due by time alone."""
         idle_s = self.server.timeouts.idle_s
-        tick = min(CHECKPOINT_INTERVAL_S if self.acks else 1.0, idle_s / 4)
-        min_bytes = self.limits.min_job_rate * idle_s
-        window_start, window_bytes = time.monotonic(), self.tracker.done_bytes
+        tick = min(0.25 if self.acks else 1.0, idle_s / 4)
         while not self.done.done():
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            if (
-                self.acks
-                and self._dirty
-                and now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S
-            ):
-                self.checkpoint()
+            self.checkpoint(urgent=False)
             if self._commit_task is not None:
                 continue  # the commit has its own bounds
-            if now - self.last_progress > idle_s:
-                self.fail(JobFailedError(
-                    f"no data from the sender for {idle_s:g} s", resumable=True
-                ))
+            stall = self.core.stalled(self.clock(), idle_s)
+            if stall is not None:
+                self.fail(JobFailedError(stall.message, stall.code, resumable=True))
                 return
-            if now - window_start >= idle_s:
-                moved = self.tracker.done_bytes - window_bytes
-                left = self.manifest.image_size - window_bytes
-                if min_bytes and moved < min(min_bytes, left):
-                    self.fail(JobFailedError(
-                        f"the sender completed {moved} bytes of the image in {idle_s:g} s, "
-                        f"less than this receiver's min_job_rate of "
-                        f"{self.limits.min_job_rate:.0f} bytes/s", ErrorCode.REJECTED,
-                        resumable=True,
-                    ))
-                    return
-                window_start, window_bytes = now, self.tracker.done_bytes
 
 
 class ReceiverChannel(asyncio.BufferedProtocol):
@@ -493,7 +383,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
     def __init__(self, server: ReceiverServer) -> None:
         self.server = server
         self.decoder = FrameDecoder(expect_preamble=True, max_body=RECEIVER_MAX_BODY)
-        self.state = ReceiverChannelState(psk=server.psk)
+        self.state = ChannelState.receiver(psk=server.psk)
         # Small until a HELLO is accepted: an unauthenticated connection costs
         # this buffer (4 KiB) and no more. The packet buffer comes with the job.
         self.header = memoryview(bytearray(FRAME_HEADER_SIZE + RECEIVER_MAX_BODY))
@@ -502,17 +392,13 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.filled = 0
         self.job: ReceiverJob | None = None
         self.index = -1
-        self.stats = ChannelStats(-1)
+        self.generation = 0  # which connection of this channel index, for the core
+        self.stats = ChannelStats(-1, self.state)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_host = "?"
         self.discarding = False  # after an ERROR: read and drop until the peer closes
         self.again = False  # the current packet is already stored (retransmission)
-        # Data frames (and their packets) fully stored on this connection: what
-        # the next checkpoint may acknowledge.
-        self.frames_done = 0
-        self.packets_done = 0
-        self.frames_acked = 0  # what the last ACK on this connection said
         self.unauthenticated = False  # counted by the server's gate until HELLO
 
     # asyncio.BufferedProtocol
@@ -613,11 +499,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.payload = None
         if job is None:
             return
-        if self.current is not None and not self.again:
-            job.tracker.unclaim(self.current.packet_number)
+        job.detach(self)
         self.current = None
-        if job.channels.get(self.index) is self:
-            del job.channels[self.index]
         self.job = None
 
     def _authenticated(self) -> None:
@@ -631,6 +514,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         while True:
             event = self.decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
+                if event is CLOSED:
+                    self.state.on_eof()
                 return
             if isinstance(event, PayloadChunk):
                 self._payload_chunk(event.data)
@@ -640,11 +525,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
                 self._packet_header(event)
             elif isinstance(event, ZeroRange):
                 job = self._job()
-                job.zero_range_received(event)
-                self.stats.packets += event.packet_count
-                self.frames_done += 1
-                self.packets_done += event.packet_count
-                job.data_stored()
+                job.zero_range_received(self.index, event)
             elif isinstance(event, Hello):
                 self._hello(event)
             elif isinstance(event, Challenge):
@@ -667,22 +548,21 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.index = hello.channel_index
         self.stats.index = hello.channel_index
         job = self.server.job_for(hello, self.peer_host)
-        job.attach(self, hello)  # ChannelRefusedError: this channel only
+        self.generation = job.attach(self, hello)  # ChannelRefusedError: this channel only
         self.job = job
         self._authenticated()
-        job.last_progress = time.monotonic()
         # Bounded by the receiver's max_packet_bytes, checked when the job opened.
         self.payload = memoryview(bytearray(job.packet_bytes))
         features = hello.features & (FEATURE_ACKS | FEATURE_RESUME) if job.acks else 0
         self.send_frame(Welcome(job_id=hello.job_id, features=features))
         if features & FEATURE_RESUME:
             # What we hold: the sender skips (and checks) these packets.
-            for frame in job.tracker.resume_frames():
+            for frame in job.core.resume_frames():
                 self.send_frame(frame)
 
     def _packet_header(self, header: PacketHeader) -> None:
         job = self._job()
-        self.again = job.tracker.check_packet(header)
+        self.again = job.core.packet_header(header)
         self.current = header
         self.filled = 0
         if header.payload_length == 0:
@@ -700,7 +580,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         assert header is not None and self.payload is not None
         job = self._job()
         try:
-            job.packet_received(header, self.payload[: header.payload_length], self.again)
+            job.packet_received(self.index, header, self.payload[: header.payload_length],
+                                self.again)
         except CorruptPacketError as exc:
             if job.acks:
                 # Self-healing: drop this connection; the sender reconnects and
@@ -712,21 +593,17 @@ class ReceiverChannel(asyncio.BufferedProtocol):
                 return
             raise
         self.current = None
-        self.stats.packets += 1
-        self.stats.payload_bytes += header.payload_length
-        self.frames_done += 1
-        self.packets_done += 1
-        job.data_stored()
 
-    # output
+    # output: every frame goes through the state machine first
     def send_frame(self, frame: Frame) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            if not isinstance(frame, Error):
-                self.state.on_send(frame)
+            self.state.on_send(frame)
             self.transport.write(encode(frame))
 
     def send_error(self, code: ErrorCode, message: str) -> None:
-        self.send_frame(Error(code=code, message=message))
+        """Report a failure to the peer, if this channel still may."""
+        if self.state.can_send_error:
+            self.send_frame(Error(code=code, message=message))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -752,11 +629,15 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_later(linger_s, transport.close)
 
     def _fail(self, exc: ProtocolError | DsamigError) -> None:
+        refused_alone = isinstance(exc, ChannelRefusedError)
         if isinstance(exc, ProtocolError):
             # Before HELLO there is no channel index; refused() names the peer.
-            where = f"channel {self.index} from {self.peer}: " if self.index >= 0 else ""
-            exc = JobFailedError(f"{where}{exc}", exc.code)
-        if self.job is not None and not isinstance(exc, ChannelRefusedError):
+            # A refusal is about the job, not this channel's bytes: no prefix.
+            about_bytes = not isinstance(exc, ChannelRefusedError | LimitExceededError)
+            where = (f"channel {self.index} from {self.peer}: "
+                     if self.index >= 0 and about_bytes else "")
+            exc = JobFailedError.of(exc, where)
+        if self.job is not None and not refused_alone:
             self.job.fail(exc)
         else:
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
@@ -824,6 +705,7 @@ class ReceiverServer:
     (TLS, pre-shared key) guards every connection, and ``on_refused`` gets one
     line for each connection turned away before it joined a job (failed TLS
     handshake, failed authentication, garbage, too many connections).
+    ``clock`` is the time every job rule is measured with.
     """
 
     def __init__(
@@ -839,6 +721,7 @@ class ReceiverServer:
         on_job_refused: Callable[[Hello, str], None] | None = None,
         security: SecurityConfig | None = None,
         on_refused: Callable[[str], None] | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.host = host
         self.port = port
@@ -851,6 +734,7 @@ class ReceiverServer:
         self.security = security
         self.psk = psk_of(security)
         self.on_refused = on_refused  # told about every connection refused before a job
+        self.clock = clock
         self.jobs: dict[uuid.UUID, ReceiverJob] = {}
         self.channels: set[ReceiverChannel] = set()
         self._server: asyncio.base_events.Server | TlsListener | None = None
@@ -910,30 +794,14 @@ class ReceiverServer:
                 return existing
             raise JobFailedError(f"job {hello.job_id} is already running", ErrorCode.REJECTED)
         try:
-            self._check_manifest(hello.manifest)
+            problem = manifest_problem(hello.manifest, self.limits)
+            if problem is not None:
+                raise JobFailedError(problem, ErrorCode.REJECTED)
             return self._open_job(hello, peer_host)
         except JobFailedError as exc:
             if self.on_job_refused is not None:
                 self.on_job_refused(hello, str(exc))
             raise
-
-    def _check_manifest(self, manifest: Manifest) -> None:
-        """Refuse a geometry beyond this receiver's limits, before anything is opened."""
-        limits = self.limits
-        packet_bytes = manifest.packet_pages * manifest.page_size
-        if packet_bytes > limits.max_packet_bytes:
-            raise JobFailedError(
-                f"packets of {packet_bytes} bytes ({manifest.packet_pages} pages of "
-                f"{manifest.page_size}) exceed this receiver's max_packet_bytes "
-                f"{limits.max_packet_bytes}", ErrorCode.REJECTED)
-        if manifest.image_size > limits.max_image_size:
-            raise JobFailedError(
-                f"an image of {manifest.image_size} bytes exceeds this receiver's "
-                f"max_image_size {limits.max_image_size}", ErrorCode.REJECTED)
-        if manifest.packet_count > limits.max_packets:
-            raise JobFailedError(
-                f"an image of {manifest.packet_count} packets exceeds this receiver's limit "
-                f"of {limits.max_packets} packets", ErrorCode.REJECTED)
 
     def _open_job(self, hello: Hello, peer_host: str) -> ReceiverJob:
         assert hello.manifest is not None
@@ -983,7 +851,7 @@ class ReceiverServer:
         self.jobs[hello.job_id] = job
         job.log.info("job started", channels=hello.channel_count,
                      size=hello.manifest.image_size, path=sink.path,
-                     resumed_packets=job.resumed_packets)
+                     resumed_packets=job.core.counters.resumed_packets)
         if self.on_job_started is not None:
             self.on_job_started(job)
         return job

@@ -21,20 +21,12 @@ import ssl
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from dsamig.errors import ConfigError, TransferError
+from dsamig.errors import ConfigError
 from dsamig.proto import (
-    AUTH_NONCE_SIZE,
     MIN_PSK_SIZE,
-    PREAMBLE,
-    Challenge,
-    Hello,
-    encode,
 )
-
-if TYPE_CHECKING:
-    from dsamig.transport.sender import SenderChannel
 
 #: A key file larger than this is not a key (a misplaced path, an image).
 MAX_PSK_FILE = 64 * 1024
@@ -291,29 +283,6 @@ def psk_of(security: SecurityConfig | None) -> bytes | None:
     return security.psk if security is not None else None
 
 
-async def authenticate(
-    channel: SenderChannel, hello: Hello, timeout_s: float, where: str
-) -> Hello:
-    """Run a sender channel's CHALLENGE exchange; return ``hello`` signed.
-
-    Sends the preamble and our CHALLENGE, waits for the receiver's (whose
-    proof the channel's state machine checks), and signs the HELLO with both
-    nonces.  A wrong key fails the channel with an AUTH error before the
-    HELLO, and so the manifest and job name, ever leave this host.
-    """
-    challenge = Challenge(os.urandom(AUTH_NONCE_SIZE))
-    channel.state.on_send(challenge)
-    channel.send([PREAMBLE, encode(challenge)])
-    try:
-        await asyncio.wait_for(asyncio.shield(channel.challenge), timeout_s)
-    except TimeoutError:
-        raise TransferError(
-            f"receiver {where} did not answer our authentication CHALLENGE in {timeout_s:g} s "
-            "(is it configured with --psk-file?)"
-        ) from None
-    return channel.state.sign_hello(hello)
-
-
 class Gate(Protocol):
     """Bounds on connections not yet authenticated (the receiver's ConnectionGate)."""
 
@@ -422,7 +391,6 @@ class TlsListener:
 __all__ = [
     "SecurityConfig",
     "TlsListener",
-    "authenticate",
     "describe_connection_error",
     "describe_tls_error",
     "psk_of",

@@ -1,5 +1,10 @@
 """The sending side of a job: N channels pumping packets from a PageSource.
 
+Every decision of the job is its :class:`SendJobCore`'s (``dsamig.proto``):
+which chunks to scan, which packets go out as PACKET or ZERO_RANGE or not at
+all, the records, the counts, the resume checks, the COMMIT_REQUEST. This
+module connects, moves the bytes, runs the timers and reconnects.
+
 Per-page work never happens here.  Python handles *chunks* (a few packets, one
 engine batch) and *packets* (one header, a handful of zero-copy slices of the
 mapped image); the engine and ``impl.packet_payload`` handle pages and bytes.
@@ -7,20 +12,18 @@ mapped image); the engine and ``impl.packet_payload`` handle pages and bytes.
 A job runs in *sessions*.  The first connects every channel and streams the
 plan.  When a channel breaks (reset, timeout, a receiver that restarted),
 every channel is closed and a new session reconnects, asking the receiver
-which packets it already holds (RESUME_STATE, from its live tracker or its
-durable checkpoint); those are checked against the image and skipped, the
-rest is sent again.  A sender started with ``resume`` does the same from its
-first session.
+which packets it already holds; the core checks those against the image and
+skips them.  A sender started with ``resume`` does the same from its first
+session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
+import os
 import ssl
 import time
 import uuid
-from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from dsamig.logs import get_logger
 from dsamig.native import impl
 from dsamig.pages import PageSource
 from dsamig.proto import (
+    AUTH_NONCE_SIZE,
     CLOSED,
     FEATURE_ACKS,
     FEATURE_RESUME,
@@ -40,32 +44,34 @@ from dsamig.proto import (
     PREAMBLE,
     Ack,
     Challenge,
+    ChannelState,
+    Chunk,
     Commit,
-    CommitRequest,
     End,
     Error,
     ErrorCode,
+    Frame,
     FrameDecoder,
     Hello,
-    JobDigest,
+    ImageChangedError,
     Manifest,
     PayloadChunk,
     ProtocolError,
     RemoteProtocolError,
     ResumeState,
-    SenderChannelState,
     SenderState,
+    SendJobCore,
     Welcome,
     ZeroRange,
     encode,
     encode_packet_header,
-    packet_record,
+    window_bytes,
 )
+from dsamig.proto.send_core import ZERO
 from dsamig.stats import ChannelStats, JobStats
-from dsamig.transport.common import Drain, Timeouts, tune_socket, window_bytes
+from dsamig.transport.common import Drain, Timeouts, tune_socket
 from dsamig.transport.security import (
     SecurityConfig,
-    authenticate,
     describe_connection_error,
     describe_tls_error,
     psk_of,
@@ -74,7 +80,6 @@ from dsamig.transport.security import (
 DEFAULT_CHANNELS = 4
 DEFAULT_PACKET_SIZE = 512 * 1024
 DEFAULT_PAGE_SIZE = 4096
-CHUNK_PACKETS = 8  # packets per engine batch: 4 MiB at the default packet size
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
@@ -126,39 +131,6 @@ class SendOptions:
             raise ConfigError(f"retry time must not be negative, not {self.retry_for_s}")
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A run of consecutive packets: scanned by the engine, or a known hole."""
-
-    first_packet: int
-    packets: int
-    hole: bool
-
-
-def plan_chunks(
-    manifest: Manifest, data_ranges: list[tuple[int, int]], chunk_packets: int
-) -> Iterator[Chunk]:
-    """Cut the image into chunks; consecutive chunks inside holes become one."""
-    packet_bytes = manifest.page_size * manifest.packet_pages
-    starts = [start for start, _ in data_ranges]
-    hole_from: int | None = None
-    for first in range(0, manifest.packet_count, chunk_packets):
-        count = min(chunk_packets, manifest.packet_count - first)
-        lo, hi = first * packet_bytes, (first + count) * packet_bytes
-        i = bisect.bisect_left(starts, hi)  # ranges starting before hi ...
-        has_data = i > 0 and data_ranges[i - 1][1] > lo  # ... and ending after lo
-        if not has_data:
-            if hole_from is None:
-                hole_from = first
-            continue
-        if hole_from is not None:
-            yield Chunk(hole_from, first - hole_from, True)
-            hole_from = None
-        yield Chunk(first, count, False)
-    if hole_from is not None:
-        yield Chunk(hole_from, manifest.packet_count - hole_from, True)
-
-
 class ChannelLostError(TransferError):
     """A channel broke without the receiver failing the job: worth reconnecting."""
 
@@ -167,20 +139,20 @@ class ReceiverBusyError(TransferError):
     """The receiver refused the job for now (busy, destination in use)."""
 
 
-class ImageChangedError(TransferError):
-    """The receiver holds packets that differ from the image: start clean."""
-
-
 class SenderChannel(asyncio.Protocol):
-    """One TCP connection of a sending job: writes frames, reads answers."""
+    """One TCP connection of a sending job: writes frames, reads answers.
+
+    Every frame, ERROR included, goes through the channel's state machine
+    (:meth:`send_frame`, or :meth:`send_packet` on the hot path).
+    """
 
     def __init__(self, index: int, job: Sender) -> None:
         self.index = index
         self.job = job
-        self.state = SenderChannelState(psk=psk_of(job.options.security))
+        self.state = ChannelState.sender(psk=psk_of(job.options.security))
         self.decoder = FrameDecoder(expect_preamble=False)
         self.drain = Drain()
-        self.stats = ChannelStats(index)
+        self.stats = ChannelStats(index, self.state)
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.challenge: asyncio.Future[Challenge] = loop.create_future()
@@ -190,7 +162,6 @@ class SenderChannel(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         # Data frames sent on this connection with their payload bytes, until
         # the receiver acknowledges them.
-        self.frames_sent = 0
         self.unacked: deque[tuple[int, int]] = deque()
         self.unacked_bytes = 0
         self.acked = asyncio.Event()
@@ -208,9 +179,7 @@ class SenderChannel(asyncio.Protocol):
             self._process()
         except ProtocolError as exc:
             if exc.code is ErrorCode.AUTH:
-                # Say why we hang up, so that the receiver reports it too.
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.write(encode(Error(ErrorCode.AUTH, exc.message)))
+                self.send_error(ErrorCode.AUTH, exc.message)  # so that the receiver says why
                 self._fail(TransferError(f"channel {self.index}: {exc}"))
                 return
             self._fail(TransferError(f"channel {self.index}: receiver broke the protocol: {exc}"))
@@ -254,7 +223,7 @@ class SenderChannel(asyncio.Protocol):
         while True:
             event = self.decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
-                return
+                return  # a close is judged in connection_lost, which can say why
             if isinstance(event, PayloadChunk):
                 raise RemoteProtocolError("the receiver sent a PACKET")
             self.state.on_frame(event)
@@ -267,7 +236,7 @@ class SenderChannel(asyncio.Protocol):
                 if not self.challenge.done():
                     self.challenge.set_result(event)
             elif isinstance(event, ResumeState):
-                self.job.resume_state(event)
+                self.job.core.resume_state(event)
                 if event.last and not self.resumed.done():
                     self.resumed.set_result(None)
             elif isinstance(event, Commit):
@@ -282,10 +251,7 @@ class SenderChannel(asyncio.Protocol):
                 return
 
     def _acknowledged(self, frames: int) -> None:
-        if frames > self.frames_sent:
-            raise RemoteProtocolError(
-                f"ACK of {frames} frames on channel {self.index}, only {self.frames_sent} sent"
-            )
+        # The state machine checked that these frames were sent.
         while self.unacked and self.unacked[0][0] <= frames:
             self.unacked_bytes -= self.unacked.popleft()[1]
         self.acked.set()
@@ -300,19 +266,58 @@ class SenderChannel(asyncio.Protocol):
         self.job.channel_failed(exc)
 
     # frames to the receiver
-    def send(self, buffers: list[bytes | memoryview]) -> None:
-        """Queue ``buffers`` (header and zero-copy payload slices) for the kernel."""
+    def _write(self, buffers: list[bytes | memoryview]) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ChannelLostError(f"receiver closed channel {self.index}{self._why(None)}")
         self.transport.writelines(buffers)
         self.stats.transferred += sum(len(b) for b in buffers)
 
-    def sent_data_frame(self, payload_bytes: int) -> None:
+    def send_frame(self, frame: Frame, *, preamble: bool = False) -> None:
+        """Check ``frame`` against the state machine and queue it for the kernel."""
+        self.state.on_send(frame)
+        self._write([PREAMBLE, encode(frame)] if preamble else [encode(frame)])
+        if isinstance(frame, ZeroRange):
+            self._data_frame(0)
+
+    def send_packet(self, header: bytes, views: list[memoryview], payload_bytes: int) -> None:
+        """Queue one PACKET (encoded header, zero-copy payload slices): the hot path."""
+        self.state.on_send_data(1, 1, payload_bytes)
+        self._write([header, *views])
+        self._data_frame(payload_bytes)
+
+    def send_error(self, code: ErrorCode, message: str) -> None:
+        """Report a failure to the receiver, if this channel still may. Every
+        write so far was whole frames, so the ERROR lands on a frame boundary."""
+        if (
+            self.state.can_send_error
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.send_frame(Error(code=code, message=message))
+
+    def _data_frame(self, payload_bytes: int) -> None:
         """Count a PACKET or ZERO_RANGE for the window of unacknowledged data."""
-        self.frames_sent += 1
         if self.job.acks:
-            self.unacked.append((self.frames_sent, payload_bytes))
+            self.unacked.append((self.state.data_frames, payload_bytes))
             self.unacked_bytes += payload_bytes
+
+    async def authenticate(self, hello: Hello, timeout_s: float, where: str) -> Hello:
+        """Run the CHALLENGE exchange of a pre-shared key; return ``hello`` signed.
+
+        Sends the preamble and our CHALLENGE, waits for the receiver's (whose
+        proof the state machine checks), and signs the HELLO with both
+        nonces. A wrong key fails the channel with an AUTH error before the
+        HELLO, and so the manifest and job name, ever leave this host.
+        """
+        self.send_frame(Challenge(os.urandom(AUTH_NONCE_SIZE)), preamble=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.challenge), timeout_s)
+        except TimeoutError:
+            raise TransferError(
+                f"receiver {where} did not answer our authentication CHALLENGE in "
+                f"{timeout_s:g} s (is it configured with --psk-file?)"
+            ) from None
+        return self.state.sign_hello(hello)
 
     async def wait_window(self, timeout_s: float) -> None:
         """Wait while more than the job's window is unacknowledged (bounded)."""
@@ -331,6 +336,19 @@ class SenderChannel(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 raise ChannelLostError(f"receiver closed channel {self.index}")
 
+    async def wait_acknowledged(self, timeout_s: float) -> None:
+        """Wait until the receiver holds everything this channel sent (bounded)."""
+        while self.unacked:
+            self.acked.clear()
+            try:
+                await asyncio.wait_for(self.acked.wait(), timeout_s)
+            except TimeoutError:
+                raise ChannelLostError(
+                    f"channel {self.index}: no acknowledgement for {timeout_s:g} s"
+                ) from None
+            if self.transport is None or self.transport.is_closing():
+                raise ChannelLostError(f"receiver closed channel {self.index}")
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -341,7 +359,8 @@ class Sender:
 
     ``run()`` returns the job's stats once the receiver has committed the
     destination, and raises a DsamigError (with ``self.stats`` filled in)
-    otherwise.
+    otherwise. ``cancel(reason)`` ends it from outside: the receiver is told
+    why (and drops its partial file) before the channels close.
     """
 
     def __init__(self, source: PageSource, options: SendOptions) -> None:
@@ -353,30 +372,20 @@ class Sender:
             page_size=options.page_size,
             packet_pages=options.packet_size // options.page_size,
         )
-        self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size)
+        self.core = SendJobCore(self.manifest)
+        self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size,
+                              counters=self.core.counters)
         self.window_bytes = window_bytes(self.manifest, options.channels)
         self.engine: ZeroPageEngine | None = None
         self.log = get_logger(job=str(options.job_id), name=options.name, role="sender")
         self.acks = False
-        self.retransmitted_bytes = 0
-        self.sessions = 0
-        self._new_job_state()
+        self.channels: list[SenderChannel] = []
+        self._task: asyncio.Task[JobStats] | None = None
         self._new_session_state()
 
-    def _new_job_state(self) -> None:
-        """What one job accumulates: the digest and which packets it counted."""
-        count = self.manifest.packet_count
-        self.digest = JobDigest(self.manifest)
-        self.recorded = bytearray(count)  # packets whose record (and pages) we counted
-        self.stats.duplicate = self.stats.normal = self.stats.normal_bytes = 0
-        self.stats.done_bytes = 0
-
     def _new_session_state(self) -> None:
-        """What one session knows: the receiver's packets, the live channels."""
-        count = self.manifest.packet_count
-        self.skip = bytearray(count)  # the receiver holds these packets
-        self.remote_records = array("I", [0]) * count
-        self.channels: list[SenderChannel] = []
+        """What one session knows: the live channels and its first failure."""
+        self.channels = []
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def channel_failed(self, exc: DsamigError) -> None:
@@ -387,6 +396,7 @@ class Sender:
             self._failure.exception()  # mark retrieved: run() reports it, or a pump does
 
     async def run(self) -> JobStats:
+        self._task = cast("asyncio.Task[JobStats]", asyncio.current_task())
         try:
             self.engine, reason = create_engine(
                 self.options.engine, threads=self.options.engine_threads, dsa=self.options.dsa
@@ -405,7 +415,7 @@ class Sender:
             self._finish("failed", str(error or exc))
             self.log.warning("job failed", error=str(error or exc))
             if error is not None:
-                self._cancel(str(error))  # nothing to resume from a shrunk image
+                self._tell_receiver(str(error))  # nothing to resume from a shrunk image
                 raise error from None
             raise
         except asyncio.CancelledError:
@@ -416,13 +426,18 @@ class Sender:
             if self.engine is not None:
                 self.engine.close()
 
-    def _cancel(self, message: str) -> None:
-        """Tell the receiver the job is over for good, so that it drops its partial file."""
-        frame = encode(Error(ErrorCode.CANCELLED, message))
+    def cancel(self, reason: str) -> None:
+        """End the job: tell the receiver why (it records a cancellation and
+        drops its partial file), then cancel :meth:`run`, which raises
+        CancelledError and closes the channels."""
+        self._tell_receiver(reason)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _tell_receiver(self, reason: str) -> None:
+        """Send ERROR CANCELLED on every channel that may still carry one."""
         for channel in self.channels:
-            # Frames are written whole, so this lands between two of them.
-            if channel.transport is not None and not channel.transport.is_closing():
-                channel.transport.write(frame)
+            channel.send_error(ErrorCode.CANCELLED, reason)
 
     async def _run_sessions(self) -> None:
         resume = self.options.resume
@@ -435,7 +450,7 @@ class Sender:
                 return
             except ImageChangedError as exc:
                 if restarted_clean:
-                    raise
+                    raise TransferError(str(exc)) from None
                 self.log.warning("resume refused, restarting clean", reason=str(exc))
                 # Just hang up: the receiver hands the destination to the new
                 # job, which starts the partial file afresh.
@@ -443,7 +458,7 @@ class Sender:
                 restarted_clean = True
                 resume = False
                 self.options.job_id = uuid.uuid4()
-                self._new_job_state()
+                self.core.restart_clean()
                 continue
             except (ChannelLostError, NetworkError, ReceiverBusyError) as exc:
                 # Reconnect only a job that got going and talks to a receiver
@@ -470,13 +485,13 @@ class Sender:
                 continue
 
     async def _session(self, resume: bool) -> None:
-        self.sessions += 1
+        self.core.new_session()
         self._new_session_state()
         await self._race(self._connect_all(resume))
-        if self.sessions == 1:
+        if self.core.counters.sessions == 1:
             self.stats.mark_setup_done()
         self.stats.status = "active"
-        chunks = plan_chunks(self.manifest, self.source.data_ranges(), CHUNK_PACKETS)
+        chunks = self.core.plan(self.source.data_ranges())
         pumps = [asyncio.ensure_future(self._pump(ch, chunks)) for ch in self.channels]
         try:
             await self._race(asyncio.gather(*pumps))
@@ -491,8 +506,6 @@ class Sender:
         # Before the engine closes: its threads' CPU time is read from /proc.
         if self.engine is not None:
             self.stats.engine = self.engine.stats()
-        self.stats.extra["retransmitted-bytes"] = self.retransmitted_bytes
-        self.stats.extra["sessions"] = self.sessions
         self.stats.finish(status, error)
 
     async def _race(self, awaitable: Awaitable[T]) -> T:
@@ -546,12 +559,11 @@ class Sender:
             name=opts.name,
             features=features,
         )
-        preamble: list[bytes | memoryview] = [PREAMBLE]
         if channel.state.authenticates:
-            hello = await authenticate(channel, hello, opts.timeouts.handshake_s, where)
-            preamble = []  # sent with our CHALLENGE
-        channel.state.on_send(hello)
-        channel.send([*preamble, encode(hello)])
+            hello = await channel.authenticate(hello, opts.timeouts.handshake_s, where)
+            channel.send_frame(hello)  # the preamble went with our CHALLENGE
+        else:
+            channel.send_frame(hello, preamble=True)
         try:
             await asyncio.wait_for(asyncio.shield(channel.welcome), opts.timeouts.handshake_s)
         except TimeoutError:
@@ -573,46 +585,13 @@ class Sender:
                                        self.options.timeouts.handshake_s)
             except TimeoutError:
                 raise ChannelLostError("receiver did not finish RESUME_STATE") from None
-            self._verify_known()
+            self.core.verify_known()
         await asyncio.gather(
             *(self._connect(i, FEATURE_ACKS if self.acks else 0)
               for i in range(1, self.options.channels))
         )
         self.channels.sort(key=lambda c: c.index)
         self.stats.channels = [c.stats for c in self.channels]
-
-    def resume_state(self, frame: ResumeState) -> None:
-        """Note which packets the receiver already holds, and their records."""
-        count = self.manifest.packet_count
-        if frame.first_packet + frame.packet_count > count:
-            raise RemoteProtocolError(
-                f"RESUME_STATE packets {frame.first_packet}+{frame.packet_count} beyond "
-                f"packet_count {count}"
-            )
-        bits = int.from_bytes(frame.done_bitmap, "little")
-        offset = 0
-        while bits:
-            low = bits & -bits
-            n = frame.first_packet + low.bit_length() - 1
-            self.skip[n] = 1
-            self.remote_records[n] = int.from_bytes(frame.records[offset : offset + 4], "little")
-            offset += 4
-            bits ^= low
-
-    def _verify_known(self) -> None:
-        """Packets we sent in an earlier session must come back unchanged."""
-        index = self.skip.find(1)
-        while index >= 0:
-            if self.recorded[index]:
-                self._check_remote(index, self.digest.record(index))
-            index = self.skip.find(1, index + 1)
-
-    def _check_remote(self, packet: int, record: int) -> None:
-        if self.remote_records[packet] != record:
-            raise ImageChangedError(
-                f"the receiver's copy of packet {packet} differs from the image: the image "
-                "changed since the interrupted transfer"
-            )
 
     async def _pump(self, channel: SenderChannel, chunks: Iterator[Chunk]) -> None:
         """Take chunks from the shared plan until it is empty; then END."""
@@ -633,13 +612,13 @@ class Sender:
         pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]],
     ) -> None:
         assert self.engine is not None
+        core = self.core
         manifest = self.manifest
         packet_bytes = manifest.page_size * manifest.packet_pages
         view = self.source.view
         # Mapped ranges already queued, with the channel's byte count at their end.
         unreleased: deque[tuple[int, int, int]] = deque()
         idle_s = self.options.timeouts.idle_s
-        skip = self.skip
         while True:
             self.source.check_size()  # a shrunk image fails here, before its pages are touched
             while len(pending) < PIPELINE_DEPTH:
@@ -647,14 +626,10 @@ class Sender:
                 if chunk is None:
                     break
                 future = None
-                first, end = chunk.first_packet, chunk.first_packet + chunk.packets
-                # Scan unless the receiver holds every packet and we checked them.
-                needed = not chunk.hole and (
-                    skip.count(0, first, end) or self.recorded.count(0, first, end)
-                )
-                if needed:
-                    start = first * packet_bytes
-                    stop = min(end * packet_bytes, manifest.image_size)
+                if core.needs_scan(chunk):
+                    start = chunk.first_packet * packet_bytes
+                    stop = min((chunk.first_packet + chunk.packets) * packet_bytes,
+                               manifest.image_size)
                     future = self.engine.submit(
                         view[start:stop], manifest.page_size, manifest.packet_pages
                     )
@@ -664,7 +639,7 @@ class Sender:
             chunk, future = pending.popleft()
             if future is None:
                 if chunk.hole:
-                    self._send_zero_ranges(channel, chunk.first_packet, chunk.packets)
+                    self._send_zero_runs(channel, chunk.first_packet, chunk.packets)
                 # else: every packet is held by the receiver and was checked
             else:
                 detection = await future
@@ -684,21 +659,11 @@ class Sender:
             if channel.unacked_bytes > self.window_bytes:
                 await channel.wait_window(idle_s)
             self._release_sent(channel, unreleased)
-        end_frame = End(packets=channel.stats.packets, payload_bytes=channel.stats.payload_bytes)
-        channel.state.on_send(end_frame)
-        channel.send([encode(end_frame)])
+        channel.send_frame(End(packets=channel.state.packets,
+                               payload_bytes=channel.state.payload_bytes))
         if self.acks:
             # Done only when the receiver holds everything this channel sent.
-            while channel.unacked:
-                channel.acked.clear()
-                try:
-                    await asyncio.wait_for(channel.acked.wait(), idle_s)
-                except TimeoutError:
-                    raise ChannelLostError(
-                        f"channel {channel.index}: no acknowledgement for {idle_s:g} s"
-                    ) from None
-                if channel.transport is None or channel.transport.is_closing():
-                    raise ChannelLostError(f"receiver closed channel {channel.index}")
+            await channel.wait_acknowledged(idle_s)
 
     def _release_sent(
         self, channel: SenderChannel, unreleased: deque[tuple[int, int, int]]
@@ -717,127 +682,44 @@ class Sender:
             start, end, _ = unreleased.popleft()
             self.source.release(start, end)
 
-    def _count_zero_packets(self, first: int, count: int) -> None:
-        """Record zero packets in the digest and the stats, once per packet."""
-        manifest = self.manifest
-        new = self.recorded.count(0, first, first + count)
-        if new != count:
-            for n in range(first, first + count):
-                if self.recorded[n] and self.digest.record(n) != self.digest.zero_record(n):
-                    raise ImageChangedError(f"packet {n} of the image changed during the job")
-        if new == count:
-            self.digest.record_zero_range(first, count)
-            self.stats.duplicate += manifest.range_pages(first, count)
-            self.stats.done_bytes += manifest.range_bytes(first, count)[1]
-        else:
-            for n in range(first, first + count):
-                if not self.recorded[n]:
-                    self.digest.record_zero_range(n, 1)
-                    self.stats.duplicate += manifest.range_pages(n, 1)
-                    self.stats.done_bytes += manifest.range_bytes(n, 1)[1]
-        self.recorded[first : first + count] = b"\x01" * count
-
-    def _send_zero_ranges(self, channel: SenderChannel, first: int, count: int) -> None:
-        """Send packets ``first .. first+count-1`` (all zero) as ZERO_RANGE frames,
-        leaving out those the receiver holds (whose records must be zero ones)."""
-        self._count_zero_packets(first, count)
-        end = first + count
-        n = first
-        skip = self.skip
-        while n < end:
-            if skip[n]:
-                self._check_remote(n, self.digest.record(n))
-                n += 1
-                continue
-            run_end = skip.find(1, n, end)
-            run_end = end if run_end < 0 else run_end
-            channel.state.on_send_data(run_end - n, 0)
-            channel.send([encode(ZeroRange(first_packet=n, packet_count=run_end - n))])
-            channel.sent_data_frame(0)
-            channel.stats.packets += run_end - n
-            n = run_end
+    def _send_zero_runs(self, channel: SenderChannel, first: int, count: int) -> None:
+        """Packets ``first .. first+count-1`` are all zero: ZERO_RANGE frames for
+        those the receiver does not hold."""
+        for run_first, run_count in self.core.zero_runs(first, count):
+            channel.send_frame(ZeroRange(first_packet=run_first, packet_count=run_count))
 
     def _send_chunk(self, channel: SenderChannel, chunk: Chunk, detection: Detection) -> None:
-        """Send a scanned chunk: PACKETs for packets with data, ZERO_RANGE for the rest;
-        packets the receiver holds are only checked."""
+        """Send a scanned chunk as the core lays it out."""
+        core = self.core
         manifest = self.manifest
         page_size = manifest.page_size
         view = self.source.view
-        bitmaps = detection.bitmaps
-        # The all-zero bitmaps: of a full packet, and of the (maybe shorter) last one.
-        last = manifest.packet_count - 1
-        full_zero = manifest.full_zero_bitmap(0)
-        last_zero = manifest.full_zero_bitmap(last)
-        zero_from: int | None = None
-        offset = 0
-        stats = self.stats
-        skip = self.skip
-        end_packet = chunk.first_packet + chunk.packets
-        for number in range(chunk.first_packet, end_packet):
-            pages = manifest.pages_in_packet(number)
-            blen = (pages + 7) >> 3
-            bitmap = bitmaps[offset : offset + blen]
-            offset += blen
-            if bitmap == (last_zero if number == last else full_zero):
-                if zero_from is None:
-                    zero_from = number
+        for kind, first, what in core.chunk_items(chunk, detection.bitmaps):
+            if kind == ZERO:
+                self._send_zero_runs(channel, first, cast(int, what))
                 continue
-            if zero_from is not None:
-                self._send_zero_ranges(channel, zero_from, number - zero_from)
-                zero_from = None
-            start, span = manifest.range_bytes(number, 1)
-            if skip[number] and self.recorded[number]:
-                continue  # checked against the receiver's record when the session began
+            bitmap = cast(bytes, what)
+            start, span = manifest.range_bytes(first, 1)
             views, length, crc = impl.packet_payload(view[start : start + span], bitmap, page_size)
-            if not self.recorded[number]:
-                self.recorded[number] = 1
-                self.digest.record_packet(number, bitmap, crc)
-                zero_pages = int.from_bytes(bitmap, "little").bit_count()
-                stats.duplicate += zero_pages
-                stats.normal += pages - zero_pages
-                stats.normal_bytes += length
-                stats.done_bytes += span
-            elif self.digest.record(number) != packet_record(bitmap, crc):
-                raise ImageChangedError(f"packet {number} of the image changed during the job")
-            else:
-                self.retransmitted_bytes += length
-            if skip[number]:
-                self._check_remote(number, self.digest.record(number))
-                continue
-            channel.state.on_send_data(1, length)
+            if not core.packet(first, bitmap, length, crc):
+                continue  # the receiver holds it (checked)
             # One write per packet, while its bytes are still in cache from the CRC.
-            channel.send([
-                encode_packet_header(number, number * manifest.packet_pages, pages, length, crc,
-                                     bitmap),
-                *views,
-            ])
-            channel.sent_data_frame(length)
-            channel.stats.packets += 1
-            channel.stats.payload_bytes += length
-        if zero_from is not None:
-            self._send_zero_ranges(channel, zero_from, end_packet - zero_from)
+            header = encode_packet_header(first, first * manifest.packet_pages,
+                                          manifest.pages_in_packet(first), length, crc, bitmap)
+            channel.send_packet(header, views, length)
 
     async def _commit(self) -> None:
         channel = self.channels[0]
-        digest = self.digest.digest()
-        request = CommitRequest(
-            packet_count=self.manifest.packet_count,
-            zero_pages=self.stats.duplicate,
-            normal_pages=self.stats.normal,
-            digest=digest,
-        )
-        channel.state.on_send(request)
-        channel.send([encode(request)])
+        channel.send_frame(self.core.commit_request())
         timeout = self.options.timeouts.commit_s
         try:
             commit = await asyncio.wait_for(asyncio.shield(channel.commit), timeout)
         except TimeoutError:
             raise TransferError(f"receiver did not commit within {timeout:g} s") from None
-        if commit.digest != digest:
-            raise TransferError(
-                "receiver committed a different job digest "
-                f"({commit.digest.hex()[:16]}… != {digest.hex()[:16]}…)"
-            )
+        try:
+            self.core.check_commit(commit)
+        except RemoteProtocolError as exc:
+            raise TransferError(exc.message) from None
 
     async def _close_channels(self, *, final: bool = False) -> None:
         """Close the session's channels (``final``: the job's last, whose

@@ -246,7 +246,7 @@ async def test_an_end_with_nothing_new_costs_no_checkpoint(tmp_path) -> None:
             assert isinstance(await again.hello(job.hello(1)), Welcome)
             again.send(End(packets=0, payload_bytes=0))
             again.close()
-        await wait_until(lambda: receiving.sessions == 40)  # one join, 39 reconnects
+        await wait_until(lambda: receiving.core.counters.sessions == 40)  # one join, 39 reconnects
         assert checkpoints == []
         first.close()
 

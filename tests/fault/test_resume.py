@@ -51,8 +51,8 @@ async def test_channel_reset_heals(tmp_path, image_factory, which: str) -> None:
         image, output, cut, channels=4, packet_size=256 * 1024
     )
     assert read_bytes(output) == read_bytes(image)
-    assert (received.duplicate, received.normal) == (zero, normal)
-    assert (sent.duplicate, sent.normal) == (zero, normal)
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
+    assert (sent.counters.zero_pages, sent.counters.normal_pages) == (zero, normal)
     stats = sent.to_dict()
     assert stats["sessions"] >= 2
     # Only what was not yet acknowledged is sent again: at most a window per channel.
@@ -85,7 +85,7 @@ async def test_corrupted_payload_is_resent(tmp_path, image_factory) -> None:
     sent, received = await transfer_in_process(image, output, corrupt, channels=2)
     assert flipped, "no packet was corrupted"
     assert read_bytes(output) == read_bytes(image)
-    assert (received.duplicate, received.normal) == (zero, normal)
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
     assert sent.to_dict()["sessions"] >= 2
 
 
@@ -267,7 +267,7 @@ async def test_resume_clears_what_the_checkpoint_does_not_cover(tmp_path, image_
         f.write(checkpoint_of(image, done))
     _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
     assert read_bytes(output) == read_bytes(image)
-    assert received.extra["resumed-packets"] == len(done)
+    assert received.counters.resumed_packets == len(done)
     assert not os.path.exists(output + ".partial")
 
 
@@ -277,8 +277,8 @@ async def test_a_partial_without_checkpoint_starts_empty(tmp_path, image_factory
     crashed_partial(image, output, done=[], garbage=list(range(8)))
     _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
     assert read_bytes(output) == read_bytes(image)
-    assert "resumed-packets" not in received.extra
-    assert (received.duplicate, received.normal) == (zero, normal)
+    assert received.counters.resumed_packets == 0
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
 
 
 async def test_a_damaged_checkpoint_starts_empty(tmp_path, image_factory) -> None:

@@ -101,6 +101,6 @@ async def test_in_process_with_dedicated_and_shared_queues(tmp_path, image_facto
     sent, received = await transfer_in_process(image, output, channels=4, engine="dsa",
                                                dsa=config)
     assert read_bytes(output) == read_bytes(image)
-    assert (received.duplicate, received.normal) == (zero, normal)
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
     assert sent.engine["wqs"][0]["method"] == ("movdir64b" if mode == "dedicated" else "enqcmd")
     assert sent.engine["timeouts"] == 0

@@ -313,6 +313,6 @@ async def test_psk_on_every_reconnection(tmp_path, image_factory, keys) -> None:
         await proxy.close()
         await server.close()
     assert proxy.connections[0].cut
-    assert stats.extra["sessions"] >= 2 and len(proxy.connections) >= 4
+    assert stats.counters.sessions >= 2 and len(proxy.connections) >= 4
     assert job.stats.status == "completed"
     assert read_bytes(output) == read_bytes(image)

@@ -24,8 +24,8 @@ async def test_byte_identical(tmp_path, image_factory, channels: int, size: int)
     output = str(tmp_path / "out.img")
     sent, received = await transfer_in_process(image, output, channels=channels)
     assert read_bytes(output) == read_bytes(image)
-    assert (sent.duplicate, sent.normal) == (zero, normal)
-    assert (received.duplicate, received.normal) == (zero, normal)
+    assert (sent.counters.zero_pages, sent.counters.normal_pages) == (zero, normal)
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
     assert sent.status == received.status == "completed"
     assert not os.path.exists(output + ".partial")
 
@@ -37,10 +37,10 @@ async def test_engines_give_same_bytes(tmp_path, image_factory, engine: str) -> 
     _sent, received = await transfer_in_process(image, output, channels=2, engine=engine)
     assert read_bytes(output) == read_bytes(image)
     if engine == "none":
-        assert (received.duplicate, received.normal) == (0, zero + normal)
-        assert received.normal_bytes == os.path.getsize(image)
+        assert (received.counters.zero_pages, received.counters.normal_pages) == (0, zero + normal)
+        assert received.counters.normal_bytes == os.path.getsize(image)
     else:
-        assert (received.duplicate, received.normal) == (zero, normal)
+        assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
 
 
 @pytest.mark.parametrize("offset", [0, 2047, 4095])
@@ -52,8 +52,8 @@ async def test_single_byte_makes_a_normal_page(tmp_path, offset: int) -> None:
     output = str(tmp_path / "out.img")
     _sent, received = await transfer_in_process(str(image), output, channels=3)
     assert read_bytes(output) == bytes(data)
-    assert (received.duplicate, received.normal) == (299, 1)
-    assert received.normal_bytes == PAGE
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (299, 1)
+    assert received.counters.normal_bytes == PAGE
 
 
 async def test_destination_is_sparse(tmp_path, image_factory) -> None:
@@ -75,7 +75,7 @@ async def test_sparse_source_holes_are_not_scanned(tmp_path) -> None:
         f.write(b"\x01" * PAGE)
     output = str(tmp_path / "out.img")
     sent, received = await transfer_in_process(str(image), output, channels=2)
-    assert received.normal == 1 and received.duplicate == size // PAGE - 1
+    assert received.counters.normal_pages == 1 and received.counters.zero_pages == size // PAGE - 1
     # The engine saw only the chunk holding data, not the 256 MiB of holes.
     assert sent.engine["pages"] <= 8 * 128
     assert read_bytes(output) == image.read_bytes()
@@ -90,7 +90,7 @@ async def test_packet_and_page_sizes(tmp_path, image_factory, packet_size, page_
         image, output, channels=3, packet_size=packet_size, page_size=page_size
     )
     assert read_bytes(output) == read_bytes(image)
-    assert received.duplicate + received.normal == -(-(5 * 1024 * 1024 + 3) // page_size)
+    assert received.counters.zero_pages + received.counters.normal_pages == -(-(5 * 1024 * 1024 + 3) // page_size)
 
 
 async def test_stats_use_query_migrate_names(tmp_path, image_factory) -> None:

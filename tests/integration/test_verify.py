@@ -69,7 +69,7 @@ async def test_digest_is_the_senders(tmp_path, image_factory) -> None:
         await server.close()
     result = compare(image, output, 4096, 512 * 1024)
     assert result.identical
-    assert result.image_digest == result.dest_digest == sender.digest.digest()
+    assert result.image_digest == result.dest_digest == sender.core.digest.digest()
 
 
 def test_cli_identical(tmp_path, image_factory) -> None:

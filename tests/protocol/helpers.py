@@ -10,6 +10,7 @@ from dsamig.proto import (
     CLOSED,
     NEED_DATA,
     PREAMBLE,
+    ChannelState,
     Commit,
     CommitRequest,
     End,
@@ -22,9 +23,7 @@ from dsamig.proto import (
     PacketHeader,
     PacketTracker,
     PayloadChunk,
-    ReceiverChannelState,
     RemoteProtocolError,
-    SenderChannelState,
     Welcome,
     ZeroRange,
     encode,
@@ -166,7 +165,7 @@ class SentJob:
     zero_pages: int
     normal_pages: int
     commit_request: CommitRequest
-    senders: list[SenderChannelState] = field(default_factory=list)
+    senders: list[ChannelState] = field(default_factory=list)
 
 
 def send_job(
@@ -178,14 +177,14 @@ def send_job(
     zero_ranges: bool = True,
     name: str = "test-job",
 ) -> SentJob:
-    """Encode ``image`` as a job, checked by SenderChannelState on every channel.
+    """Encode ``image`` as a job, checked by ChannelState on every channel.
 
     Packets go round robin; a run of all-zero packets becomes one ZERO_RANGE
     (when ``zero_ranges``) on the channel of its first packet.
     """
     job_id = uuid.UUID(int=0x1234)
     manifest = Manifest(len(image), page_size, packet_pages)
-    senders = [SenderChannelState() for _ in range(channel_count)]
+    senders = [ChannelState.sender() for _ in range(channel_count)]
     streams = [bytearray(encode_preamble()) for _ in range(channel_count)]
     digest = JobDigest(manifest)
     zero_pages = normal_pages = 0
@@ -244,7 +243,7 @@ class ReceivedJob:
 
     image: bytes
     tracker: PacketTracker
-    channels: list[ReceiverChannelState]
+    channels: list[ChannelState]
     commit: Commit | None
 
 
@@ -253,7 +252,7 @@ def receive_job(
 ) -> ReceivedJob:
     """Run the receiver side of a job over its channel streams, in memory.
 
-    Decoder, ReceiverChannelState and PacketTracker together, as the daemon
+    Decoder, ChannelState and PacketTracker together, as the daemon
     will use them: channel 0 first (it opens the job), then the others;
     payloads are written into the rebuilt image and their CRC verified; the
     commit is checked once every channel is read. Raises whatever the
@@ -261,14 +260,14 @@ def receive_job(
     """
     tracker: PacketTracker | None = None
     image = bytearray()
-    channels: list[ReceiverChannelState] = []
+    channels: list[ChannelState] = []
     commit_request: CommitRequest | None = None
     # Channels whose sender closed; applied after COMMIT, since in memory the
     # whole stream (end included) is read before the receiver answers.
-    closed: list[ReceiverChannelState] = []
+    closed: list[ChannelState] = []
     for data in streams:
         decoder = FrameDecoder(expect_preamble=True)
-        channel = ReceiverChannelState()
+        channel = ChannelState.receiver()
         channels.append(channel)
         events = feed(decoder, data, step)
         decoder.receive_data(b"")

@@ -14,6 +14,7 @@ from dsamig.proto import (
     AUTH_MAC_SIZE,
     PREAMBLE,
     Challenge,
+    ChannelState,
     End,
     Error,
     ErrorCode,
@@ -24,10 +25,8 @@ from dsamig.proto import (
     LocalProtocolError,
     Manifest,
     PacketHeader,
-    ReceiverChannelState,
     ReceiverState,
     RemoteProtocolError,
-    SenderChannelState,
     SenderState,
     Welcome,
     ZeroRange,
@@ -50,10 +49,10 @@ def hello(index: int = 0) -> Hello:
 
 def handshake(
     sender_key: bytes = KEY, receiver_key: bytes = KEY
-) -> tuple[SenderChannelState, ReceiverChannelState, Challenge]:
+) -> tuple[ChannelState, ChannelState, Challenge]:
     """Both sides through the CHALLENGE exchange, frames passed as bytes."""
-    sender = SenderChannelState(psk=sender_key)
-    receiver = ReceiverChannelState(psk=receiver_key)
+    sender = ChannelState.sender(psk=sender_key)
+    receiver = ChannelState.receiver(psk=receiver_key)
     ours = Challenge(SENDER_NONCE)
     sender.on_send(ours)
     (decoded,) = transfer(PREAMBLE + encode(ours))
@@ -172,7 +171,7 @@ def test_replayed_hello_is_refused() -> None:
     sender.on_frame(theirs)
     recorded = sender.sign_hello(hello())
     # A new connection: the receiver picks a new nonce, so the old MAC is worthless.
-    receiver = ReceiverChannelState(psk=KEY)
+    receiver = ChannelState.receiver(psk=KEY)
     receiver.on_frame(Challenge(SENDER_NONCE))
     receiver.on_send(receiver.answer_challenge(b"n" * 32))
     with pytest.raises(RemoteProtocolError, match="not signed") as info:
@@ -213,21 +212,21 @@ def test_receiver_proof_cannot_be_reflected_as_a_hello_mac() -> None:
 
 
 def test_keyless_receiver_refuses_a_challenge() -> None:
-    receiver = ReceiverChannelState()
+    receiver = ChannelState.receiver()
     with pytest.raises(RemoteProtocolError, match="none configured") as info:
         receiver.on_frame(Challenge(SENDER_NONCE))
     assert info.value.code is ErrorCode.AUTH
 
 
 def test_keyed_receiver_refuses_an_unauthenticated_hello() -> None:
-    receiver = ReceiverChannelState(psk=KEY)
+    receiver = ChannelState.receiver(psk=KEY)
     with pytest.raises(RemoteProtocolError, match="requires a pre-shared key") as info:
         receiver.on_frame(hello())
     assert info.value.code is ErrorCode.AUTH
 
 
 def test_keyless_receiver_refuses_auth_data() -> None:
-    receiver = ReceiverChannelState()
+    receiver = ChannelState.receiver()
     with pytest.raises(RemoteProtocolError, match="carries 32 bytes of authentication") as info:
         receiver.on_frame(dataclasses.replace(hello(), auth=bytes(32)))
     assert info.value.code is ErrorCode.AUTH
@@ -241,11 +240,11 @@ def test_signed_hello_of_the_wrong_length_is_refused() -> None:
 
 
 def test_unknown_scheme_is_refused_on_both_sides() -> None:
-    receiver = ReceiverChannelState(psk=KEY)
+    receiver = ChannelState.receiver(psk=KEY)
     with pytest.raises(RemoteProtocolError, match="scheme 9 not supported") as info:
         receiver.on_frame(Challenge(SENDER_NONCE, scheme=9))
     assert info.value.code is ErrorCode.AUTH
-    sender = SenderChannelState(psk=KEY)
+    sender = ChannelState.sender(psk=KEY)
     sender.on_send(Challenge(SENDER_NONCE))
     proof = receiver_proof(KEY, SENDER_NONCE, RECEIVER_NONCE)
     with pytest.raises(RemoteProtocolError, match="scheme 2 not supported") as info:
@@ -254,7 +253,7 @@ def test_unknown_scheme_is_refused_on_both_sides() -> None:
 
 
 def test_sender_challenge_carries_no_proof() -> None:
-    receiver = ReceiverChannelState(psk=KEY)
+    receiver = ChannelState.receiver(psk=KEY)
     with pytest.raises(RemoteProtocolError, match="zero proof") as info:
         receiver.on_frame(Challenge(SENDER_NONCE, b"\x01" * 32))
     assert info.value.code is ErrorCode.PROTOCOL
@@ -264,7 +263,7 @@ def test_sender_challenge_carries_no_proof() -> None:
 
 
 def test_sender_cannot_skip_authentication() -> None:
-    sender = SenderChannelState(psk=KEY)
+    sender = ChannelState.sender(psk=KEY)
     with pytest.raises(LocalProtocolError, match="cannot sign a HELLO in state IDLE"):
         sender.on_send(hello())
     sender.on_send(Challenge(SENDER_NONCE))
@@ -282,18 +281,18 @@ def test_sender_must_send_the_signed_hello() -> None:
 
 def test_keyless_sender_sends_no_challenge() -> None:
     with pytest.raises(LocalProtocolError, match="without a pre-shared key"):
-        SenderChannelState().on_send(Challenge(SENDER_NONCE))
+        ChannelState.sender().on_send(Challenge(SENDER_NONCE))
 
 
 def test_receiver_answers_with_its_own_proof_only() -> None:
-    receiver = ReceiverChannelState(psk=KEY)
+    receiver = ChannelState.receiver(psk=KEY)
     receiver.on_frame(Challenge(SENDER_NONCE))
     with pytest.raises(LocalProtocolError, match="not this receiver's proof"):
         receiver.on_send(Challenge(RECEIVER_NONCE, bytes(32)))
     with pytest.raises(LocalProtocolError, match="nonce of 5 bytes"):
         receiver.answer_challenge(b"short")
     with pytest.raises(LocalProtocolError, match="cannot answer a CHALLENGE"):
-        ReceiverChannelState(psk=KEY).answer_challenge(RECEIVER_NONCE)
+        ChannelState.receiver(psk=KEY).answer_challenge(RECEIVER_NONCE)
 
 
 # -- the keyed rows of the state tables, every frame type ----------------------------
@@ -307,8 +306,8 @@ SAMPLE: dict[FrameType, Frame] = {
 }
 
 
-def keyed_receiver_in(state: ReceiverState) -> ReceiverChannelState:
-    receiver = ReceiverChannelState(psk=KEY)
+def keyed_receiver_in(state: ReceiverState) -> ChannelState:
+    receiver = ChannelState.receiver(psk=KEY)
     if state is ReceiverState.AWAIT_HELLO:
         return receiver
     receiver.on_frame(Challenge(SENDER_NONCE))
@@ -365,8 +364,8 @@ def test_challenge_only_opens_a_channel(state: ReceiverState) -> None:
     if state in (ReceiverState.CHALLENGED, ReceiverState.AWAIT_AUTH_HELLO):
         receiver = keyed_receiver_in(state)
     else:
-        receiver = ReceiverChannelState(psk=KEY)
-        sender = SenderChannelState(psk=KEY)
+        receiver = ChannelState.receiver(psk=KEY)
+        sender = ChannelState.sender(psk=KEY)
         sender.on_send(Challenge(SENDER_NONCE))
         receiver.on_frame(Challenge(SENDER_NONCE))
         answer = receiver.answer_challenge(RECEIVER_NONCE)
@@ -389,7 +388,7 @@ def test_sender_reads_challenge_only_when_it_asked(state: SenderState) -> None:
         sender, _receiver, theirs = handshake()
         sender.on_frame(theirs)
     else:
-        sender = SenderChannelState()
+        sender = ChannelState.sender()
         if state is not SenderState.IDLE:
             sender.on_send(hello())
         if state is SenderState.STREAMING:
@@ -401,11 +400,11 @@ def test_sender_reads_challenge_only_when_it_asked(state: SenderState) -> None:
 
 def test_sender_in_await_challenge_accepts_only_challenge_or_error() -> None:
     for frame in (Welcome(JOB), End(0, 0)):
-        sender = SenderChannelState(psk=KEY)
+        sender = ChannelState.sender(psk=KEY)
         sender.on_send(Challenge(SENDER_NONCE))
         with pytest.raises(RemoteProtocolError, match="received in state AWAIT_CHALLENGE"):
             sender.on_frame(frame)
-    sender = SenderChannelState(psk=KEY)
+    sender = ChannelState.sender(psk=KEY)
     sender.on_send(Challenge(SENDER_NONCE))
     sender.on_frame(Error(ErrorCode.AUTH, "no key here"))
     assert sender.state is SenderState.ERROR

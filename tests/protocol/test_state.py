@@ -11,6 +11,7 @@ import pytest
 from dsamig.checksum import crc32c
 from dsamig.proto import (
     Ack,
+    ChannelState,
     Commit,
     CommitRequest,
     End,
@@ -24,11 +25,9 @@ from dsamig.proto import (
     Manifest,
     PacketHeader,
     PacketTracker,
-    ReceiverChannelState,
     ReceiverState,
     RemoteProtocolError,
     ResumeState,
-    SenderChannelState,
     SenderState,
     Welcome,
     ZeroRange,
@@ -50,7 +49,7 @@ SAMPLE: dict[FrameType, Frame] = {
     FrameType.END: End(0, 0),
     FrameType.COMMIT_REQUEST: CommitRequest(3, 11, 0, DIGEST),
     FrameType.COMMIT: Commit(DIGEST),
-    FrameType.ACK: Ack(3, 5),
+    FrameType.ACK: Ack(0, 0),
     FrameType.RESUME_STATE: ResumeState(0, 3, b"\x05", bytes(8), last=True),
     FrameType.ERROR: Error(ErrorCode.CANCELLED, "stop"),
 }
@@ -69,9 +68,9 @@ KEYLESS_SENDER = [
 # -- receiver -------------------------------------------------------------------
 
 
-def receiver_in(state: ReceiverState) -> ReceiverChannelState:
+def receiver_in(state: ReceiverState) -> ChannelState:
     """A channel-0 receiver driven to ``state`` by legal steps."""
-    channel = ReceiverChannelState()
+    channel = ChannelState.receiver()
     steps: list[tuple[str, Frame]] = [
         ("recv", Hello(JOB, 0, 2, MANIFEST)),
         ("send", Welcome(JOB)),
@@ -166,7 +165,7 @@ def test_receiver_send_table(state: ReceiverState, ftype: FrameType) -> None:
 
 
 def test_receiver_full_channel() -> None:
-    channel = ReceiverChannelState()
+    channel = ChannelState.receiver()
     channel.on_frame(Hello(JOB, 1, 2))
     assert (channel.state, channel.channel_index) == (ReceiverState.HANDSHAKE, 1)
     channel.on_send(Welcome(JOB))
@@ -182,7 +181,7 @@ def test_receiver_full_channel() -> None:
 
 
 def test_receiver_version_mismatch() -> None:
-    channel = ReceiverChannelState()
+    channel = ChannelState.receiver()
     with pytest.raises(RemoteProtocolError) as info:
         channel.on_frame(Hello(JOB, 0, 1, MANIFEST, version=2))
     assert str(info.value) == "protocol version 2 not supported (this receiver speaks 1)"
@@ -196,14 +195,14 @@ def test_receiver_version_mismatch() -> None:
 
 def test_receiver_manifest_placement() -> None:
     with pytest.raises(RemoteProtocolError, match="HELLO on channel 0 without a manifest"):
-        ReceiverChannelState().on_frame(Hello(JOB, 0, 2))
+        ChannelState.receiver().on_frame(Hello(JOB, 0, 2))
     with pytest.raises(RemoteProtocolError, match="HELLO on channel 1 with a manifest"):
-        ReceiverChannelState().on_frame(Hello(JOB, 1, 2, MANIFEST))
+        ChannelState.receiver().on_frame(Hello(JOB, 1, 2, MANIFEST))
 
 
 def test_receiver_specific_order_errors() -> None:
     with pytest.raises(RemoteProtocolError, match="PACKET received in state AWAIT_HELLO"):
-        ReceiverChannelState().on_frame(SAMPLE[FrameType.PACKET])
+        ChannelState.receiver().on_frame(SAMPLE[FrameType.PACKET])
     # Data before our WELCOME went out: the sender did not wait for it.
     with pytest.raises(
         RemoteProtocolError, match="PACKET received in state HANDSHAKE on channel 0"
@@ -224,7 +223,7 @@ def test_receiver_specific_order_errors() -> None:
 
 
 def test_receiver_commit_request_on_other_channel() -> None:
-    channel = ReceiverChannelState()
+    channel = ChannelState.receiver()
     channel.on_frame(Hello(JOB, 3, 4))
     channel.on_send(Welcome(JOB))
     channel.on_frame(End(0, 0))
@@ -305,9 +304,9 @@ def test_receiver_eof(state: ReceiverState, clean: bool) -> None:
 # -- sender -------------------------------------------------------------------
 
 
-def sender_in(state: SenderState, channel_index: int = 0) -> SenderChannelState:
+def sender_in(state: SenderState, channel_index: int = 0) -> ChannelState:
     """A sender channel driven to ``state`` by legal steps."""
-    channel = SenderChannelState()
+    channel = ChannelState.sender()
     manifest = MANIFEST if channel_index == 0 else None
     steps: list[tuple[str, Frame]] = [
         ("send", Hello(JOB, channel_index, 2, manifest)),
@@ -417,23 +416,23 @@ def test_sender_full_channel_and_counters() -> None:
 
 def test_sender_on_send_data_counts_like_on_send() -> None:
     channel = sender_in(SenderState.STREAMING, channel_index=1)
-    channel.on_send_data(1, 1024)  # a PACKET
-    channel.on_send_data(3, 0)  # a ZERO_RANGE of 3 packets
-    assert (channel.packets, channel.payload_bytes) == (4, 1024)
+    channel.on_send_data(1, 1, 1024)  # a PACKET
+    channel.on_send_data(1, 3, 0)  # a ZERO_RANGE of 3 packets
+    assert (channel.data_frames, channel.packets, channel.payload_bytes) == (2, 4, 1024)
     channel.on_send(End(4, 1024))
     with pytest.raises(LocalProtocolError, match="cannot send data in state ENDED"):
-        channel.on_send_data(1, 0)
+        channel.on_send_data(1, 1, 0)
     with pytest.raises(LocalProtocolError, match="cannot send data in state AWAIT_WELCOME"):
-        sender_in(SenderState.AWAIT_WELCOME).on_send_data(1, 0)
+        sender_in(SenderState.AWAIT_WELCOME).on_send_data(1, 1, 0)
 
 
 def test_sender_hello_checks() -> None:
     with pytest.raises(LocalProtocolError, match="the manifest goes on channel 0 only"):
-        SenderChannelState().on_send(Hello(JOB, 0, 2))
+        ChannelState.sender().on_send(Hello(JOB, 0, 2))
     with pytest.raises(LocalProtocolError, match="the manifest goes on channel 0 only"):
-        SenderChannelState().on_send(Hello(JOB, 1, 2, MANIFEST))
+        ChannelState.sender().on_send(Hello(JOB, 1, 2, MANIFEST))
     with pytest.raises(LocalProtocolError, match="HELLO version 2 is not 1"):
-        SenderChannelState().on_send(Hello(JOB, 0, 2, MANIFEST, version=2))
+        ChannelState.sender().on_send(Hello(JOB, 0, 2, MANIFEST, version=2))
 
 
 def test_sender_welcome_checks() -> None:
@@ -805,3 +804,14 @@ def test_end_to_end_corrupted_payload_fails_integrity() -> None:
         receive_job([bytes(stream)])
     assert info.value.code is ErrorCode.INTEGRITY
     assert "payload_crc" in str(info.value)
+
+
+def test_an_ack_of_frames_never_sent_is_refused() -> None:
+    channel = ChannelState.sender()
+    channel.on_send(Hello(JOB, 0, 1, MANIFEST))
+    channel.on_frame(Welcome(JOB))
+    channel.on_send_data(2, 9, 4096)
+    channel.on_frame(Ack(2, 9))
+    with pytest.raises(RemoteProtocolError, match="ACK of 3 frames on channel 0, only 2 sent"):
+        channel.on_frame(Ack(3, 10))
+    assert channel.state is SenderState.ERROR

@@ -72,7 +72,7 @@ def test_to_dict_has_the_one_shot_stats_and_the_daemon_state() -> None:
     assert queued["status"] == "queued" and queued["total"] == 100 and queued["normal"] == 0
     job = record(JobState.SETUP)
     job.stats = JobStats(role="sender", total=100)
-    job.stats.done_bytes = 40
+    job.stats.counters.done_bytes = 40
     job.stats.status = "active"
     out = job.to_dict()
     assert out["status"] == "setup"  # the record's state, not the transport's

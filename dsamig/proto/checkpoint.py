@@ -1,0 +1,74 @@
+"""The receiver's checkpoint: which packets are durable, in a file beside the partial one.
+
+The format is versioned by its magic; a checkpoint of another version, of
+another image layout or damaged in any way is refused with ValueError, and
+the receiver then starts the partial file afresh.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from dsamig.proto.frames import Manifest
+
+_PROGRESS_MAGIC: Final = b"DSAMIGP2"
+_PROGRESS_STRUCT: Final = struct.Struct("<8sQIIQQQQQ")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A receiver checkpoint: which packets are durable, with their records.
+
+    Serialised beside the partial file so that a restarted receiver can resume
+    (``to_bytes`` / ``from_bytes``; the pages layer does the file I/O).
+    ``zero`` marks the done packets that are all zero (a subset of ``done``).
+    """
+
+    manifest: Manifest
+    done: bytes  # one bit per packet, LSB first
+    zero: bytes  # one bit per packet: done and all zero
+    records: bytes  # u32 LE per packet
+    received_packets: int
+    zero_pages: int
+    normal_pages: int
+    payload_bytes: int
+
+    def to_bytes(self) -> bytes:
+        m = self.manifest
+        head = _PROGRESS_STRUCT.pack(
+            _PROGRESS_MAGIC, m.image_size, m.page_size, m.packet_pages, m.packet_count,
+            self.received_packets, self.zero_pages, self.normal_pages, self.payload_bytes,
+        )
+        return head + self.done + self.zero + self.records
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Progress:
+        """Parse a checkpoint; ValueError if it is damaged or of another version."""
+        if len(data) < _PROGRESS_STRUCT.size:
+            raise ValueError("checkpoint too short")
+        (magic, size, page_size, packet_pages, packet_count, received, zero, normal,
+         payload) = _PROGRESS_STRUCT.unpack_from(data)
+        if magic != _PROGRESS_MAGIC:
+            raise ValueError("not a dsamig checkpoint of this version")
+        manifest = Manifest(image_size=size, page_size=page_size, packet_pages=packet_pages)
+        problem = manifest.problem()
+        if problem or manifest.packet_count != packet_count:
+            raise ValueError(f"checkpoint manifest is invalid: {problem or 'packet count'}")
+        bits = (packet_count + 7) >> 3
+        if len(data) != _PROGRESS_STRUCT.size + 2 * bits + 4 * packet_count:
+            raise ValueError("checkpoint length does not match its packet count")
+        off = _PROGRESS_STRUCT.size
+        done = data[off : off + bits]
+        zero_bits = data[off + bits : off + 2 * bits]
+        done_int = int.from_bytes(done, "little")
+        if done_int.bit_count() != received:
+            raise ValueError("checkpoint counters do not match its bitmap")
+        if int.from_bytes(zero_bits, "little") & ~done_int:
+            raise ValueError("checkpoint marks packets zero that are not done")
+        return cls(manifest, done, zero_bits, data[off + 2 * bits :], received, zero, normal,
+                   payload)
+
+
+__all__ = ["Progress"]

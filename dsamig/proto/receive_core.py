@@ -1,0 +1,418 @@
+"""Every decision of a job on the receiving side, without I/O.
+
+:class:`ReceiveJobCore` admits the job's channels, checks every data frame
+against the manifest and what already arrived (the :class:`PacketTracker`),
+keeps the counts, decides when to checkpoint and what each channel may have
+acknowledged, what a resumed partial file must forget, when the job is too
+slow or reconnects too often, and whether it may commit. The transport owns
+the sockets, the file, the timers and the executor; it tells the core what
+happened, with the time, and does what the core answers. The in-memory
+protocol tests drive the same object.
+
+Times are seconds on any monotonic clock the caller chooses (``now``), so
+every rule that depends on time is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from dsamig.proto.checkpoint import Progress
+from dsamig.proto.counters import JobCounters
+from dsamig.proto.errors import (
+    ChannelRefusedError,
+    LimitExceededError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from dsamig.proto.frames import (
+    FEATURE_ACKS,
+    Ack,
+    CommitRequest,
+    Hello,
+    Manifest,
+    PacketHeader,
+    ResumeState,
+    ZeroRange,
+)
+from dsamig.proto.tracker import PacketTracker
+from dsamig.settings import MiB, ReceiverLimits
+
+#: The receiver checkpoints at least every this many payload bytes per
+#: channel; see :func:`checkpoint_bytes` and :func:`window_bytes`.
+CHECKPOINT_BYTES_PER_CHANNEL: Final = 8 * MiB
+#: The sender may have at least this much unacknowledged per channel.
+MIN_WINDOW_BYTES: Final = 64 * MiB
+#: A checkpoint is taken this long after the last one while data arrives.
+CHECKPOINT_INTERVAL_S: Final = 0.25
+#: Checkpoints are spaced so that their records (about 4 bytes per packet)
+#: are written at no more than this, whatever the sender sends.
+CHECKPOINT_RECORD_BYTES_PER_S: Final = 32 * MiB
+
+
+def checkpoint_bytes(manifest: Manifest, channels: int) -> int:
+    """Payload bytes between two receiver checkpoints of a job.
+
+    8 MiB per channel, but at least 64 times the checkpoint record itself (4
+    bytes per packet), so that on a 1 TB image the records written stay a
+    small fraction of the data.
+    """
+    record = manifest.packet_count * 4 + manifest.packet_count // 8
+    return max(CHECKPOINT_BYTES_PER_CHANNEL * channels, 64 * record)
+
+
+def window_bytes(manifest: Manifest, channels: int) -> int:
+    """Unacknowledged payload bytes one sender channel may have in flight:
+    what a receiver crash can cost us to send again."""
+    return max(MIN_WINDOW_BYTES, 2 * checkpoint_bytes(manifest, channels) // channels)
+
+
+def manifest_problem(manifest: Manifest, limits: ReceiverLimits) -> str | None:
+    """Why a receiver with ``limits`` refuses this image's geometry, or None.
+
+    Checked before anything is opened or allocated for the job.
+    """
+    packet_bytes = manifest.packet_pages * manifest.page_size
+    if packet_bytes > limits.max_packet_bytes:
+        return (f"packets of {packet_bytes} bytes ({manifest.packet_pages} pages of "
+                f"{manifest.page_size}) exceed this receiver's max_packet_bytes "
+                f"{limits.max_packet_bytes}")
+    if manifest.image_size > limits.max_image_size:
+        return (f"an image of {manifest.image_size} bytes exceeds this receiver's "
+                f"max_image_size {limits.max_image_size}")
+    if manifest.packet_count > limits.max_packets:
+        return (f"an image of {manifest.packet_count} packets exceeds this receiver's limit "
+                f"of {limits.max_packets} packets")
+    return None
+
+
+class Checkpoint(enum.Enum):
+    """What the transport should do about durability now."""
+
+    #: Nothing yet.
+    NONE = "none"
+    #: Nothing new to make durable: send :meth:`ReceiveJobCore.acks_due` at once.
+    ACK = "ack"
+    #: Take a checkpoint: :meth:`ReceiveJobCore.begin_checkpoint`.
+    TAKE = "take"
+    #: Take one, but not before ``ReceiveJobCore.checkpoint_delay_s`` passed.
+    LATER = "later"
+
+
+@dataclass
+class _Ledger:
+    """Data frames one connection of a channel index stored, and acknowledged."""
+
+    generation: int
+    frames_done: int = 0
+    packets_done: int = 0
+    frames_acked: int = 0
+
+
+class ReceiveJobCore:
+    """The receiving side of one job, opened by channel 0's HELLO."""
+
+    def __init__(self, hello: Hello, limits: ReceiverLimits, now: float) -> None:
+        if hello.manifest is None:
+            raise LocalProtocolError("a job is opened by channel 0's HELLO, with the manifest")
+        self.manifest: Manifest = hello.manifest
+        self.job_id = hello.job_id
+        self.name = hello.name
+        self.channel_count = hello.channel_count
+        self.acks = bool(hello.features & FEATURE_ACKS)
+        self.limits = limits
+        self.counters = JobCounters(sessions=1)
+        self.tracker = self._new_tracker()
+        self._ledgers: dict[int, _Ledger] = {}
+        self._generation = 0
+        self._joined: set[int] = set()  # channel indexes that ever attached
+        self.ended: set[int] = set()
+        # Checkpoints: payload bytes stored since the last one, the packets
+        # it covers (the job is dirty when the tracker moved past them), when
+        # it started, whether one is being written and whether another is due.
+        self._uncheckpointed_bytes = 0
+        self._checkpoint_bytes = checkpoint_bytes(self.manifest, self.channel_count)
+        record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
+        self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
+        self._checkpointed_packets = 0
+        self._last_checkpoint = now
+        self._checkpointing = False
+        self._checkpoint_again = False
+        self._pending_acks: list[tuple[int, int, int, int]] = []
+        #: When the next checkpoint may start, after Checkpoint.LATER.
+        self.checkpoint_delay_s = 0.0
+        # Progress: the last frame that moved the job, and the current window
+        # of the minimum-rate rule.
+        self.last_progress = now
+        self._window_start = now
+        self._window_bytes = 0
+
+    def _new_tracker(self) -> PacketTracker:
+        tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets,
+                                counters=self.counters)
+        tracker.tolerant = self.acks
+        return tracker
+
+    # --- resume --------------------------------------------------------------------------
+
+    def restore(self, record: bytes | None) -> tuple[list[tuple[int, int]] | None, str | None]:
+        """Continue from a kept partial file's checkpoint ``record``.
+
+        Returns ``(ranges, None)``: the byte ranges of the partial file that
+        no checkpoint covers, which must be made zero (holes) before data is
+        accepted, since they may hold bytes of a receiver killed between
+        writing and checkpointing. Or ``(None, reason)``: no usable checkpoint;
+        the partial file must start empty.
+        """
+        if record is None:
+            return None, "no checkpoint"
+        try:
+            progress = Progress.from_bytes(record)
+        except ValueError as exc:
+            return None, str(exc)
+        if progress.manifest != self.manifest:
+            return None, "another image layout"
+        self.tracker.restore(progress)
+        self._checkpointed_packets = progress.received_packets
+        self.counters.resumed_packets = progress.received_packets
+        self._window_bytes = self.counters.done_bytes
+        ranges = [self.manifest.range_bytes(first, count)
+                  for first, count in self.tracker.not_done_runs()]
+        return ranges, None
+
+    def forget_restored(self) -> None:
+        """The restored checkpoint cannot be used after all (the partial file
+        could not be cleared): start from nothing."""
+        self.counters.zero_pages = self.counters.normal_pages = 0
+        self.counters.done_bytes = self.counters.resumed_packets = 0
+        self.tracker = self._new_tracker()
+        self._checkpointed_packets = 0
+        self._window_bytes = 0
+
+    def resume_frames(self) -> list[ResumeState]:
+        """RESUME_STATE frames: every packet held, the last frame marked."""
+        return self.tracker.resume_frames()
+
+    # --- channels ------------------------------------------------------------------------
+
+    def attach(self, index: int, channel_count: int, now: float) -> int:
+        """A HELLO for channel ``index`` of this job; the connection's generation.
+
+        Raises ChannelRefusedError to refuse that channel alone (a stray or
+        forged HELLO must not end a running job), LimitExceededError when the
+        job has opened more sessions than ``max_sessions``.
+        """
+        if channel_count != self.channel_count:
+            raise ChannelRefusedError(
+                f"channel {index} says {channel_count} channels, "
+                f"channel 0 said {self.channel_count}"
+            )
+        if index in self._ledgers and not self.acks:
+            raise ChannelRefusedError(f"channel index {index} is already connected")
+        if index in self._joined and index != 0:  # channel 0's HELLO opens a session itself
+            self._new_session()
+        self._joined.add(index)
+        self._generation += 1
+        self._ledgers[index] = _Ledger(self._generation)
+        self.ended.discard(index)
+        self.last_progress = now
+        return self._generation
+
+    def restart_session(self, now: float) -> None:
+        """Channel 0 said HELLO again: a new session; every old connection is stale."""
+        self._new_session()
+        self._ledgers.clear()
+        self.ended.clear()
+        self.last_progress = now
+
+    def _new_session(self) -> None:
+        self.counters.sessions += 1
+        if self.counters.sessions > self.limits.max_sessions:
+            raise LimitExceededError(
+                f"the sender opened {self.counters.sessions} sessions of this job (reconnects), "
+                f"more than this receiver's max_sessions {self.limits.max_sessions}"
+            )
+
+    def detach(self, index: int, generation: int, current: PacketHeader | None) -> None:
+        """A connection of this job is gone; ``current``, a packet it was
+        receiving, will come again."""
+        ledger = self._ledgers.get(index)
+        if ledger is not None and ledger.generation == generation:
+            del self._ledgers[index]
+        if current is not None:
+            self.tracker.unclaim(current.packet_number)
+
+    @property
+    def all_attached(self) -> bool:
+        """Whether every channel of the job is connected."""
+        return len(self._ledgers) == self.channel_count
+
+    # --- data ----------------------------------------------------------------------------
+
+    def packet_header(self, header: PacketHeader) -> bool:
+        """A PACKET header arrived: checked and claimed before its payload lands.
+
+        True when the packet is already stored (tolerant mode): its payload is
+        then only compared, not written.
+        """
+        return self.tracker.check_packet(header)
+
+    def packet_stored(
+        self, index: int, header: PacketHeader, payload_crc: int, again: bool, now: float
+    ) -> None:
+        """The payload of ``header`` arrived with this CRC32C and, unless
+        ``again``, was written. RemoteProtocolError (INTEGRITY) if it does not
+        match the header or, for a repeat, the first arrival."""
+        before = self.tracker.received_packets
+        self.tracker.packet_done(header, payload_crc)
+        if self.tracker.received_packets != before:
+            self.counters.normal_bytes += header.payload_length
+            self._uncheckpointed_bytes += header.payload_length
+            self.last_progress = now
+        self._frame_done(index, 1)
+
+    def zero_range(self, index: int, frame: ZeroRange, now: float) -> None:
+        """A ZERO_RANGE arrived on channel ``index`` (checked and recorded at once)."""
+        before = self.tracker.received_packets
+        self.tracker.check_zero_range(frame)
+        self.tracker.zero_range_done(frame)
+        if self.tracker.received_packets != before:
+            self.last_progress = now
+        self._frame_done(index, frame.packet_count)
+
+    def _frame_done(self, index: int, packets: int) -> None:
+        ledger = self._ledgers.get(index)
+        if ledger is not None:
+            ledger.frames_done += 1
+            ledger.packets_done += packets
+
+    def channel_ended(self, index: int, now: float) -> bool:
+        """END on channel ``index``; True once every channel has ended."""
+        self.ended.add(index)
+        self.last_progress = now
+        return self.all_ended
+
+    @property
+    def all_ended(self) -> bool:
+        """Whether every channel of the job has sent END."""
+        return len(self.ended) == self.channel_count
+
+    # --- checkpoints and acknowledgements ------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        """Whether packets were recorded since the last checkpoint was taken."""
+        return self.tracker.received_packets != self._checkpointed_packets
+
+    def checkpoint(self, now: float, *, urgent: bool) -> Checkpoint:
+        """Whether to make what is stored durable now (then ACK it).
+
+        ``urgent``: a channel ended (its sender waits for ACKs); otherwise a
+        checkpoint is due after enough bytes or CHECKPOINT_INTERVAL_S. Frames
+        that recorded nothing new need no checkpoint; and checkpoints are
+        spaced so that their records are written at no more than
+        CHECKPOINT_RECORD_BYTES_PER_S.
+        """
+        if not self.acks:
+            return Checkpoint.NONE
+        if self._checkpointing:
+            self._checkpoint_again = True
+            return Checkpoint.NONE
+        if not self.dirty:
+            return Checkpoint.ACK
+        if not (urgent or self._uncheckpointed_bytes >= self._checkpoint_bytes
+                or now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S):
+            return Checkpoint.NONE
+        wait_s = self._last_checkpoint + self._checkpoint_gap_s - now
+        if wait_s > 0:
+            self.checkpoint_delay_s = wait_s
+            return Checkpoint.LATER
+        return Checkpoint.TAKE
+
+    def begin_checkpoint(self, now: float) -> bytes:
+        """The checkpoint record to write (after an fsync of the data); call
+        :meth:`checkpoint_written` once it is durable."""
+        self._checkpointing = True
+        self._checkpoint_again = False
+        self._uncheckpointed_bytes = 0
+        self._last_checkpoint = now
+        self._checkpointed_packets = self.tracker.received_packets
+        self._pending_acks = self._snapshot_acks()
+        return self.tracker.snapshot().to_bytes()
+
+    def checkpoint_written(self) -> tuple[list[tuple[int, Ack]], bool]:
+        """The checkpoint is durable: the ACKs it allows, per channel index, and
+        whether another checkpoint was asked for meanwhile."""
+        self._checkpointing = False
+        acks = self._deliver(self._pending_acks)
+        self._pending_acks = []
+        return acks, self._checkpoint_again
+
+    def checkpoint_failed(self) -> None:
+        """Writing the checkpoint failed (the job fails with it)."""
+        self._checkpointing = False
+        self._pending_acks = []
+
+    def acks_due(self) -> list[tuple[int, Ack]]:
+        """ACKs for everything stored, when nothing is left to make durable."""
+        return self._deliver(self._snapshot_acks())
+
+    def _snapshot_acks(self) -> list[tuple[int, int, int, int]]:
+        return [(index, ledger.generation, ledger.frames_done, ledger.packets_done)
+                for index, ledger in self._ledgers.items()]
+
+    def _deliver(self, acks: list[tuple[int, int, int, int]]) -> list[tuple[int, Ack]]:
+        out = []
+        for index, generation, frames, packets in acks:
+            ledger = self._ledgers.get(index)
+            if ledger is not None and ledger.generation == generation and (
+                frames > ledger.frames_acked
+            ):
+                ledger.frames_acked = frames
+                out.append((index, Ack(frames=frames, packets=packets)))
+        return out
+
+    # --- commit and watchdog -------------------------------------------------------------
+
+    def commit(self, request: CommitRequest) -> bytes:
+        """Check a COMMIT_REQUEST against what arrived, once every channel
+        ended; the digest to echo in COMMIT (RemoteProtocolError otherwise)."""
+        return self.tracker.check_commit_request(request)
+
+    def stalled(self, now: float, idle_s: float) -> RemoteProtocolError | None:
+        """Why the job must fail now for want of progress; None while it moves.
+
+        No frame that moved the job for ``idle_s``, or less of the image
+        completed in a window of ``idle_s`` than ``min_job_rate`` asks (a
+        LimitExceededError). Either way what arrived is sound: a receiver
+        keeps it for a resume.
+        """
+        if now - self.last_progress > idle_s:
+            return RemoteProtocolError(f"no data from the sender for {idle_s:g} s")
+        if now - self._window_start < idle_s:
+            return None
+        done = self.counters.done_bytes
+        moved = done - self._window_bytes
+        rate = self.limits.min_job_rate
+        if rate and moved < min(rate * idle_s, self.manifest.image_size - self._window_bytes):
+            return LimitExceededError(
+                f"the sender completed {moved} bytes of the image in {idle_s:g} s, less than "
+                f"this receiver's min_job_rate of {rate:.0f} bytes/s"
+            )
+        self._window_start, self._window_bytes = now, done
+        return None
+
+
+__all__ = [
+    "CHECKPOINT_BYTES_PER_CHANNEL",
+    "CHECKPOINT_INTERVAL_S",
+    "CHECKPOINT_RECORD_BYTES_PER_S",
+    "MIN_WINDOW_BYTES",
+    "Checkpoint",
+    "ReceiveJobCore",
+    "checkpoint_bytes",
+    "manifest_problem",
+    "window_bytes",
+]

@@ -1,0 +1,315 @@
+"""Every decision of a job on the sending side, without I/O.
+
+:class:`SendJobCore` plans the image into chunks, decides for each scanned
+packet whether it goes out as a PACKET, inside a ZERO_RANGE or not at all
+(the receiver holds it), keeps the digest records and the page counts, checks
+what the receiver says it holds against the image, and builds the
+COMMIT_REQUEST. The transport maps the image, runs the engine, moves the
+bytes and calls in here; the in-memory protocol tests drive the same object.
+
+A job runs in *sessions* (docs/protocol.md, "Sessions"): each starts with
+:meth:`SendJobCore.new_session`, learns what the receiver holds from its
+RESUME_STATE frames, and :meth:`SendJobCore.verify_known` checks those
+records against the ones this job already computed. A packet of the image
+that changed under us is an :class:`ImageChangedError`: the job then starts
+clean (:meth:`SendJobCore.restart_clean`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from dsamig.proto.counters import JobCounters
+from dsamig.proto.digest import JobDigest, packet_record
+from dsamig.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from dsamig.proto.frames import Commit, CommitRequest, Manifest, ResumeState
+
+#: Packets per chunk (one engine batch): 4 MiB at the default packet size.
+CHUNK_PACKETS: Final = 8
+
+
+class ImageChangedError(ProtocolError):
+    """The receiver holds packets that differ from the image (or a packet of
+    the image changed during the job): start clean."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of consecutive packets: scanned by the engine, or a known hole."""
+
+    first_packet: int
+    packets: int
+    hole: bool
+
+
+def plan_chunks(
+    manifest: Manifest, data_ranges: list[tuple[int, int]], chunk_packets: int = CHUNK_PACKETS
+) -> Iterator[Chunk]:
+    """Cut the image into chunks; consecutive chunks inside holes become one.
+
+    ``data_ranges`` are the byte ranges that may hold data (sorted, as
+    ``SEEK_DATA`` finds them); a chunk that touches none is a hole and is
+    never scanned.
+    """
+    packet_bytes = manifest.page_size * manifest.packet_pages
+    starts = [start for start, _ in data_ranges]
+    hole_from: int | None = None
+    for first in range(0, manifest.packet_count, chunk_packets):
+        count = min(chunk_packets, manifest.packet_count - first)
+        lo, hi = first * packet_bytes, (first + count) * packet_bytes
+        i = bisect.bisect_left(starts, hi)  # ranges starting before hi ...
+        has_data = i > 0 and data_ranges[i - 1][1] > lo  # ... and ending after lo
+        if not has_data:
+            if hole_from is None:
+                hole_from = first
+            continue
+        if hole_from is not None:
+            yield Chunk(hole_from, first - hole_from, True)
+            hole_from = None
+        yield Chunk(first, count, False)
+    if hole_from is not None:
+        yield Chunk(hole_from, manifest.packet_count - hole_from, True)
+
+
+#: What :meth:`SendJobCore.chunk_items` yields: a run of all-zero packets
+#: ``(ZERO, first, count)`` or a packet with data ``(PACKET, number, bitmap)``.
+ZERO: Final = 0
+PACKET: Final = 1
+
+
+class SendJobCore:
+    """The sending side of one job: plan, records, counts, resume bookkeeping."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.counters = JobCounters()
+        # The all-zero bitmaps: of a full packet, and of the (maybe shorter) last one.
+        last = manifest.packet_count - 1
+        self._last = last
+        self._full_zero = manifest.full_zero_bitmap(0) if manifest.packet_count else b""
+        self._last_zero = manifest.full_zero_bitmap(last) if manifest.packet_count else b""
+        self._new_job()
+        self._new_session_state()
+
+    # --- job and sessions ----------------------------------------------------------------
+
+    def _new_job(self) -> None:
+        """What one job accumulates: the digest and which packets it counted."""
+        self.digest = JobDigest(self.manifest)
+        #: Packets whose record (and pages) this job has counted.
+        self.recorded = bytearray(self.manifest.packet_count)
+        counters = self.counters
+        counters.zero_pages = counters.normal_pages = counters.normal_bytes = 0
+        counters.done_bytes = counters.resumed_packets = 0
+
+    def _new_session_state(self) -> None:
+        count = self.manifest.packet_count
+        #: Packets the receiver holds, and their records, as its RESUME_STATE said.
+        self.skip = bytearray(count)
+        self.remote_records = array("I", [0]) * count
+        self._resume_done = False
+
+    def new_session(self) -> None:
+        """A session begins: the receiver will say afresh what it holds."""
+        self.counters.sessions += 1
+        self._new_session_state()
+
+    def restart_clean(self) -> None:
+        """Forget the job (the image changed): the next session sends everything."""
+        self._new_job()
+        self._new_session_state()
+
+    def resume_state(self, frame: ResumeState) -> None:
+        """Note which packets the receiver already holds, and their records."""
+        count = self.manifest.packet_count
+        if self._resume_done:
+            raise RemoteProtocolError("RESUME_STATE after the one marked last")
+        if frame.first_packet + frame.packet_count > count:
+            raise RemoteProtocolError(
+                f"RESUME_STATE packets {frame.first_packet}+{frame.packet_count} beyond "
+                f"packet_count {count}"
+            )
+        bits = int.from_bytes(frame.done_bitmap, "little")
+        offset = 0
+        while bits:
+            low = bits & -bits
+            n = frame.first_packet + low.bit_length() - 1
+            self.skip[n] = 1
+            self.remote_records[n] = int.from_bytes(frame.records[offset : offset + 4], "little")
+            offset += 4
+            bits ^= low
+        self._resume_done = frame.last
+
+    def verify_known(self) -> None:
+        """Packets this job counted in an earlier session must come back unchanged;
+        count what the receiver holds."""
+        index = self.skip.find(1)
+        while index >= 0:
+            if self.recorded[index]:
+                self._check_remote(index, self.digest.record(index))
+            index = self.skip.find(1, index + 1)
+        self.counters.resumed_packets = self.skip.count(1)
+
+    def _check_remote(self, packet: int, record: int) -> None:
+        if self.remote_records[packet] != record:
+            raise ImageChangedError(
+                f"the receiver's copy of packet {packet} differs from the image: the image "
+                "changed since the interrupted transfer"
+            )
+
+    # --- planning ------------------------------------------------------------------------
+
+    def plan(self, data_ranges: list[tuple[int, int]]) -> Iterator[Chunk]:
+        """The chunks of this session (see :func:`plan_chunks`)."""
+        return plan_chunks(self.manifest, data_ranges)
+
+    def needs_scan(self, chunk: Chunk) -> bool:
+        """Whether a chunk must be scanned: not a hole, and not wholly held by
+        the receiver and already checked."""
+        if chunk.hole:
+            return False
+        first, end = chunk.first_packet, chunk.first_packet + chunk.packets
+        return bool(self.skip.count(0, first, end) or self.recorded.count(0, first, end))
+
+    def chunk_items(self, chunk: Chunk, bitmaps: bytes) -> Iterator[tuple[int, int, object]]:
+        """What a scanned chunk holds, in packet order: runs of all-zero packets
+        ``(ZERO, first, count)`` and packets with data ``(PACKET, number, bitmap)``.
+
+        ``bitmaps`` is the engine's result: each packet's zero bitmap, each
+        starting on a byte. Packets the receiver holds and this job already
+        checked are left out.
+        """
+        manifest = self.manifest
+        last, full_zero, last_zero = self._last, self._full_zero, self._last_zero
+        skip, recorded = self.skip, self.recorded
+        zero_from: int | None = None
+        offset = 0
+        end_packet = chunk.first_packet + chunk.packets
+        for number in range(chunk.first_packet, end_packet):
+            pages = manifest.pages_in_packet(number)
+            blen = (pages + 7) >> 3
+            bitmap = bitmaps[offset : offset + blen]
+            offset += blen
+            if bitmap == (last_zero if number == last else full_zero):
+                if zero_from is None:
+                    zero_from = number
+                continue
+            if zero_from is not None:
+                yield ZERO, zero_from, number - zero_from
+                zero_from = None
+            if skip[number] and recorded[number]:
+                continue  # checked against the receiver's record when the session began
+            yield PACKET, number, bitmap
+        if zero_from is not None:
+            yield ZERO, zero_from, end_packet - zero_from
+
+    # --- decisions per packet ------------------------------------------------------------
+
+    def zero_runs(self, first: int, count: int) -> list[tuple[int, int]]:
+        """Record packets ``first .. first+count-1`` as all zero; the runs of them
+        to send as ZERO_RANGE (those the receiver holds are checked, not sent).
+
+        Raises ImageChangedError if one of them held data earlier in the job
+        or at the receiver.
+        """
+        self._count_zero_packets(first, count)
+        end = first + count
+        skip = self.skip
+        if not skip.count(1, first, end):
+            return [(first, count)]
+        runs: list[tuple[int, int]] = []
+        n = first
+        while n < end:
+            if skip[n]:
+                self._check_remote(n, self.digest.record(n))
+                n += 1
+                continue
+            run_end = skip.find(1, n, end)
+            run_end = end if run_end < 0 else run_end
+            runs.append((n, run_end - n))
+            n = run_end
+        return runs
+
+    def _count_zero_packets(self, first: int, count: int) -> None:
+        """Record zero packets in the digest and the counts, once per packet."""
+        manifest = self.manifest
+        counters = self.counters
+        end = first + count
+        new = self.recorded.count(0, first, end)
+        if new == count:
+            self.digest.record_zero_range(first, count)
+            counters.zero_pages += manifest.range_pages(first, count)
+            counters.done_bytes += manifest.range_bytes(first, count)[1]
+        else:
+            for n in range(first, end):
+                if not self.recorded[n]:
+                    self.digest.record_zero_range(n, 1)
+                    counters.zero_pages += manifest.range_pages(n, 1)
+                    counters.done_bytes += manifest.range_bytes(n, 1)[1]
+                elif self.digest.record(n) != self.digest.zero_record(n):
+                    raise ImageChangedError(f"packet {n} of the image changed during the job")
+        self.recorded[first:end] = b"\x01" * count
+
+    def packet(self, number: int, bitmap: bytes, payload_length: int, payload_crc: int) -> bool:
+        """Record a packet with data (its payload measured: length and CRC32C);
+        True if it must be sent, False if the receiver holds it (checked).
+
+        Raises ImageChangedError when the packet differs from what this job
+        or the receiver recorded for it before.
+        """
+        counters = self.counters
+        if not self.recorded[number]:
+            self.recorded[number] = 1
+            self.digest.record_packet(number, bitmap, payload_crc)
+            zero_pages = int.from_bytes(bitmap, "little").bit_count()
+            counters.zero_pages += zero_pages
+            counters.normal_pages += self.manifest.pages_in_packet(number) - zero_pages
+            counters.done_bytes += self.manifest.range_bytes(number, 1)[1]
+            if not self.skip[number]:
+                counters.normal_bytes += payload_length
+        elif self.digest.record(number) != packet_record(bitmap, payload_crc):
+            raise ImageChangedError(f"packet {number} of the image changed during the job")
+        elif not self.skip[number]:
+            counters.retransmitted_bytes += payload_length
+        if self.skip[number]:
+            self._check_remote(number, self.digest.record(number))
+            return False
+        return True
+
+    # --- commit --------------------------------------------------------------------------
+
+    def commit_request(self) -> CommitRequest:
+        """The COMMIT_REQUEST of the whole image (every packet recorded)."""
+        missing = self.recorded.count(0)
+        if missing:
+            raise LocalProtocolError(f"COMMIT_REQUEST with {missing} packets never recorded")
+        return CommitRequest(
+            packet_count=self.manifest.packet_count,
+            zero_pages=self.counters.zero_pages,
+            normal_pages=self.counters.normal_pages,
+            digest=self.digest.digest(),
+        )
+
+    def check_commit(self, commit: Commit) -> None:
+        """The receiver's COMMIT must echo our digest (RemoteProtocolError otherwise)."""
+        digest = self.digest.digest()
+        if commit.digest != digest:
+            raise RemoteProtocolError(
+                "receiver committed a different job digest "
+                f"({commit.digest.hex()[:16]}… != {digest.hex()[:16]}…)"
+            )
+
+
+__all__ = [
+    "CHUNK_PACKETS",
+    "PACKET",
+    "ZERO",
+    "Chunk",
+    "ImageChangedError",
+    "SendJobCore",
+    "plan_chunks",
+]
