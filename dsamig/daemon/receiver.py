@@ -17,6 +17,14 @@ from typing import Any
 
 from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.daemon.base import Daemon, rate_text
+from dsamig.daemon.checks import (
+    Check,
+    check_address_free,
+    check_exposure,
+    check_security,
+    check_storage_dir,
+    open_storage_dir,
+)
 from dsamig.errors import DsamigError, SinkError
 from dsamig.jobs.config import ReceiverConfig, job_name_problem, load_receiver_config
 from dsamig.jobs.model import JobRecord, JobState
@@ -34,7 +42,9 @@ class ReceiverDaemon(Daemon):
     """``dsamig receiver --config FILE``."""
 
     role = "receiver"
-    restart_fields = (*Daemon.restart_fields, "listen", "storage_dir")
+    # The listener is built with its security: a change needs a restart.
+    restart_fields = (*Daemon.restart_fields, "listen", "storage_dir", "security",
+                      "allow_unauthenticated")
 
     def __init__(self, config: ReceiverConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -49,30 +59,20 @@ class ReceiverDaemon(Daemon):
 
     # --- data side -------------------------------------------------------------------
 
+    def data_checks(self) -> list[Check]:
+        cfg = self.config
+        host, port = cfg.listen
+        return [
+            lambda: check_storage_dir(cfg.storage_dir),
+            lambda: check_security(cfg.security, "receiver"),
+            lambda: check_exposure(cfg.listen, cfg.security, cfg.allow_unauthenticated, cfg.path),
+            lambda: check_address_free(host, port),
+        ]
+
     async def start_data(self) -> None:
-        storage = self.config.storage_dir
-        try:
-            # O_NOFOLLOW: the configured directory itself, not wherever a link points.
-            self._dir_fd = os.open(
-                storage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-            )
-        except OSError as exc:
-            if os.path.islink(storage):
-                why = "is a symbolic link; configure the directory it points to"
-            elif isinstance(exc, FileNotFoundError):
-                why = "does not exist"
-            elif isinstance(exc, NotADirectoryError):
-                why = "is not a directory"
-            else:
-                why = f"cannot be opened: {exc.strerror}"
-            raise SinkError(f"storage_dir {storage!r} {why}") from None
-        if not os.access(storage, os.W_OK | os.X_OK):
-            raise SinkError(f"storage_dir {storage!r} is not writable by this user")
+        self._dir_fd = open_storage_dir(self.config.storage_dir)
         host, port = self.config.listen
-        security = self.config.security
-        if security is not None:
-            for warning in security.check("receiver"):  # ConfigError if a file is bad
-                self.log.warning("security", warning=warning)
+        security = self.config.security  # loaded and checked by the start-up checks
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
             max_jobs=self.config.limits.max_jobs, on_job_finished=self._job_finished,
@@ -151,7 +151,10 @@ class ReceiverDaemon(Daemon):
                         f"image {name!r} already exists in storage_dir "
                         "(replace_existing: true allows replacing it)"
                     )
-        return PageSink(os.path.join(self.config.storage_dir, name), size)
+        # The sink works relative to our descriptor of storage_dir, so a link
+        # put in place of the directory (or of a file in it) later on is
+        # never followed either.
+        return PageSink(os.path.join(self.config.storage_dir, name), size, dir_fd=self._dir_fd)
 
     def _job_finished(self, job: ReceiverJob) -> None:
         record = self.registry.get(str(job.job_id))
