@@ -138,10 +138,12 @@ def _add_security_args(parser: argparse.ArgumentParser, role: str) -> None:
                         help=f"CA bundle the {peer} must be signed by (enables TLS)")
     if role == "sender":
         parser.add_argument("--tls-server-name", metavar="NAME",
-                            help="name the receiver's certificate must carry (default: the "
-                                 "host name of --to; not checked for an IP address)")
+                            help="DNS name the receiver's certificate must carry (default: the "
+                                 "host of --to, a DNS name or an IP address; an IP address "
+                                 "also needs --tls-ca)")
     parser.add_argument("--psk-file", metavar="FILE",
-                        help="pre-shared key (at least 32 bytes) both sides must hold")
+                        help="pre-shared key both sides must hold: 32+ random bytes or 64+ "
+                             "hex digits (openssl rand -hex 32), mode 0600")
 
 
 def _security(args: argparse.Namespace) -> SecurityConfig | None:

@@ -26,7 +26,7 @@ from dsamig.settings import ReceiverLimits
 from dsamig.stats import JobStats
 from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.security import SecurityConfig
+from dsamig.transport.security import SecurityConfig, is_loopback_host
 from dsamig.transport.sender import Sender, SendOptions, send_image
 
 T = TypeVar("T")
@@ -44,12 +44,18 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def check_security(security: SecurityConfig | None, role: str) -> None:
-    """Load keys and certificates before anything starts; print warnings."""
+def warn(message: str) -> None:
+    """One ``dsamig: warning:`` line on stderr."""
+    print(f"dsamig: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_security(security: SecurityConfig | None, role: str, host: str | None = None) -> None:
+    """Load keys and certificates before anything starts (a sender's ``host``
+    against the TLS name rules); print warnings."""
     if security is None:
         return
-    for warning in security.check(role):
-        print(f"dsamig: warning: {warning}", file=sys.stderr, flush=True)
+    for warning in security.check(role, host=host):
+        warn(warning)
 
 
 def report(stats: JobStats, as_json: bool) -> None:
@@ -70,7 +76,7 @@ class SendCommand:
 
     def run(self) -> int:
         impl.set_thread_name("dsamig-send")
-        check_security(self.options.security, "sender")
+        check_security(self.options.security, "sender", self.options.host)
         return run_loop(self._main())
 
     async def _main(self) -> int:
@@ -115,6 +121,13 @@ class ReceiveCommand:
     def run(self) -> int:
         impl.set_thread_name("dsamig-recv")
         check_security(self.security, "receiver")
+        host, port = parse_address(self.listen)
+        if not (self.security is not None and self.security.authenticates) and not \
+                is_loopback_host(host):
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            warn(f"listening on {shown} without authenticating senders: "
+                 f"anyone who can reach it can send an image to {self.output!r} (give "
+                 "--psk-file, or --tls-cert and --tls-key with --tls-ca)")
         return run_loop(self._main())
 
     def _sink(self, hello: Hello) -> PageSink:

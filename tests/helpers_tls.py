@@ -2,7 +2,13 @@
 
 Every test run makes its own CA, receiver and sender certificates (EC P-256:
 quick to generate), plus a second, unrelated CA with a sender certificate of
-its own, to play an impostor.
+its own, to play an impostor.  The receiver's certificate names it as
+``localhost``, ``receiver.test`` and ``127.0.0.1``; a second receiver
+certificate carries only the DNS name ``receiver.test``, for the checks of
+a receiver addressed by IP.
+
+These are the commands docs/operations.md gives as the recipe for a CA and
+its certificates.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class Pki:
     rogue_ca: str
     rogue_cert: str
     rogue_key: str
+    dns_only_cert: str
+    dns_only_key: str
 
 
 def _openssl(*args: str, cwd: str) -> None:
@@ -45,11 +53,15 @@ def _ca(directory: str, name: str) -> None:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
 
 
-def _leaf(directory: str, ca: str, name: str) -> None:
+#: The receiver's names: senders connect to it by one of them.
+SANS = "DNS:localhost,DNS:receiver.test,IP:127.0.0.1"
+
+
+def _leaf(directory: str, ca: str, name: str, sans: str = SANS) -> None:
     _openssl("req", *EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
              cwd=directory)
     with open(os.path.join(directory, f"{name}.ext"), "w") as f:
-        f.write("subjectAltName=DNS:localhost,DNS:receiver.test,IP:127.0.0.1\n"
+        f.write(f"subjectAltName={sans}\n"
                 "basicConstraints=critical,CA:FALSE\n"
                 "keyUsage=critical,digitalSignature\n"
                 "extendedKeyUsage=serverAuth,clientAuth\n")
@@ -68,6 +80,7 @@ def make_pki(directory: str) -> Pki:
     _leaf(directory, "ca", "sender")
     _ca(directory, "rogue-ca")
     _leaf(directory, "rogue-ca", "rogue")
+    _leaf(directory, "ca", "dns-only", "DNS:receiver.test")
 
     def path(name: str) -> str:
         return os.path.join(directory, name)
@@ -77,4 +90,5 @@ def make_pki(directory: str) -> Pki:
         receiver_cert=path("receiver.pem"), receiver_key=path("receiver.key"),
         sender_cert=path("sender.pem"), sender_key=path("sender.key"),
         rogue_ca=path("rogue-ca.pem"), rogue_cert=path("rogue.pem"), rogue_key=path("rogue.key"),
+        dns_only_cert=path("dns-only.pem"), dns_only_key=path("dns-only.key"),
     )

@@ -39,6 +39,7 @@ from dsamig.control.protocol import (
     ErrorClass,
 )
 from dsamig.control.server import ControlServer, Handler, expect_keys
+from dsamig.daemon.checks import Check, check_address_free, check_control_socket, run_checks
 from dsamig.daemon.metrics import Figures, MetricsServer, Snapshot, Totals
 from dsamig.daemon.sdnotify import Notifier
 from dsamig.errors import EXIT_OK, ConfigError
@@ -151,6 +152,28 @@ class Daemon(ABC):
         """Commands only this role has."""
         return {}
 
+    def data_checks(self) -> list[Check]:
+        """This role's start-up checks (see :meth:`checks`)."""
+        return []
+
+    def checks(self) -> list[Check]:
+        """Every check start-up makes before it binds anything, in its order.
+
+        ``--check`` runs this same list (:meth:`preflight`), so the two
+        cannot disagree about a config.
+        """
+        cfg = self.config
+        checks = [*self.data_checks(),
+                  lambda: check_control_socket(cfg.control_socket, cfg.control_group)]
+        if cfg.metrics_listen is not None:
+            host, port = cfg.metrics_listen
+            checks.append(lambda: check_address_free(host, port, " for metrics"))
+        return checks
+
+    def preflight(self) -> list[str]:
+        """Run :meth:`checks`: the first failure raises; the warnings."""
+        return run_checks(self.checks())
+
     def describe(self) -> dict[str, Any]:
         """Role-specific fields of ``query-daemon``."""
         return {}
@@ -204,7 +227,9 @@ class Daemon(ABC):
         return EXIT_OK
 
     async def startup(self) -> None:
-        """Bind every socket; READY=1 is sent by :meth:`serve` after this returns."""
+        """Check, then bind every socket; READY=1 is sent by :meth:`serve` after this returns."""
+        for warning in self.preflight():
+            self.log.warning("configuration warning", warning=warning)
         await self.start_data()
         commands: dict[str, Handler] = {
             "query-daemon": self._cmd_query_daemon,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from dsamig.daemon.base import Daemon
@@ -15,7 +16,10 @@ class DaemonCommand:
     """Run the ``role`` daemon from ``config_path`` in the foreground.
 
     ``log_level`` overrides the config's ``log_level``; ``check_only``
-    validates the config and exits (for ``ExecStartPre=`` or before a reload).
+    validates the config and runs every check start-up makes (the same
+    functions: :meth:`Daemon.checks`), then exits, for ``ExecStartPre=``.
+    A running daemon holds its addresses and control socket, so this fails
+    while it runs, as a second start would.
     """
 
     role: str
@@ -38,7 +42,10 @@ class DaemonCommand:
 
         daemon = self.build()
         if self.check_only:
-            print(f"{self.config_path}: valid {self.role} configuration", flush=True)
+            for warning in daemon.preflight():
+                print(f"dsamig: warning: {warning}", file=sys.stderr, flush=True)
+            print(f"{self.config_path}: valid {self.role} configuration; start-up checks passed",
+                  flush=True)
             return EXIT_OK
         configure(self.log_level or daemon.config.log_level)
         # Names the loop thread for top -H: dsamig-receiver / dsamig-sender.

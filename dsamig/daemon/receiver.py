@@ -12,13 +12,20 @@ O_NOFOLLOW and renames it into place only after the job digest matched.
 from __future__ import annotations
 
 import os
-import resource
 import stat
 from typing import Any
 
 from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.daemon.base import Daemon, rate_text
-from dsamig.errors import ConfigError, SinkError
+from dsamig.daemon.checks import (
+    Check,
+    check_address_free,
+    check_descriptors,
+    check_exposure,
+    check_security,
+    check_storage_dir,
+    open_storage_dir,
+)
 from dsamig.jobs.config import ReceiverConfig, job_name_problem, load_receiver_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.pages import PageSink
@@ -34,27 +41,13 @@ class JobRefusedError(JobFailedError):
         super().__init__(message, ErrorCode.REJECTED)
 
 
-def ensure_descriptors(needed: int) -> None:
-    """Raise the soft RLIMIT_NOFILE to ``needed``; ConfigError if the hard limit
-    (systemd's LimitNOFILE=) is lower: the configured limits could then run the
-    daemon out of descriptors, where they must refuse peers instead."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise ConfigError(
-            f"the receiver's limits need up to {needed} file descriptors (max_channels + "
-            f"max_unauthenticated + 2 x max_jobs + 128), but this process may open only "
-            f"{hard}: raise LimitNOFILE= (or ulimit -n) or lower those limits"
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
 class ReceiverDaemon(Daemon):
     """``dsamig receiver --config FILE``."""
 
     role = "receiver"
-    restart_fields = (*Daemon.restart_fields, "listen", "storage_dir")
+    # The listener is built with its security: a change needs a restart.
+    restart_fields = (*Daemon.restart_fields, "listen", "storage_dir", "security",
+                      "allow_unauthenticated")
 
     def __init__(self, config: ReceiverConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -69,31 +62,21 @@ class ReceiverDaemon(Daemon):
 
     # --- data side -------------------------------------------------------------------
 
+    def data_checks(self) -> list[Check]:
+        cfg = self.config
+        host, port = cfg.listen
+        return [
+            lambda: check_storage_dir(cfg.storage_dir),
+            lambda: check_security(cfg.security, "receiver"),
+            lambda: check_exposure(cfg.listen, cfg.security, cfg.allow_unauthenticated, cfg.path),
+            lambda: check_address_free(host, port),
+            lambda: check_descriptors(cfg.limits.descriptors_needed()),
+        ]
+
     async def start_data(self) -> None:
-        storage = self.config.storage_dir
-        try:
-            # O_NOFOLLOW: the configured directory itself, not wherever a link points.
-            self._dir_fd = os.open(
-                storage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-            )
-        except OSError as exc:
-            if os.path.islink(storage):
-                why = "is a symbolic link; configure the directory it points to"
-            elif isinstance(exc, FileNotFoundError):
-                why = "does not exist"
-            elif isinstance(exc, NotADirectoryError):
-                why = "is not a directory"
-            else:
-                why = f"cannot be opened: {exc.strerror}"
-            raise SinkError(f"storage_dir {storage!r} {why}") from None
-        if not os.access(storage, os.W_OK | os.X_OK):
-            raise SinkError(f"storage_dir {storage!r} is not writable by this user")
-        ensure_descriptors(self.config.limits.descriptors_needed())
+        self._dir_fd = open_storage_dir(self.config.storage_dir)
         host, port = self.config.listen
-        security = self.config.security
-        if security is not None:
-            for warning in security.check("receiver"):  # ConfigError if a file is bad
-                self.log.warning("security", warning=warning)
+        security = self.config.security  # loaded and checked by the start-up checks
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
             limits=self.config.limits, on_job_started=self._job_started,
@@ -175,7 +158,10 @@ class ReceiverDaemon(Daemon):
                         f"image {name!r} already exists in storage_dir "
                         "(replace_existing: true allows replacing it)"
                     )
-        return PageSink(os.path.join(self.config.storage_dir, name), size)
+        # The sink works relative to our descriptor of storage_dir, so a link
+        # put in place of the directory (or of a file in it) later on is
+        # never followed either.
+        return PageSink(os.path.join(self.config.storage_dir, name), size, dir_fd=self._dir_fd)
 
     def _job_finished(self, job: ReceiverJob) -> None:
         record = self.registry.get(str(job.job_id))

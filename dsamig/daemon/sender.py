@@ -6,11 +6,18 @@ the head is not overtaken, so it cannot starve).  Every running job has a
 token bucket that its channels await before each chunk; the daemon sets the
 buckets' rates so that the daemon-wide ``max_bandwidth`` is shared max-min
 fairly and no job exceeds its own ``max_bandwidth``.
+
+A job's source is opened at ``job-start``, not when the job leaves the
+queue: below the ``source_dirs`` entry that holds it, one path component at
+a time relative to the directory's descriptor, never following a link
+(:func:`open_source_beneath`).  The job keeps that descriptor, so whatever
+happens to the path while it waits, the file sent is the file checked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import stat
@@ -22,8 +29,9 @@ from typing import Any
 from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.control.server import Handler
 from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
+from dsamig.daemon.checks import Check, check_security, check_source_dirs
 from dsamig.daemon.metrics import Figures
-from dsamig.errors import DsamigError
+from dsamig.errors import ConfigError, DsamigError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.logs import get_logger
@@ -42,6 +50,120 @@ class SendingJob:
     task: asyncio.Task[None] | None = None
     sender: Sender | None = None
     cancel_reason: str | None = None
+    #: The source, opened and checked at job-start; the job's PageSource takes it over.
+    source_fd: int | None = None
+
+    def take_source_fd(self) -> int:
+        """Hand the source's descriptor over (once)."""
+        fd = self.source_fd
+        assert fd is not None, "the source descriptor was already taken"
+        self.source_fd = None
+        return fd
+
+    def release_source(self) -> None:
+        """Close the source's descriptor if no PageSource took it; idempotent."""
+        if self.source_fd is not None:
+            os.close(self.source_fd)
+            self.source_fd = None
+
+
+class SourceRefusedError(CommandError):
+    """A job-start whose source may not or cannot be sent."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(ErrorClass.INVALID_ARGUMENT, f"job-start: source: {why}")
+
+
+def _below(path: str, directory: str) -> list[str] | None:
+    """The components of ``path`` below ``directory`` (lexically), or None if outside."""
+    directory = directory.rstrip("/") or "/"
+    if directory == "/":
+        rest = path.lstrip("/")
+    elif path.startswith(directory + "/"):
+        rest = path[len(directory) + 1:]
+    else:
+        return None
+    parts = rest.split("/")
+    return parts if rest and all(p not in ("", ".", "..") for p in parts) else None
+
+
+#: Directories on the way are only searched, never read: O_PATH needs no
+#: read permission (a 0711 directory is fine), only search permission.
+_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def open_source_beneath(source: str, source_dirs: tuple[str, ...]) -> tuple[int, int]:
+    """``(fd, size)`` of ``source``, opened below the ``source_dirs`` entry holding it.
+
+    ``source`` must be an absolute, normalised path whose text lies below an
+    entry (as configured, or with that entry's own links resolved: the
+    operator chose them).  From the entry's descriptor every further
+    component is opened with ``O_NOFOLLOW`` relative to the one before, so a
+    symbolic link anywhere below the entry, swapped in at any moment, is
+    refused rather than followed; it has the guarantee of openat2's
+    ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` on every kernel.  The file
+    must be a regular file or a block device.  SourceRefusedError otherwise.
+    """
+    chosen: tuple[str, list[str]] | None = None
+    for directory in source_dirs:
+        for spelling in (directory, os.path.realpath(directory)):
+            parts = _below(source, spelling)
+            if parts is not None:
+                chosen = (directory, parts)
+                break
+        if chosen is not None:
+            break
+    if chosen is None:
+        raise SourceRefusedError(
+            f"{source!r} is outside the sender's source_dirs ({', '.join(source_dirs)})"
+        )
+    directory, parts = chosen
+    try:
+        fd = os.open(directory, _DIR_FLAGS)
+    except OSError as exc:
+        raise SourceRefusedError(
+            f"cannot open source_dirs entry {directory!r}: {exc.strerror}") from None
+    walked = directory
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            # O_NONBLOCK: opening a FIFO must not hang the daemon.
+            flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+                     if last else _DIR_FLAGS | os.O_NOFOLLOW)
+            walked = os.path.join(walked, part)
+            try:
+                next_fd = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                raise SourceRefusedError(_open_failure(source, walked, exc, fd, part)) from None
+            os.close(fd)
+            fd = next_fd
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            raise SourceRefusedError(f"{source!r} is not a regular file or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
+def _open_failure(source: str, walked: str, exc: OSError, dir_fd: int, part: str) -> str:
+    """Why opening component ``part`` (the path ``walked``) of ``source`` failed."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            return (f"{source!r}: {walked!r} is a symbolic link; the sender does not follow "
+                    "links below source_dirs (name the file by its real path)")
+    if isinstance(exc, FileNotFoundError):
+        return f"{source!r} does not exist"
+    if isinstance(exc, NotADirectoryError):
+        return f"{source!r}: {walked!r} is not a directory"
+    if isinstance(exc, PermissionError):
+        return f"{source!r} is not readable by the sender daemon"
+    return f"cannot open {source!r}: {exc.strerror}"
 
 
 class SenderDaemon(Daemon):
@@ -66,6 +188,11 @@ class SenderDaemon(Daemon):
         if self.running or self.queue:
             await self.cancel_all("sender shutting down")
 
+    def data_checks(self) -> list[Check]:
+        cfg = self.config
+        return [lambda: check_source_dirs(cfg.source_dirs),
+                lambda: check_security(cfg.security, "sender")]
+
     def extra_commands(self) -> dict[str, Handler]:
         return {"job-start": self._cmd_job_start}
 
@@ -75,7 +202,7 @@ class SenderDaemon(Daemon):
         if self.stopping:
             raise CommandError(ErrorClass.UNAVAILABLE, "the sender is shutting down; no new jobs")
         spec = JobSpec.from_object(arguments, source="job-start")
-        size = self._check_source(spec.source)
+        spec = spec.with_security_defaults(self.config.security)
         limits = self.config.limits
         if spec.channels > limits.max_channels:
             raise CommandError(
@@ -86,37 +213,24 @@ class SenderDaemon(Daemon):
         if len(self.queue) >= limits.max_queued:
             raise CommandError(ErrorClass.UNAVAILABLE,
                                f"the queue is full ({len(self.queue)} jobs waiting)")
+        if spec.security is not None:
+            # Keys, certificates and the receiver's name now, not when the
+            # job leaves the queue: a short key is refused to `dsamig start`.
+            try:
+                for warning in spec.security.check("sender", host=spec.host, strict=True):
+                    self.log.warning("job security", name=spec.name, warning=warning)
+            except ConfigError as exc:
+                raise CommandError(ErrorClass.INVALID_ARGUMENT,
+                                   f"job-start: security: {exc}") from None
+        fd, size = open_source_beneath(spec.source, self.config.source_dirs)
         record = JobRecord(
             uuid.uuid4(), spec.name, self.role, JobState.QUEUED, total=size,
             channels=spec.channels, peer=f"{spec.host}:{spec.port}", on_change=self.job_changed,
         )
         self.registry.add(record)
-        self.queue.append(SendingJob(record, spec, TokenBucket()))
+        self.queue.append(SendingJob(record, spec, TokenBucket(), source_fd=fd))
         self._schedule()
         return record.summary()
-
-    def _check_source(self, source: str) -> int:
-        """The source's size; InvalidArgument if it cannot or may not be sent."""
-        def refuse(why: str) -> CommandError:
-            return CommandError(ErrorClass.INVALID_ARGUMENT, f"job-start: source: {why}")
-
-        dirs = self.config.source_dirs
-        if dirs:
-            real = os.path.realpath(source)
-            if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
-                       for d in dirs):
-                raise refuse(f"{source!r} is outside the sender's source_dirs ({', '.join(dirs)})")
-        try:
-            st = os.stat(source)
-        except FileNotFoundError:
-            raise refuse(f"{source!r} does not exist") from None
-        except OSError as exc:
-            raise refuse(f"cannot stat {source!r}: {exc.strerror}") from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise refuse(f"{source!r} is not a regular file or block device")
-        if not os.access(source, os.R_OK):
-            raise refuse(f"{source!r} is not readable by the sender daemon")
-        return st.st_size
 
     # --- scheduling ------------------------------------------------------------------
 
@@ -153,7 +267,7 @@ class SenderDaemon(Daemon):
         source: PageSource | None = None
         try:
             record.advance(JobState.SETUP)
-            source = PageSource(job.spec.source)
+            source = PageSource(job.spec.source, fd=job.take_source_fd())
             job.sender = Sender(source, job.spec.send_options(record.id, job.pacer))
             record.stats = job.sender.stats
             await job.sender.run()
@@ -167,6 +281,7 @@ class SenderDaemon(Daemon):
             log.exception("job crashed")
             record.advance(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            job.release_source()
             if source is not None:
                 source.close()
 
@@ -176,6 +291,7 @@ class SenderDaemon(Daemon):
         A done callback rather than a ``finally`` in :meth:`_run`: a task
         cancelled before its first step never enters its body.
         """
+        job.release_source()  # a task cancelled before its first step never took it
         if not job.record.finished:
             job.record.advance(JobState.CANCELLED, job.cancel_reason or "cancelled")
         self.running.pop(job.record.id, None)
@@ -191,6 +307,7 @@ class SenderDaemon(Daemon):
         for queued in self.queue:
             if queued.record is record:
                 self.queue.remove(queued)
+                queued.release_source()
                 record.advance(JobState.CANCELLED, "cancelled before it started")
                 return
         job = self.running.get(record.id)
@@ -210,9 +327,9 @@ class SenderDaemon(Daemon):
 
     def stop_accepting(self) -> None:
         while self.queue:
-            self.queue.popleft().record.advance(
-                JobState.CANCELLED, "the sender shut down before the job started"
-            )
+            job = self.queue.popleft()
+            job.release_source()
+            job.record.advance(JobState.CANCELLED, "the sender shut down before the job started")
 
     def running_jobs(self) -> int:
         return len(self.running)

@@ -9,6 +9,7 @@ unchecked value.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import uuid
@@ -171,9 +172,10 @@ RECEIVER_TIMEOUT_KEYS = (
     Key("commit", duration(0.1, 86400), default=Timeouts.commit_s,
         help="bound on making a finished image durable (fsync, rename)"),
 )
-#: The ``security:`` mapping (receiver config and job files): mutual TLS
-#: and/or a pre-shared key on the data path (docs/protocol.md "Authentication").
-SECURITY_KEYS = (
+#: The ``security:`` mapping of a job and of the sender config (its defaults
+#: for jobs): mutual TLS and/or a pre-shared key on the data path
+#: (docs/protocol.md "Authentication").
+_TLS_CERT_KEYS = (
     Key("tls_cert", optional(path()), default=None,
         help="PEM certificate chain this side presents; turns TLS on"),
     Key("tls_key", optional(path()), default=None,
@@ -181,18 +183,56 @@ SECURITY_KEYS = (
     Key("tls_ca", optional(path()), default=None,
         help="PEM CA bundle the peer's certificate must chain to; on a receiver it "
              "makes client certificates mandatory"),
-    Key("tls_server_name", optional(string(max_length=255)), default=None,
-        help="(job) the name the receiver's certificate must carry"),
-    Key("psk_file", optional(path()), default=None,
-        help="file holding the pre-shared key (at least 32 bytes)"),
 )
+_PSK_KEY = Key("psk_file", optional(path()), default=None,
+               help="file holding the pre-shared key: 32+ random bytes or 64+ hex digits, "
+                    "mode 0600")
+SECURITY_KEYS = (
+    *_TLS_CERT_KEYS,
+    Key("tls_server_name", optional(string(max_length=255)), default=None,
+        help="the name the receiver's certificate must carry (default: destination.host, "
+             "matched as a DNS name or an IP address)"),
+    _PSK_KEY,
+)
+#: The receiver's ``security:`` mapping: what every sender must use.
+RECEIVER_SECURITY_KEYS = (
+    *_TLS_CERT_KEYS,
+    _PSK_KEY,
+    Key("allow_unauthenticated", boolean(), default=False,
+        help="let the receiver listen on a non-loopback address without TLS client "
+             "certificates or a pre-shared key"),
+)
+SECURITY_FIELDS = ("tls_cert", "tls_key", "tls_ca", "tls_server_name", "psk_file")
 
 
 def security_from(values: dict[str, Any] | None) -> SecurityConfig | None:
-    """A SecurityConfig from a validated ``security:`` mapping (None if absent)."""
-    if not values or not any(values.values()):
+    """A SecurityConfig from a validated ``security:`` mapping (None if it sets nothing)."""
+    if not values:
         return None
-    return SecurityConfig(**values)
+    files = {name: values[name] for name in SECURITY_FIELDS if values.get(name) is not None}
+    return SecurityConfig(**files) if files else None
+
+
+def inherit_security(own: SecurityConfig | None,
+                     defaults: SecurityConfig | None) -> SecurityConfig | None:
+    """A job's security settings completed by the sender's defaults.
+
+    Every key the job sets wins; the others come from ``defaults``.  A
+    certificate and its key go together: a job that names its own
+    ``tls_cert`` does not inherit the default ``tls_key``.  The result is a
+    new object, so each job reads the files afresh (a rotated key is used by
+    the next job).
+    """
+    if defaults is None and own is None:
+        return None
+    merged: dict[str, Any] = {}
+    for name in SECURITY_FIELDS:
+        mine = getattr(own, name) if own is not None else None
+        inherited = getattr(defaults, name) if defaults is not None else None
+        if name == "tls_key" and own is not None and own.tls_cert is not None:
+            inherited = None
+        merged[name] = mine if mine is not None else inherited
+    return SecurityConfig(**merged)
 
 
 RECEIVER_SCHEMA = mapping((
@@ -205,7 +245,7 @@ RECEIVER_SCHEMA = mapping((
         help="whether a job may replace an existing image of the same name"),
     Key("limits", mapping(RECEIVER_LIMIT_KEYS), default=None, help="per-daemon limits"),
     Key("timeouts", mapping(RECEIVER_TIMEOUT_KEYS), default=None, help="per-job time bounds"),
-    Key("security", mapping(SECURITY_KEYS), default=None,
+    Key("security", mapping(RECEIVER_SECURITY_KEYS), default=None,
         help="TLS and/or pre-shared key every sender must use"),
 ))
 
@@ -220,6 +260,8 @@ class ReceiverConfig(DaemonConfig):
     limits: ReceiverLimits = field(default_factory=ReceiverLimits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     security: SecurityConfig | None = None
+    #: Listening beyond loopback without authenticating senders was asked for.
+    allow_unauthenticated: bool = False
 
     @classmethod
     def from_document(cls, doc: Document) -> ReceiverConfig:
@@ -235,6 +277,7 @@ class ReceiverConfig(DaemonConfig):
             limits=ReceiverLimits(**{**limits, "min_job_rate": limits["min_job_rate"] or 0.0}),
             timeouts=Timeouts(idle_s=timeouts["idle"], commit_s=timeouts["commit"]),
             security=security_from(values["security"]),
+            allow_unauthenticated=bool((values["security"] or {}).get("allow_unauthenticated")),
         )
 
 
@@ -255,11 +298,18 @@ SENDER_LIMIT_KEYS = (
     Key("max_bandwidth", optional(rate()), default=None,
         help="bandwidth of all running jobs together, shared fairly (unlimited when absent)"),
 )
+_SOURCE_DIRS_HINT = ("list the directories jobs may send images from, e.g. "
+                     "source_dirs: [/var/lib/vms]")
 SENDER_SCHEMA = mapping((
     *_COMMON_KEYS,
-    Key("source_dirs", list_of(path()), default=[],
-        help="if not empty, a job's source must lie inside one of these directories"),
+    Key("source_dirs",
+        list_of(path(), min_items=1,
+                too_few=f"must list at least one directory: {_SOURCE_DIRS_HINT}"),
+        required=True, missing=_SOURCE_DIRS_HINT,
+        help="directories a job's source must lie in (no symbolic link below them is followed)"),
     Key("limits", mapping(SENDER_LIMIT_KEYS), default=None, help="per-daemon limits"),
+    Key("security", mapping(SECURITY_KEYS), default=None,
+        help="TLS and/or pre-shared key every job uses unless it sets its own"),
 ))
 
 
@@ -279,6 +329,8 @@ class SenderConfig(DaemonConfig):
 
     source_dirs: tuple[str, ...] = ()
     limits: SenderLimits = field(default_factory=SenderLimits)
+    #: Defaults for every job's ``security:`` (see :func:`inherit_security`).
+    security: SecurityConfig | None = None
 
     @classmethod
     def from_document(cls, doc: Document) -> SenderConfig:
@@ -289,6 +341,7 @@ class SenderConfig(DaemonConfig):
             **DaemonConfig._common(values, "sender", doc.source if doc.base_dir else None),
             source_dirs=tuple(values["source_dirs"]),
             limits=SenderLimits(**limits),
+            security=security_from(values["security"]),
         )
 
 
@@ -415,6 +468,10 @@ class JobSpec:
                 f"must be 1..4096 whole pages of {ps} bytes, not {spec.packet_size}"
             )
         return spec
+
+    def with_security_defaults(self, defaults: SecurityConfig | None) -> JobSpec:
+        """This job with a sender's ``security:`` defaults filled in."""
+        return dataclasses.replace(self, security=inherit_security(self.security, defaults))
 
     @classmethod
     def from_object(cls, data: Any, source: str = "job") -> JobSpec:

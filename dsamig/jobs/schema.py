@@ -111,6 +111,8 @@ class Key:
     required: bool = False
     default: Any = None
     help: str = ""
+    #: For a required key: what to write, said when the key is missing.
+    missing: str = ""
 
 
 def show(value: Any) -> str:
@@ -205,7 +207,8 @@ def mapping(keys: Sequence[Key]) -> Converter:
             if key.name in value:
                 out[key.name] = key.convert(value[key.name], where.child(key.name))
             elif key.required:
-                where.fail(f"missing required key {key.name!r}")
+                hint = f": {key.missing}" if key.missing else ""
+                where.fail(f"missing required key {key.name!r}{hint}")
             else:
                 out[key.name] = key.default
         return out
@@ -224,12 +227,16 @@ def optional(inner: Converter) -> Converter:
     return convert
 
 
-def list_of(item: Converter, max_items: int = 256) -> Converter:
-    """A list whose every item passes ``item``."""
+def list_of(item: Converter, max_items: int = 256, *, min_items: int = 0,
+            too_few: str = "") -> Converter:
+    """A list whose every item passes ``item``; ``too_few`` says what a list
+    shorter than ``min_items`` lacks."""
 
     def convert(value: Any, where: Where) -> list[Any]:
         if not isinstance(value, list):
             where.fail(f"must be a list, not {show(value)}")
+        if len(value) < min_items:
+            where.fail(too_few or f"must have at least {min_items} items")
         if len(value) > max_items:
             where.fail(f"at most {max_items} items, not {len(value)}")
         return [item(v, where.child(i)) for i, v in enumerate(value)]

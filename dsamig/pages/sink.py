@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
+import threading
 from collections.abc import Iterable
 
 from dsamig.errors import SinkError
@@ -12,6 +14,18 @@ from dsamig.native import impl
 
 PARTIAL_SUFFIX = ".partial"
 PROGRESS_SUFFIX = ".progress"
+TEMP_SUFFIX = ".tmp"
+#: Mode of every file the sink creates, whatever the umask.
+FILE_MODE = 0o600
+
+
+def max_checkpoint_bytes(image_size: int) -> int:
+    """The largest progress record an image of ``image_size`` bytes can have.
+
+    A record holds a bit and four bytes per packet, and a packet is at least
+    one 512-byte page; anything larger is not ours and is not read.
+    """
+    return 4096 + image_size // 64
 
 
 class PageSink:
@@ -29,43 +43,118 @@ class PageSink:
     (``<path>.partial.progress``); ``open(keep_partial=True)`` reuses an
     existing partial file and ``load_checkpoint`` returns that record.
 
+    No link is ever followed in the destination directory: every file is
+    opened, created, renamed and removed relative to one descriptor of the
+    directory (``dir_fd``, e.g. a daemon's ``storage_dir``, or the output's
+    directory opened by ``open``), with ``O_NOFOLLOW``.  Files are created
+    with ``O_EXCL`` after removing whatever had the name, so a link or a hard
+    link planted there is replaced, never written through, and they are mode
+    0600.  A kept partial file must be a regular file with no other name.
+
+    ``checkpoint`` and ``commit`` block and run off the loop.  An ``abort``
+    that arrives while one of them runs removes the files at once and stops
+    it from renaming anything afterwards (a checkpoint may still land if the
+    partial file is kept for resume), but the descriptors are closed only
+    when it returns, so they are never closed, or reused, under it.
+
     Construction only checks the path; ``open`` creates or reopens the file.
     """
 
-    def __init__(self, path: str, image_size: int) -> None:
+    def __init__(self, path: str, image_size: int, *, dir_fd: int | None = None) -> None:
         self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
+        self.name = os.path.basename(self.path)
+        self.partial_name = self.name + PARTIAL_SUFFIX
+        self.progress_name = self.partial_name + PROGRESS_SUFFIX
         self.partial_path = self.path + PARTIAL_SUFFIX
         self.progress_path = self.partial_path + PROGRESS_SUFFIX
         self.image_size = image_size
         self.bytes_written = 0
         self._fd = -1
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            raise SinkError(f"output directory {directory!r} does not exist")
-        if os.path.isdir(self.path):
+        self._given_dir_fd = dir_fd
+        self._dir_fd = -1
+        self._lock = threading.Lock()
+        self._busy = 0  # blocking operations now using the descriptors
+        self._aborted: bool | None = None  # keep_for_resume of the abort, once aborted
+        self._finished = False  # committed or aborted: nothing more to do
+        if dir_fd is None and not os.path.isdir(self.directory):
+            raise SinkError(f"output directory {self.directory!r} does not exist")
+        try:
+            st = os.stat(self.name if dir_fd is not None else self.path, dir_fd=dir_fd,
+                         follow_symlinks=False)
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode):
             raise SinkError(f"output {self.path!r} is a directory")
+
+    # --- the directory ---------------------------------------------------------------
+
+    def _open_directory(self) -> int:
+        try:
+            if self._given_dir_fd is not None:
+                return os.dup(self._given_dir_fd)
+            return os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SinkError(
+                f"cannot open output directory {self.directory!r}: {exc.strerror}"
+            ) from None
+
+    def _begin(self) -> int:
+        """Mark a blocking operation as using the descriptors; the directory's."""
+        with self._lock:
+            if self._fd < 0 or self._dir_fd < 0:
+                raise SinkError(f"{self.partial_path!r} is not open")
+            self._busy += 1
+            return self._dir_fd
+
+    def _end(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if self._busy == 0 and self._aborted is not None:
+                self._close()
+
+    def _may_rename(self, *, checkpoint: bool = False) -> bool:
+        """Whether a rename may still happen (call with the lock held): not
+        after an abort, except a checkpoint of a partial file kept for resume."""
+        return self._aborted is None or (checkpoint and self._aborted)
+
+    def _unlink(self, name: str, dir_fd: int) -> None:
+        """Remove ``name`` (a link is removed itself); absent is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+
+    def _create(self, name: str, dir_fd: int, flags: int) -> int:
+        """A new, empty mode-0600 file under ``name``, never through a link."""
+        self._unlink(name, dir_fd)
+        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits we rely on
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    # --- opening -------------------------------------------------------------------
 
     def open(self, *, keep_partial: bool = False) -> bool:
         """Create the partial file, or with ``keep_partial`` reuse one of the
         right size; return True when an existing partial file was kept."""
         if self._fd >= 0:
             return False
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._dir_fd = self._open_directory()
         if keep_partial:
-            try:
-                fd = os.open(self.partial_path, flags & ~os.O_CREAT)
-            except OSError:
-                pass
-            else:
-                if os.fstat(fd).st_size == self.image_size:
-                    self._fd = fd
-                    return True
-                os.close(fd)
+            fd = self._open_kept_partial()
+            if fd >= 0:
+                self._fd = fd
+                return True
         try:
-            self._fd = os.open(self.partial_path, flags | os.O_TRUNC, 0o600)
+            self._fd = self._create(self.partial_name, self._dir_fd, os.O_RDWR)
         except OSError as exc:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
             raise SinkError(f"cannot create {self.partial_path!r}: {exc.strerror}") from None
-        self._drop_checkpoint()
+        self._drop_checkpoint(self._dir_fd)
         try:
             os.ftruncate(self._fd, self.image_size)
         except OSError as exc:
@@ -75,14 +164,40 @@ class PageSink:
             ) from None
         return False
 
+    def _open_kept_partial(self) -> int:
+        """The existing partial file if it may be reused, else -1."""
+        try:
+            # O_NONBLOCK: a FIFO planted under the name must not hang us.
+            fd = os.open(self.partial_name,
+                         os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._dir_fd)
+        except OSError:
+            return -1
+        try:
+            st = os.fstat(fd)
+            # A second name would let our writes land in a file outside our care.
+            if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                    and st.st_size == self.image_size):
+                os.set_blocking(fd, True)
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return -1
+
     def reset(self) -> None:
         """Throw away what a kept partial file holds: back to a fresh sparse file."""
+        dir_fd = self._begin()
         try:
             os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, self.image_size)
+            self._drop_checkpoint(dir_fd)
         except OSError as exc:
             raise SinkError(f"cannot reset {self.partial_path!r}: {exc.strerror}") from None
-        self._drop_checkpoint()
+        finally:
+            self._end()
+
+    # --- checkpoints ------------------------------------------------------------------
 
     def discard(self, ranges: Iterable[tuple[int, int]]) -> bool:
         """Make byte ranges ``(offset, length)`` of the partial file read as
@@ -94,6 +209,7 @@ class PageSink:
         hole first.  Returns False where the file system cannot punch holes
         (the caller then starts from an empty file); SinkError otherwise.
         """
+        self._begin()
         try:
             for offset, length in ranges:
                 impl.punch_hole(self._fd, offset, length)
@@ -103,15 +219,41 @@ class PageSink:
             raise SinkError(
                 f"cannot clear pages of {self.partial_path!r}: {exc.strerror}"
             ) from None
+        finally:
+            self._end()
         return True
 
     def load_checkpoint(self) -> bytes | None:
-        """The progress record stored by the last ``checkpoint``, if any."""
+        """The progress record stored by the last ``checkpoint``, if any.
+
+        Only a regular file under the record's own name counts: a link, a
+        FIFO or a file too big to be a record of this image is not read.
+        """
+        if self._dir_fd < 0:
+            return None
         try:
-            with open(self.progress_path, "rb") as f:
-                return f.read()
+            fd = os.open(self.progress_name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._dir_fd)
         except OSError:
             return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_checkpoint_bytes(self.image_size):
+                return None
+            chunks = []
+            left = st.st_size
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def checkpoint(self, record: bytes) -> None:
         """Make every page written so far durable, then store ``record``.
@@ -119,23 +261,34 @@ class PageSink:
         The data is fsynced before the record is written, so a record never
         claims pages a crash could lose.  Blocking: run it off the loop.
         """
-        temp = self.progress_path + ".tmp"
+        dir_fd = self._begin()
+        temp = self.progress_name + TEMP_SUFFIX
         try:
             os.fsync(self._fd)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = self._create(temp, dir_fd, os.O_WRONLY)
             try:
-                os.write(fd, record)
+                view = memoryview(record)
+                while view:
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temp, self.progress_path)
+            with self._lock:  # an abort either comes before this rename or after it
+                if not self._may_rename(checkpoint=True):
+                    self._unlink(temp, dir_fd)
+                    raise SinkError(f"{self.partial_path!r} was discarded during a checkpoint")
+                os.rename(temp, self.progress_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             raise SinkError(f"cannot checkpoint {self.partial_path!r}: {exc.strerror}") from None
+        finally:
+            self._end()
 
-    def _drop_checkpoint(self) -> None:
-        for path in (self.progress_path, self.progress_path + ".tmp"):
+    def _drop_checkpoint(self, dir_fd: int) -> None:
+        for name in (self.progress_name, self.progress_name + TEMP_SUFFIX):
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                self._unlink(name, dir_fd)
+
+    # --- data ------------------------------------------------------------------------------
 
     def write_packet(
         self, payload: memoryview, bitmap: bytes, page_size: int, offset: int, span: int
@@ -153,33 +306,68 @@ class PageSink:
                 raise SinkError(f"{what} writing {self.partial_path!r}") from None
             raise SinkError(f"cannot write {self.partial_path!r}: {exc.strerror}") from None
 
+    # --- the end ----------------------------------------------------------------------------
+
     def commit(self) -> None:
-        """Make the data durable and give it its final name (blocking: run off-loop)."""
+        """Make the data durable and give it its final name (blocking: run off-loop).
+
+        The rename is relative to the directory's descriptor: a link planted
+        under the final name is replaced, never followed.
+        """
+        dir_fd = self._begin()
         try:
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            os.rename(self.partial_path, self.path)
-            self._drop_checkpoint()
-            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            with self._lock:  # a failed job's file never gets the final name
+                if not self._may_rename():
+                    raise SinkError(f"{self.partial_path!r} was discarded before its commit")
+                os.rename(self.partial_name, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                self._finished = True
+            self._drop_checkpoint(dir_fd)
+            os.fsync(dir_fd)
         except OSError as exc:
-            self.abort()
+            if not self._finished:
+                self.abort()
             raise SinkError(f"cannot commit {self.path!r}: {exc.strerror}") from None
+        finally:
+            self._end()
+            with self._lock:
+                if self._finished:
+                    self._close()
 
     def abort(self, *, keep_for_resume: bool = False) -> None:
         """Close; delete the partial file and its checkpoint unless
         ``keep_for_resume`` (then a later job may continue from the
-        checkpoint).  Idempotent, never raises."""
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        if keep_for_resume:
-            return
+        checkpoint).  Idempotent, never raises.
+
+        While a checkpoint or commit runs, the files go at once; the
+        descriptors are closed when it returns.
+        """
+        with self._lock:
+            if self._finished or self._aborted is not None:
+                return
+            self._aborted = keep_for_resume
+            if not keep_for_resume:
+                self._remove_files()
+            if not self._busy:
+                self._close()
+
+    def _remove_files(self) -> None:
+        dir_fd = self._dir_fd
+        if dir_fd < 0:  # never opened: find the directory now
+            try:
+                dir_fd = self._open_directory()
+            except SinkError:
+                return
+            self._dir_fd = dir_fd
         with contextlib.suppress(OSError):
-            os.unlink(self.partial_path)
-        self._drop_checkpoint()
+            self._unlink(self.partial_name, dir_fd)
+        self._drop_checkpoint(dir_fd)
+
+    def _close(self) -> None:
+        self._finished = True
+        for attr in ("_fd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, -1)

@@ -19,18 +19,16 @@ class PageSource:
     stays flat however big the image is; the page cache keeps the data.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, fd: int | None = None) -> None:
+        """Open ``path``, or with ``fd`` use that descriptor, already open for
+        reading (``path`` then only names it in messages).  The source owns
+        ``fd`` from here on: it is closed with the source, or at once if the
+        file cannot be sent."""
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceError(f"image {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise SourceError(f"image {path!r} is a directory") from None
-        except PermissionError:
-            raise SourceError(f"image {path!r} is not readable (permission denied)") from None
-        except OSError as exc:
-            raise SourceError(f"cannot open image {path!r}: {exc.strerror}") from None
+        if fd is not None:
+            self._fd = fd
+        else:
+            self._fd = self._open(path)
         try:
             st = os.fstat(self._fd)
             if stat.S_ISDIR(st.st_mode):
@@ -54,6 +52,19 @@ class PageSource:
             os.close(self._fd)
             raise
         self._closed = False
+
+    @staticmethod
+    def _open(path: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"image {path!r} does not exist") from None
+        except IsADirectoryError:
+            raise SourceError(f"image {path!r} is a directory") from None
+        except PermissionError:
+            raise SourceError(f"image {path!r} is not readable (permission denied)") from None
+        except OSError as exc:
+            raise SourceError(f"cannot open image {path!r}: {exc.strerror}") from None
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Byte ranges ``[(start, end)]`` that may hold data; the rest are holes.

@@ -31,6 +31,10 @@ from dsamig.proto import (
 #: A key file larger than this is not a key (a misplaced path, an image).
 MAX_PSK_FILE = 64 * 1024
 
+# OpenSSL's X509_V_ERR_* codes of a certificate that does not name the peer.
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
 # OpenSSL reasons that deserve words an operator can act on.
 _TLS_REASONS = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED":
@@ -50,7 +54,12 @@ _TLS_REASONS = {
 def describe_tls_error(exc: BaseException) -> str:
     """One line for a failed TLS handshake or a TLS alert, without OpenSSL noise."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
+        message = f"certificate verify failed: {exc.verify_message}"
+        if exc.verify_code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+            message += (" (the receiver's certificate must carry the name or IP address "
+                        "the sender connects to in its subjectAltName, or give "
+                        "--tls-server-name / security.tls_server_name with a name it carries)")
+        return message
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""
         words = _TLS_REASONS.get(reason, reason.lower().replace("_", " "))
@@ -91,6 +100,72 @@ def _is_ip_address(host: str) -> bool:
     return True
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether every address ``host`` (an address or a name) stands for is loopback.
+
+    An empty host, a wildcard (``0.0.0.0``, ``::``) or a name that does not
+    resolve is not loopback: it may be reachable from other hosts.
+    """
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+#: How to write a key file, said by every refusal of one.
+PSK_RECIPE = ("write 32 random bytes (head -c 32 /dev/urandom > {path}) or 64 hex digits "
+              "(openssl rand -hex 32 > {path}), then chmod 600 {path}")
+
+
+def _is_text(data: bytes) -> bool:
+    return all(0x20 <= b < 0x7F or b == 0x09 for b in data)
+
+
+def parse_psk(raw: bytes, path: str) -> bytes:
+    """The key a PSK file holds; ConfigError saying how to write one if it holds none.
+
+    A file of hex digits (an even number, at least 64), with or without one
+    trailing newline, holds the bytes they spell: ``openssl rand -hex 32``
+    writes one.  Any other file holds its bytes exactly (at least 32):
+    ``head -c 32 /dev/urandom`` writes one.  A text file ending in a newline
+    that is not hex is refused: whether the newline belongs to the key is
+    exactly what two hosts would disagree on.
+    """
+    recipe = PSK_RECIPE.format(path=path)
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    body = body[:-1] if body != raw and body.endswith(b"\r") else body
+    if body and all(b in b"0123456789abcdefABCDEF" for b in body):
+        if len(body) % 2:
+            raise ConfigError(f"PSK file {path!r} holds an odd number of hex digits "
+                              f"({len(body)}); {recipe}")
+        key = bytes.fromhex(body.decode("ascii"))
+        if len(key) < MIN_PSK_SIZE:
+            raise ConfigError(
+                f"PSK file {path!r} holds {len(body)} hex digits ({len(key)} bytes); a key "
+                f"needs at least {MIN_PSK_SIZE} bytes ({2 * MIN_PSK_SIZE} hex digits): {recipe}"
+            )
+        return key
+    if body != raw and _is_text(body):
+        raise ConfigError(
+            f"PSK file {path!r} is text ending in a newline but not hex digits, so it is "
+            f"unclear whether the newline is part of the key; {recipe}"
+        )
+    if len(raw) < MIN_PSK_SIZE:
+        raise ConfigError(
+            f"PSK file {path!r} holds {len(raw)} bytes; a key needs at least "
+            f"{MIN_PSK_SIZE}: {recipe}"
+        )
+    return raw
+
+
 @dataclass
 class SecurityConfig:
     """TLS and pre-shared-key settings of one side of the data path.
@@ -98,13 +173,16 @@ class SecurityConfig:
     TLS is on when a certificate or a CA is given.  A receiver needs
     ``tls_cert`` (and ``tls_key`` unless the certificate file holds the key);
     with ``tls_ca`` it also requires every sender to present a certificate
-    signed by that CA.  A sender verifies the receiver against ``tls_ca`` (the
-    system's trust store without one) and presents ``tls_cert`` when given.
-    Peers addressed by IP are verified against the CA but not by name, unless
-    ``tls_server_name`` names the certificate the receiver must present.
+    signed by that CA.  A sender always verifies the receiver's certificate:
+    its chain against ``tls_ca`` (the system's trust store without one), and
+    its name: ``tls_server_name`` when given, else the host it connects to,
+    which must appear as a DNS name or, for an IP address, as an IP address in
+    the certificate's subjectAltName.  An IP address without ``tls_ca`` is
+    refused: no public CA vouches for a private address.
 
-    ``psk_file`` holds the pre-shared key: the file's bytes exactly, at least
-    32 of them (e.g. ``head -c 32 /dev/urandom > psk``).
+    ``psk_file`` holds the pre-shared key (see :func:`parse_psk` for the two
+    ways to write one).  The daemons refuse a key file that group or others
+    may access; the one-shot commands warn.
     """
 
     tls_cert: str | None = None
@@ -113,6 +191,7 @@ class SecurityConfig:
     tls_server_name: str | None = None
     psk_file: str | None = None
     _psk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _psk_mode: int = field(default=0, init=False, repr=False, compare=False)
     _contexts: dict[str, ssl.SSLContext] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -123,6 +202,15 @@ class SecurityConfig:
         return bool(self.tls_cert or self.tls_ca)
 
     @property
+    def authenticates(self) -> bool:
+        """Whether a receiver with these settings authenticates its senders at all.
+
+        TLS without ``tls_ca`` encrypts but accepts any client; only a CA
+        (client certificates) or a pre-shared key tells senders apart.
+        """
+        return bool(self.psk_file or (self.tls_cert and self.tls_ca))
+
+    @property
     def psk(self) -> bytes | None:
         """The pre-shared key (read once), or None without ``psk_file``."""
         if self.psk_file is None:
@@ -131,18 +219,23 @@ class SecurityConfig:
             self._psk = self._read_psk()
         return self._psk
 
-    def check(self, role: str) -> list[str]:
+    def check(self, role: str, *, host: str | None = None, strict: bool = False) -> list[str]:
         """Load every file now; raise ConfigError naming the first problem.
 
-        ``role`` is ``"sender"`` or ``"receiver"``.  Returns warnings an
-        operator should see (a key file others can read).
+        ``role`` is ``"sender"`` or ``"receiver"``; a sender's ``host`` (the
+        receiver it will connect to) is checked against the TLS name rules.
+        Returns warnings an operator should see (a key file others can
+        read); with ``strict`` (the daemons) such a key file is refused.
         """
         warnings: list[str] = []
         if self.psk_file is not None:
             _ = self.psk  # read now, so that a bad file fails before any connection
-            warnings += self._psk_warnings()
+            problems = self._psk_warnings()
+            if problems and strict:
+                raise ConfigError(f"{problems[0]} (the daemons refuse such a key)")
+            warnings += problems
         if self.tls_key and not self.tls_cert:
-            raise ConfigError("--tls-key needs --tls-cert")
+            raise ConfigError("--tls-key (tls_key) needs --tls-cert (tls_cert)")
         if self.tls_server_name and role == "receiver":
             raise ConfigError("--tls-server-name is a sender option")
         if self.tls_server_name and not self.tls:
@@ -157,6 +250,8 @@ class SecurityConfig:
                 )
             self.server_context()
         else:
+            if host is not None and self.tls:
+                self.server_name_for(host)
             self.client_context()
         return warnings
 
@@ -177,11 +272,11 @@ class SecurityConfig:
         return self._contexts["server"]
 
     def client_context(self) -> ssl.SSLContext | None:
-        """The sender's context: TLS 1.3, the receiver verified against the CA."""
+        """The sender's context: TLS 1.3, the receiver's chain and name verified."""
         if not self.tls:
             return None
         if "client" not in self._contexts:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED already
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
             context.minimum_version = ssl.TLSVersion.TLSv1_3
             if self.tls_ca:
                 self._load_ca(context)
@@ -192,42 +287,45 @@ class SecurityConfig:
             self._contexts["client"] = context
         return self._contexts["client"]
 
-    def client_hostname(self, host: str) -> tuple[ssl.SSLContext, str | None] | None:
+    def server_name_for(self, host: str) -> str:
+        """The identity the receiver at ``host`` must prove: a DNS name or an IP address.
+
+        ``tls_server_name`` wins; otherwise ``host`` itself, which for an IP
+        address is matched against the certificate's IP addresses (Python's
+        ``ssl`` does so when the name is an address).  ConfigError for an IP
+        address without ``tls_ca``.
+        """
+        if self.tls_server_name:
+            return self.tls_server_name
+        if _is_ip_address(host) and not self.tls_ca:
+            raise ConfigError(
+                f"TLS to the IP address {host} needs --tls-ca (security.tls_ca: the CA that "
+                f"signed the receiver's certificate, which must carry IP:{host}) or "
+                "--tls-server-name (security.tls_server_name: a DNS name in that certificate)"
+            )
+        return host
+
+    def client_hostname(self, host: str) -> tuple[ssl.SSLContext, str] | None:
         """``(context, server_hostname)`` for connecting to ``host``, or None without TLS.
 
-        Receivers are usually addressed by IP and their certificates rarely
-        carry IP names; the CA already limits who can hold a certificate, so
-        for an IP the name is not checked unless ``tls_server_name`` is set.
+        The name is always checked (see :meth:`server_name_for`); a receiver
+        addressed by IP must carry that address in its certificate.
         """
         base = self.client_context()
         if base is None:
             return None
-        if self.tls_server_name:
-            return base, self.tls_server_name
-        if not _is_ip_address(host):
-            return base, host
-        if "client-ip" not in self._contexts:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.minimum_version = ssl.TLSVersion.TLSv1_3
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_REQUIRED  # the chain is still verified
-            if self.tls_ca:
-                self._load_ca(context)
-            else:
-                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-            if self.tls_cert:
-                self._load_chain(context)
-            self._contexts["client-ip"] = context
-        return self._contexts["client-ip"], None
+        return base, self.server_name_for(host)
 
     def _load_chain(self, context: ssl.SSLContext) -> None:
         assert self.tls_cert is not None
+        for what, path in (("certificate", self.tls_cert), ("key", self.tls_key)):
+            if path is not None and not os.path.exists(path):
+                raise ConfigError(f"TLS {what} file {path!r} does not exist")
         try:
             context.load_cert_chain(self.tls_cert, self.tls_key)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"TLS certificate or key {exc.filename!r} does not exist") from None
         except PermissionError as exc:
-            raise ConfigError(f"TLS key {exc.filename!r} is not readable") from None
+            name = exc.filename or self.tls_key or self.tls_cert
+            raise ConfigError(f"TLS certificate or key {name!r} is not readable") from None
         except (ssl.SSLError, OSError) as exc:
             what = self.tls_cert + (f" / {self.tls_key}" if self.tls_key else "")
             raise ConfigError(f"cannot load TLS certificate and key {what!r}: "
@@ -250,26 +348,19 @@ class SecurityConfig:
         assert path is not None
         try:
             with open(path, "rb") as f:
-                key = f.read(MAX_PSK_FILE + 1)
+                self._psk_mode = os.fstat(f.fileno()).st_mode
+                raw = f.read(MAX_PSK_FILE + 1)
         except FileNotFoundError:
             raise ConfigError(f"PSK file {path!r} does not exist") from None
         except OSError as exc:
             raise ConfigError(f"cannot read PSK file {path!r}: {exc.strerror}") from None
-        if len(key) < MIN_PSK_SIZE:
-            raise ConfigError(
-                f"PSK file {path!r} holds {len(key)} bytes; a key needs at least "
-                f"{MIN_PSK_SIZE} (head -c 32 /dev/urandom > {path})"
-            )
-        if len(key) > MAX_PSK_FILE:
+        if len(raw) > MAX_PSK_FILE:
             raise ConfigError(f"PSK file {path!r} is over {MAX_PSK_FILE} bytes: not a key file")
-        return key
+        return parse_psk(raw, path)
 
     def _psk_warnings(self) -> list[str]:
         assert self.psk_file is not None
-        try:
-            mode = os.stat(self.psk_file).st_mode
-        except OSError:
-            return []
+        mode = self._psk_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             return [
                 f"PSK file {self.psk_file!r} is accessible to group or others "
@@ -393,5 +484,7 @@ __all__ = [
     "TlsListener",
     "describe_connection_error",
     "describe_tls_error",
+    "is_loopback_host",
+    "parse_psk",
     "psk_of",
 ]

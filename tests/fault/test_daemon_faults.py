@@ -52,7 +52,7 @@ def test_bad_config_exits_2_naming_file_line_and_key(directory: str) -> None:
         f"dsamig: error: {path}:4: limits.max_jobs: must be an integer 1..4096, not 'lots'")
     assert not os.path.exists(os.path.join(directory, "receiver.sock"))
     with open(path, "w") as f:
-        f.write("listen: 127.0.0.1:0\nstorage_dir: images\n")
+        f.write("listen: 127.0.0.1:0\nstorage_dir: images\ncontrol_socket: r.sock\n")
     checked = dsamig("receiver", "--config", path, "--check")
     assert checked.returncode == 0 and "valid receiver configuration" in checked.stdout
 
@@ -82,23 +82,25 @@ def test_taken_addresses_exit_4_and_leave_nothing_behind(directory: str) -> None
         data = run_daemon("receiver", directory,
                           {"listen": f"127.0.0.1:{port}", "storage_dir": storage})
         assert data.returncode == 4 and f"cannot listen on 127.0.0.1:{port}" in data.stderr
-        metrics = run_daemon("sender", directory, {"metrics_listen": f"127.0.0.1:{port}"})
+        metrics = run_daemon("sender", directory, {"metrics_listen": f"127.0.0.1:{port}",
+                                                   "source_dirs": [directory]})
         assert metrics.returncode == 4 and "cannot listen for metrics" in metrics.stderr
     # The control socket bound before the metrics endpoint failed is gone again.
     assert not os.path.exists(os.path.join(directory, "sender.sock"))
 
 
 def test_control_socket_of_a_running_daemon_is_not_stolen(directory: str) -> None:
-    first = Daemon.start("sender", directory, {})
+    first = Daemon.start("sender", directory, {"source_dirs": [directory]})
     try:
-        second = run_daemon("sender", directory, {})
+        second = run_daemon("sender", directory, {"source_dirs": [directory]})
         assert second.returncode == 4
         assert "in use by another running daemon" in second.stderr
         assert ok(first.socket, "query-daemon")["pid"] == first.proc.pid
     finally:
         first.kill()  # SIGKILL: the socket file stays behind, stale
     assert os.path.exists(first.socket)
-    again = Daemon.start("sender", directory, {})  # replaces the stale file
+    # Replaces the stale file.
+    again = Daemon.start("sender", directory, {"source_dirs": [directory]})
     try:
         assert ok(again.socket, "query-daemon")["pid"] == again.proc.pid
     finally:
@@ -154,11 +156,12 @@ def test_failed_jobs_do_not_stop_the_daemon(directory: str, image_factory) -> No
         receiver.kill()
 
 
-def test_second_sigint_skips_the_drain(directory: str, image_factory) -> None:
+def test_second_sigint_skips_the_drain(directory: str, image_factory, tmp_path) -> None:
     storage = os.path.join(directory, "images")
     receiver = Daemon.start("receiver", directory,
                             {"listen": "127.0.0.1:0", "storage_dir": storage})
-    sender = Daemon.start("sender", directory, {"shutdown_timeout": "60s"})
+    sender = Daemon.start("sender", directory, {"shutdown_timeout": "60s",
+                                                "source_dirs": [str(tmp_path)]})
     try:
         image, _, _ = image_factory(8 * MiB, seed=5, zero_every=0)
         job = ok(sender.socket, "job-start", job_document(
@@ -181,11 +184,12 @@ def test_second_sigint_skips_the_drain(directory: str, image_factory) -> None:
         receiver.kill()
 
 
-def test_start_wait_interrupted_cancels_the_job(directory: str, image_factory) -> None:
+def test_start_wait_interrupted_cancels_the_job(directory: str, image_factory,
+                                                tmp_path) -> None:
     storage = os.path.join(directory, "images")
     receiver = Daemon.start("receiver", directory,
                             {"listen": "127.0.0.1:0", "storage_dir": storage})
-    sender = Daemon.start("sender", directory, {})
+    sender = Daemon.start("sender", directory, {"source_dirs": [str(tmp_path)]})
     try:
         image, _, _ = image_factory(8 * MiB, seed=6, zero_every=0)
         job_file = write_job(directory, "watched", image, receiver.port, max_bandwidth="2MiB")

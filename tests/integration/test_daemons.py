@@ -52,8 +52,11 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    """One receiver and one sender for the tests that leave both running."""
+def pair(tmp_path_factory) -> Iterator[Pair]:
+    """One receiver and one sender for the tests that leave both running.
+
+    The sender may send what lies below pytest's temporary directory, where
+    every test's ``image_factory`` writes its images."""
     with short_dir() as directory:
         storage = os.path.join(directory, "images")
         os.mkdir(storage)
@@ -62,7 +65,9 @@ def pair() -> Iterator[Pair]:
             "timeouts": {"idle": "10s"},
         })
         try:
-            sender = Daemon.start("sender", directory, {"limits": {"max_jobs": 8}})
+            sender = Daemon.start("sender", directory, {
+                "limits": {"max_jobs": 8},
+                "source_dirs": [str(tmp_path_factory.getbasetemp())]})
         except BaseException:
             receiver.kill()
             raise
@@ -319,14 +324,15 @@ def test_metrics_endpoint(pair: Pair) -> None:
     assert info.value.code == 404
 
 
-def test_queue_beyond_the_concurrent_job_limit(image_factory) -> None:
+def test_queue_beyond_the_concurrent_job_limit(image_factory, tmp_path) -> None:
     with short_dir() as directory:
         storage = os.path.join(directory, "images")
         os.mkdir(storage)
         receiver = Daemon.start("receiver", directory,
                                 {"listen": "127.0.0.1:0", "storage_dir": storage})
         sender = Daemon.start("sender", directory,
-                              {"limits": {"max_jobs": 1, "max_queued": 2, "max_channels": 4}})
+                              {"limits": {"max_jobs": 1, "max_queued": 2, "max_channels": 4},
+                               "source_dirs": [str(tmp_path)]})
         events = EventStream(sender.socket)
         try:
             images = [image_factory(1 * MiB, seed=20 + i, zero_every=0)[0] for i in range(4)]
@@ -358,14 +364,15 @@ def test_queue_beyond_the_concurrent_job_limit(image_factory) -> None:
             receiver.kill()
 
 
-def test_sigterm_during_a_job(image_factory) -> None:
+def test_sigterm_during_a_job(image_factory, tmp_path) -> None:
     """Sender stopped mid-job: exit 0, the receiver keeps no image, partial or final."""
     with short_dir() as directory:
         storage = os.path.join(directory, "images")
         os.mkdir(storage)
         receiver = Daemon.start("receiver", directory, {
             "listen": "127.0.0.1:0", "storage_dir": storage, "shutdown_timeout": "200ms"})
-        sender = Daemon.start("sender", directory, {"shutdown_timeout": "300ms"})
+        sender = Daemon.start("sender", directory, {"shutdown_timeout": "300ms",
+                                                    "source_dirs": [str(tmp_path)]})
         try:
             image, _, _ = image_factory(8 * MiB, seed=30, zero_every=0)
             job = ok(sender.socket, "job-start",
@@ -382,7 +389,7 @@ def test_sigterm_during_a_job(image_factory) -> None:
             assert os.listdir(storage) == []
 
             # The receiver stopped mid-job: the same guarantees on its side.
-            sender = Daemon.start("sender", directory, {})
+            sender = Daemon.start("sender", directory, {"source_dirs": [str(tmp_path)]})
             job = ok(sender.socket, "job-start",
                      job_document("interrupted", image, receiver.port, max_bandwidth="4MiB"))
             wait_for(lambda: _active_with_progress(receiver, job["id"]), what="progress")
@@ -395,13 +402,14 @@ def test_sigterm_during_a_job(image_factory) -> None:
             receiver.kill()
 
 
-def test_sigterm_lets_running_jobs_finish(image_factory) -> None:
+def test_sigterm_lets_running_jobs_finish(image_factory, tmp_path) -> None:
     with short_dir() as directory:
         storage = os.path.join(directory, "images")
         os.mkdir(storage)
         receiver = Daemon.start("receiver", directory,
                                 {"listen": "127.0.0.1:0", "storage_dir": storage})
-        sender = Daemon.start("sender", directory, {"shutdown_timeout": "20s"})
+        sender = Daemon.start("sender", directory, {"shutdown_timeout": "20s",
+                                                    "source_dirs": [str(tmp_path)]})
         try:
             image, _, _ = image_factory(6 * MiB, seed=31, zero_every=0)
             job = ok(sender.socket, "job-start",
@@ -424,7 +432,8 @@ def test_sigterm_lets_running_jobs_finish(image_factory) -> None:
 
 def test_sighup_reloads_limits_and_log_level(tmp_path) -> None:
     with short_dir() as directory:
-        sender = Daemon.start("sender", directory, {"limits": {"max_jobs": 3}})
+        sender = Daemon.start("sender", directory, {"limits": {"max_jobs": 3},
+                                                    "source_dirs": [directory]})
         try:
             with open(sender.config_path) as f:
                 config = yaml.safe_load(f)
@@ -466,7 +475,8 @@ async def test_one_canonical_log_line_per_job_in_process(image_factory) -> None:
              "control_socket": os.path.join(directory, "r.sock")}, "test")),
             notifier=Notifier(None), install_signals=False)
         sender = SenderDaemon(SenderConfig.from_document(Document.from_object(
-            {"control_socket": os.path.join(directory, "s.sock")}, "test")),
+            {"control_socket": os.path.join(directory, "s.sock"),
+             "source_dirs": [os.path.dirname(image)]}, "test")),
             notifier=Notifier(None), install_signals=False)
         with capture_logs() as logs:
             served = [asyncio.ensure_future(d.serve()) for d in (receiver, sender)]

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -133,8 +137,8 @@ def test_tls_sender_to_a_plain_receiver(tmp_path, image_factory, pki) -> None:
 
 
 def test_server_name(tmp_path, image_factory, pki) -> None:
-    # By name, the receiver's certificate must carry it; an IP is verified
-    # against the CA only, unless --tls-server-name asks for a name.
+    # --tls-server-name replaces the host of --to as the name the receiver's
+    # certificate must carry.
     image, _, _ = image_factory(MiB, seed=34)
     output = str(tmp_path / "dest.img")
     receiver = Receiver.start(output, *receiver_tls(pki))
@@ -166,7 +170,105 @@ def test_bad_tls_files_are_usage_errors(tmp_path, image_factory, pki) -> None:
     assert_one_line_error(keyless.stderr, "a TLS receiver needs --tls-cert")
 
 
+def test_an_ip_address_must_be_in_the_certificate(tmp_path, image_factory, pki) -> None:
+    # The receiver's certificate names only receiver.test: reached by IP it
+    # is refused, whoever signed it, unless --tls-server-name names it.
+    image, _, _ = image_factory(MiB + 1, seed=40)
+    output = str(tmp_path / "dest.img")
+    receiver = Receiver.start(output, "--tls-cert", pki.dns_only_cert, "--tls-key",
+                              pki.dns_only_key, "--tls-ca", pki.ca)
+    try:
+        by_ip = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--channels", "1",
+                       "--retry-for", "0", *sender_tls(pki))
+        assert not os.path.exists(output)
+        named = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--channels", "1",
+                       "--tls-server-name", "receiver.test", *sender_tls(pki))
+    finally:
+        receiver.kill()
+    assert by_ip.returncode == EXIT_TRANSFER
+    assert_one_line_error(by_ip.stderr, "IP address mismatch", "127.0.0.1",
+                          "or give --tls-server-name")
+    assert named.returncode == EXIT_OK, named.stderr
+    assert read_bytes(output) == read_bytes(image)
+
+
+def test_tls_to_an_ip_address_needs_a_ca(tmp_path, image_factory, pki) -> None:
+    # The system's CAs do not vouch for private addresses: refused before
+    # any connection (nothing listens on port 9), saying what to add.
+    image, _, _ = image_factory(4096)
+    refused = dsamig("send", image, "--to", "127.0.0.1:9", "--tls-cert", pki.sender_cert,
+                     "--tls-key", pki.sender_key)
+    assert refused.returncode == EXIT_USAGE
+    assert_one_line_error(refused.stderr, "TLS to the IP address 127.0.0.1 needs --tls-ca",
+                          "or --tls-server-name")
+    # A name to check is enough to go on (and here find nobody listening).
+    named = dsamig("send", image, "--to", "127.0.0.1:9", "--tls-server-name", "receiver.test",
+                   "--tls-cert", pki.sender_cert, "--tls-key", pki.sender_key)
+    assert_one_line_error(named.stderr, "cannot connect to receiver 127.0.0.1:9")
+
+
+def test_one_shot_receive_warns_when_others_can_reach_it(tmp_path, keys) -> None:
+    def first_lines(*args: str) -> list[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsamig", "receive", "--output", str(tmp_path / "x"),
+             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        lines: list[str] = []
+        try:
+            while not lines or not lines[-1].startswith("dsamig: listening on"):
+                line = proc.stderr.readline()
+                assert line, f"receive exited: {lines}"
+                lines.append(line.strip())
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=TIMEOUT_S)
+        return lines
+
+    exposed = first_lines("--listen", "0.0.0.0:0")
+    assert len(exposed) == 2
+    assert exposed[0].startswith(
+        "dsamig: warning: listening on 0.0.0.0:0 without authenticating senders: anyone who "
+        "can reach it can send an image to")
+    assert "--psk-file" in exposed[0]
+    assert len(first_lines("--listen", "0.0.0.0:0", "--psk-file", keys[0])) == 1
+    assert len(first_lines("--listen", "127.0.0.1:0")) == 1
+
+
 # -- pre-shared key -------------------------------------------------------------------
+
+
+def test_hex_and_raw_key_files_hold_the_same_key(tmp_path, image_factory) -> None:
+    # One host wrote its key with `openssl rand -hex 32` (a trailing newline
+    # included), the other holds the same 32 bytes raw: they agree.
+    image, _, _ = image_factory(MiB + 3, seed=41)
+    hex_key = tmp_path / "hex.key"
+    with open(hex_key, "wb") as f:
+        subprocess.run(["openssl", "rand", "-hex", "32"], stdout=f, check=True, timeout=60)
+    hex_key.chmod(0o600)
+    text = hex_key.read_bytes()
+    assert len(text) == 65 and text.endswith(b"\n")
+    raw_key = tmp_path / "raw.key"
+    raw_key.write_bytes(bytes.fromhex(text.decode()))
+    raw_key.chmod(0o600)
+    output = str(tmp_path / "out" / "dest.img")
+    os.mkdir(os.path.dirname(output))
+    receiver = Receiver.start(output, "--once", "--psk-file", str(hex_key))
+    try:
+        result = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}",
+                        "--psk-file", str(raw_key))
+        code, _, err = receiver.finish()
+    finally:
+        receiver.kill()
+    assert (result.returncode, code) == (EXIT_OK, EXIT_OK), result.stderr + err
+    assert read_bytes(output) == read_bytes(image)
+    # A key written by `echo` (text and a newline) is refused, saying how to write one.
+    echoed = tmp_path / "echoed.key"
+    echoed.write_bytes(b"correct horse battery staple, really long\n")
+    echoed.chmod(0o600)
+    refused = dsamig("send", image, "--to", "127.0.0.1:9", "--psk-file", str(echoed))
+    assert refused.returncode == EXIT_USAGE
+    assert_one_line_error(refused.stderr, "is text ending in a newline but not hex digits",
+                          "head -c 32 /dev/urandom >", "openssl rand -hex 32 >")
 
 
 def test_psk_transfer(tmp_path, image_factory, keys) -> None:
@@ -222,7 +324,8 @@ def test_psk_file_checks(tmp_path, image_factory) -> None:
     short.write_bytes(b"0123456789")
     result = dsamig("send", image, "--to", "127.0.0.1:9", "--psk-file", str(short))
     assert result.returncode == EXIT_USAGE
-    assert_one_line_error(result.stderr, "holds 10 bytes; a key needs at least 32")
+    assert_one_line_error(result.stderr, "holds 10 hex digits (5 bytes); a key needs at least 32",
+                          "openssl rand -hex 32 >")
     missing = dsamig("send", image, "--to", "127.0.0.1:9", "--psk-file", str(tmp_path / "nope"))
     assert missing.returncode == EXIT_USAGE
     assert_one_line_error(missing.stderr, "PSK file", "does not exist")
@@ -316,3 +419,48 @@ async def test_psk_on_every_reconnection(tmp_path, image_factory, keys) -> None:
     assert stats.counters.sessions >= 2 and len(proxy.connections) >= 4
     assert job.stats.status == "completed"
     assert read_bytes(output) == read_bytes(image)
+
+
+# -- the recipes in docs/operations.md ------------------------------------------------------
+
+
+def recipe(name: str) -> str:
+    """The shell block that follows ``<!-- recipe: NAME`` in docs/operations.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    match = re.search(rf"<!-- recipe: {name}\b[^\n]*-->\n```sh\n(.*?)```", text, re.S)
+    assert match, f"docs/operations.md has no recipe {name!r}"
+    return match.group(1)
+
+
+def test_the_documented_recipes_work(tmp_path, image_factory) -> None:
+    # The CA, certificate and key commands an operator copies, run as they
+    # are written (the receiver's example address swapped for loopback).
+    pki = recipe("pki").replace("IP:192.0.2.10", "IP:127.0.0.1")
+    for block in (pki, recipe("psk")):
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "psk").st_mode) == 0o600
+
+    def path(name: str) -> str:
+        return str(tmp_path / name)
+
+    image, _, _ = image_factory(MiB + 9, seed=42)
+    for host in ("127.0.0.1", "dest.example.net"):
+        output = str(tmp_path / f"dest-{host}.img")
+        receiver = Receiver.start(output, "--once", "--tls-cert", path("receiver.pem"),
+                                  "--tls-key", path("receiver.key"), "--tls-ca", path("ca.pem"),
+                                  "--psk-file", path("psk"))
+        try:
+            # The example name does not resolve here: connect to the address,
+            # and ask for the name.
+            name = [] if host == "127.0.0.1" else ["--tls-server-name", host]
+            result = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", *name,
+                            "--tls-cert", path("sender.pem"), "--tls-key", path("sender.key"),
+                            "--tls-ca", path("ca.pem"), "--psk-file", path("psk"))
+            code, _, err = receiver.finish()
+        finally:
+            receiver.kill()
+        assert (result.returncode, code) == (EXIT_OK, EXIT_OK), result.stderr + err
+        assert "warning" not in result.stderr + err
+        assert read_bytes(output) == read_bytes(image)

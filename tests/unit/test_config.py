@@ -12,6 +12,7 @@ from dsamig.jobs.config import ReceiverConfig, SenderConfig, default_control_soc
 from dsamig.jobs.schema import MAX_DOCUMENT_BYTES, load_yaml_text
 
 JOB = "name: vm1\nsource: /img\ndestination: {host: dest}\n"
+SENDER = "source_dirs: [/srv/vms]\n"
 RECEIVER = "listen: 0.0.0.0:7780\nstorage_dir: /srv/images\ncontrol_socket: /run/r.sock\n"
 
 
@@ -69,7 +70,8 @@ def test_minimal_daemon_configs(tmp_path, monkeypatch) -> None:
     assert (receiver.limits.max_jobs, receiver.replace_existing) == (16, False)
     assert receiver.path == str(tmp_path / "file.yaml")
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/dsamig-test")
-    sender = load_sender_config(write(tmp_path, "", "empty.yaml"))
+    sender = load_sender_config(write(tmp_path, "source_dirs: [/srv/vms]\n", "minimal.yaml"))
+    assert sender.source_dirs == ("/srv/vms",) and sender.security is None
     assert sender.control_socket == "/run/dsamig-test/sender.sock"
     assert (sender.limits.max_jobs, sender.limits.max_bandwidth) == (4, None)
     assert sender.shutdown_timeout_s == 30 and sender.job_retention_s == 3600
@@ -150,8 +152,8 @@ BAD = [
     ("receiver", RECEIVER + "metrics_listen: 9100\n",
      "f.yaml:4: metrics_listen: must be HOST:PORT, not 9100"),
     ("receiver", RECEIVER + "storage_dir: /again\n", "f.yaml:4: storage_dir: duplicate key"),
-    ("sender", "limits:\n  max_bandwidth: 10Gbit\n  max_job: 3\n",
-     "f.yaml:3: limits.max_job: unknown key (allowed: max_jobs, max_queued, max_channels, "
+    ("sender", SENDER + "limits:\n  max_bandwidth: 10Gbit\n  max_job: 3\n",
+     "f.yaml:4: limits.max_job: unknown key (allowed: max_jobs, max_queued, max_channels, "
      "max_bandwidth)"),
     ("sender", "log_level: verbose\n",
      "f.yaml:1: log_level: must be one of debug, info, warning, error, not 'verbose'"),
@@ -159,6 +161,20 @@ BAD = [
     ("sender", "source_dirs: [/a, 5]\n", "f.yaml:1: source_dirs[1]: must be a path, not 5"),
     ("sender", "shutdown_timeout: -1\n", "shutdown_timeout: must be between 0 s and 86400 s"),
     ("sender", "storage_dir: /x\n", "f.yaml:1: storage_dir: unknown key"),
+    # The sender sends only what lies below directories the operator named.
+    ("sender", "log_level: info\n",
+     "f.yaml:1: missing required key 'source_dirs': list the directories jobs may send "
+     "images from, e.g. source_dirs: [/var/lib/vms]"),
+    ("sender", "source_dirs: []\n",
+     "f.yaml:1: source_dirs: must list at least one directory: list the directories"),
+    ("sender", "source_dirs: [/a]\nsecurity: {psk: /k}\n",
+     "f.yaml:2: security.psk: unknown key (allowed: tls_cert, tls_key, tls_ca, "
+     "tls_server_name, psk_file)"),
+    ("receiver", RECEIVER + "security: {tls_server_name: r.test}\n",
+     "f.yaml:4: security.tls_server_name: unknown key (allowed: tls_cert, tls_key, tls_ca, "
+     "psk_file, allow_unauthenticated)"),
+    ("receiver", RECEIVER + "security: {allow_unauthenticated: yes please}\n",
+     "f.yaml:4: security.allow_unauthenticated: must be true or false"),
 ]
 
 
@@ -204,3 +220,40 @@ def test_validation_reads_no_files_at_import() -> None:
                             timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_receiver_security_keys(tmp_path) -> None:
+    plain = load_receiver_config(write(tmp_path, RECEIVER))
+    assert (plain.security, plain.allow_unauthenticated) == (None, False)
+    opted_out = load_receiver_config(write(tmp_path, RECEIVER + (
+        "security: {allow_unauthenticated: true}\n")))
+    assert (opted_out.security, opted_out.allow_unauthenticated) == (None, True)
+    keyed = load_receiver_config(write(tmp_path, RECEIVER + "security: {psk_file: k}\n"))
+    assert keyed.security is not None and keyed.security.psk_file == str(tmp_path / "k")
+    assert keyed.security.authenticates and not keyed.allow_unauthenticated
+
+
+def test_jobs_inherit_the_senders_security_defaults(tmp_path) -> None:
+    sender = load_sender_config(write(tmp_path, (
+        "source_dirs: [/vms]\n"
+        "security: {tls_cert: s.pem, tls_key: s.key, tls_ca: ca.pem, psk_file: psk}\n")))
+    defaults = sender.security
+    assert defaults is not None
+    assert (defaults.tls_cert, defaults.tls_ca) == (str(tmp_path / "s.pem"),
+                                                    str(tmp_path / "ca.pem"))
+    bare = JobSpec.from_object({"name": "a", "source": "/vms/a", "destination": {"host": "h"}})
+    inherited = bare.with_security_defaults(defaults).security
+    assert inherited is not None and inherited is not defaults  # read afresh per job
+    assert inherited == defaults
+    # A job's own keys win, one by one; its own certificate brings its own key.
+    own = JobSpec.from_object({"name": "a", "source": "/vms/a", "destination": {"host": "h"},
+                               "security": {"tls_cert": "/j/cert.pem",
+                                            "tls_server_name": "r.test"}})
+    merged = own.with_security_defaults(defaults).security
+    assert merged is not None
+    assert (merged.tls_cert, merged.tls_key) == ("/j/cert.pem", None)
+    assert (merged.tls_ca, merged.psk_file) == (defaults.tls_ca, defaults.psk_file)
+    assert merged.tls_server_name == "r.test"
+    # Without defaults a job keeps exactly what it says.
+    assert own.with_security_defaults(None) == own
+    assert bare.with_security_defaults(None).security is None
