@@ -36,7 +36,7 @@ static void cancel_list(dsamig_dsa_engine *e, dsamig_batch *list)
 
 /* The exit path of a failing completion thread: no WQ gets work any more,
  * every batch it holds is checked on the CPU, memory the devices may still
- * write is quarantined, and later batches are checked by the submitter. */
+ * write is held, and later batches are checked by the submitter. */
 static void die(dsamig_dsa_engine *e)
 {
     dsamig_batch *list;
@@ -45,12 +45,12 @@ static void die(dsamig_dsa_engine *e)
     list = take_pending(e);
     pthread_mutex_unlock(&e->lock);
     for (int i = 0; i < e->nwqs; i++)
-        dsa_set_unhealthy(e, &e->wqs[i], "the completion thread exited");
+        dsa_wq_event(e, &e->wqs[i], WQ_FATAL, 0, "the completion thread exited");
     for (size_t i = 0; i < e->ninflight; i++) {
         dsa_unit *u = e->inflight[i];
-        u->job->quarantined = 1;
-        e->wqs[u->job->wq].outstanding--;
-        e->wqs[u->job->wq].outstanding_descs -= u->count;
+        u->job->held = 1;
+        e->wqs[u->wq].outstanding--;
+        e->wqs[u->wq].outstanding_descs -= u->count;
     }
     e->ninflight = 0;
     e->staged_head = e->staged_tail = NULL;
@@ -77,6 +77,40 @@ static void completion_exit(dsamig_dsa_engine *e)
     pthread_mutex_unlock(&e->lock);
 }
 
+/* Nothing in flight: sleep until a batch arrives, the engine stops, or the
+ * timer (a full WQ's retry time, a probe) is due. */
+static void wait_for_work(dsamig_dsa_engine *e)
+{
+    uint64_t until = e->timer_ns;
+    /* Staged work is only ever held back by a retry time; never sleep
+     * untimed while some is there. */
+    if (e->staged_head && until == UINT64_MAX)
+        until = dsamig_now_ns() + SLEEP_MAX_NS;
+    pthread_mutex_lock(&e->lock);
+    while (!e->pending_head && !e->stopping && !e->kill) {
+        e->sleeping = 1;
+        if (until == UINT64_MAX) {
+            e->sleep_until_ns = 0;
+            pthread_cond_wait(&e->cond, &e->lock);
+        } else {
+            struct timespec ts = {(time_t)(until / 1000000000ull),
+                                  (long)(until % 1000000000ull)};
+            if (dsamig_now_ns() >= until) {
+                e->sleeping = 0;
+                break;
+            }
+            e->sleep_until_ns = until;
+            e->dry_ns = 0;
+            pthread_cond_timedwait(&e->cond, &e->lock, &ts);
+        }
+        e->sleeping = 0;
+        if (until != UINT64_MAX && dsamig_now_ns() >= until)
+            break;
+    }
+    pthread_mutex_unlock(&e->lock);
+    INC(e->s.sleeps, 1);
+}
+
 static void *completion_main(void *arg)
 {
     dsamig_dsa_engine *e = arg;
@@ -86,28 +120,18 @@ static void *completion_main(void *arg)
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     e->spin_from_ns = dsamig_now_ns();
     e->next_expected_ns = UINT64_MAX;
+    e->retry_wake_ns = e->timer_ns = UINT64_MAX;
     for (;;) {
         size_t done;
+        uint64_t health;
         int stopping = __atomic_load_n(&e->stopping, __ATOMIC_RELAXED);
         if (__atomic_load_n(&e->kill, __ATOMIC_RELAXED)) {
             die(e);
             break;
         }
-        if (__atomic_load_n(&e->pending_n, __ATOMIC_RELAXED) ||
-            (!e->ninflight && !e->staged_head)) {
+        if (__atomic_load_n(&e->pending_n, __ATOMIC_RELAXED)) {
             dsamig_batch *list;
             pthread_mutex_lock(&e->lock);
-            while (!e->pending_head && !e->ninflight && !e->staged_head && !e->stopping &&
-                   !e->kill) {
-                e->sleeping = 1;
-                e->sleep_until_ns = 0;
-                pthread_cond_wait(&e->cond, &e->lock);
-                e->sleeping = 0;
-            }
-            if (e->kill) {
-                pthread_mutex_unlock(&e->lock);
-                continue;
-            }
             list = take_pending(e);
             stopping = e->stopping;
             pthread_mutex_unlock(&e->lock);
@@ -125,6 +149,8 @@ static void *completion_main(void *arg)
         }
         dsa_submit_staged(e);
         done = dsa_poll_inflight(e);
+        health = dsa_health_tick(e, dsamig_now_ns());
+        e->timer_ns = health < e->retry_wake_ns ? health : e->retry_wake_ns;
         /* At stop, what is in flight completes or times out first: its
          * memory must not go back to the caller while a device reads it. */
         if (stopping && !e->ninflight && !e->staged_head && !e->active)
@@ -132,8 +158,10 @@ static void *completion_main(void *arg)
         if (done) {
             e->spin_from_ns = dsamig_now_ns();
             e->sleep_ns = 0;
-        } else if (e->ninflight) {
-            dsa_idle_wait(e);
+        } else if (e->ninflight || e->probes_inflight) {
+            dsa_idle_wait(e); /* a probe's record is polled like a unit's */
+        } else {
+            wait_for_work(e);
         }
     }
     if (!e->dead) {
@@ -165,7 +193,6 @@ dsamig_dsa_engine *dsamig_dsa_engine_new(void)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&e->cond, &ca);
     pthread_condattr_destroy(&ca);
-    e->cpu = dsamig_dsa_cpu_features();
     return e;
 }
 
@@ -185,11 +212,104 @@ void dsamig_dsa_engine_free(dsamig_dsa_engine *e)
     free(e);
 }
 
+/* Close every WQ, then free what a device could have written into. */
+static void close_and_free(dsamig_dsa_engine *e, int nwqs)
+{
+    for (int i = 0; i < nwqs; i++)
+        if (e->wqs[i].ops)
+            e->wqs[i].ops->close(&e->wqs[i]);
+    /* Only now can nothing write into held jobs and probes. */
+    while (e->held) {
+        dsa_job *j = e->held;
+        e->held = j->next;
+        dsa_job_free(j);
+    }
+    while (e->dead_probes) {
+        dsa_probe *p = e->dead_probes;
+        e->dead_probes = p->next;
+        free(p);
+    }
+    while (e->held_mem) {
+        dsa_mem *m = e->held_mem;
+        e->held_mem = m->next;
+        free(m->p);
+        free(m);
+    }
+    for (int i = 0; i < nwqs; i++) {
+        free(e->wqs[i].probe);
+        e->wqs[i].probe = NULL;
+    }
+}
+
+static int open_wq(dsamig_dsa_engine *e, int i, const dsamig_dsa_wq_config *c, char *err,
+                   size_t errlen)
+{
+    dsa_wq *w = &e->wqs[i];
+    int rc;
+    memset(w, 0, sizeof(*w));
+    w->fd = -1;
+    w->dedicated = c->dedicated;
+    w->emulated = c->emulated;
+    w->max_batch = c->max_batch_size;
+    w->max_xfer = c->max_transfer_size ? c->max_transfer_size : 4096;
+    if (c->size < 1 || (!c->dedicated && c->threshold > c->size)) {
+        snprintf(err, errlen, "work queue %d: size %u and threshold %u are not usable", i, c->size,
+                 c->threshold);
+        return -EINVAL;
+    }
+    if (c->emulated) {
+        dsamig_swq_config q = c->emu;
+        q.id = i;
+        q.dedicated = c->dedicated;
+        q.size = c->size;
+        q.threshold = c->threshold ? c->threshold : c->size;
+        q.max_batch_size = c->max_batch_size ? c->max_batch_size : 1;
+        q.max_transfer_size = w->max_xfer;
+        snprintf(w->name, sizeof(w->name), "emulated:%d", i);
+        rc = dsamig_swq_start(&w->swq, &q);
+        if (rc) {
+            snprintf(err, errlen, "cannot start software work queue %d: %s", i, strerror(-rc));
+            return rc;
+        }
+        w->ops = &dsa_emu_ops;
+        dsa_choose_emulated_method(w, c);
+    } else {
+        snprintf(w->name, sizeof(w->name), "%s", c->path);
+        rc = dsa_open_real_wq(e, w, c, err, errlen);
+        if (rc) {
+            w->ops = NULL;
+            return rc;
+        }
+    }
+    /* Never more in flight than the WQ takes: a dedicated WQ drops the
+     * excess silently, a shared one would only answer "retry". */
+    w->credits = c->dedicated || !c->threshold ? c->size : c->threshold;
+    if (w->credits > MAX_CREDITS)
+        w->credits = MAX_CREDITS;
+    w->healthy = 1;
+    w->state = DSAMIG_WQ_IN_SERVICE;
+    w->admitted_ns = dsamig_now_ns();
+    return 0;
+}
+
+/* Why WQ w gets lone descriptors, when it does and the probe did not say. */
+static void note_lone(dsa_wq *w)
+{
+    if (w->batch_note[0])
+        return;
+    if (w->method == DSAMIG_DSA_WRITE)
+        snprintf(w->batch_note, sizeof(w->batch_note),
+                 "write() takes no BATCH descriptors: one descriptor per page");
+    else if (w->max_batch < 2)
+        snprintf(w->batch_note, sizeof(w->batch_note),
+                 "max_batch_size %u: one descriptor per page", w->max_batch);
+}
+
 int dsamig_dsa_engine_configure(dsamig_dsa_engine *e, const dsamig_dsa_config *cfg, char *err,
                                 size_t errlen)
 {
     size_t credits = 0;
-    int rc = 0;
+    int rc = 0, passed = 0, first_rc = 0;
     if (err && errlen)
         err[0] = 0;
     dsamig_dsa_engine_cleanup(e);
@@ -203,58 +323,59 @@ int dsamig_dsa_engine_configure(dsamig_dsa_engine *e, const dsamig_dsa_config *c
         e->cfg.timeout_ns = DEFAULT_TIMEOUT_NS;
     if (!e->cfg.submit_attempts)
         e->cfg.submit_attempts = DEFAULT_SUBMIT_ATTEMPTS;
+    if (!e->cfg.quarantine_ns)
+        e->cfg.quarantine_ns = DEFAULT_QUARANTINE_NS;
+    if (!e->cfg.max_strikes)
+        e->cfg.max_strikes = DEFAULT_MAX_STRIKES;
+    /* The engine uses an instruction only when CPUID has it and the kernel
+     * has not cleared it: a user ENQCMD the kernel does not support faults. */
+    e->cpu_cpuid = dsamig_dsa_cpu_features();
+    e->cpu_kernel = dsamig_dsa_kernel_cpu_flags(e->cfg.cpuinfo_path);
+    e->cpu = e->cpu_kernel < 0 ? 0 : e->cpu_cpuid & (unsigned)e->cpu_kernel;
     for (int i = 0; i < cfg->nwqs; i++) {
-        const dsamig_dsa_wq_config *c = &cfg->wqs[i];
-        dsa_wq *w = &e->wqs[i];
-        memset(w, 0, sizeof(*w));
-        w->fd = -1;
-        w->dedicated = c->dedicated;
-        w->emulated = c->emulated;
-        w->max_batch = c->max_batch_size;
-        w->max_xfer = c->max_transfer_size ? c->max_transfer_size : 4096;
-        if (c->size < 1 || (!c->dedicated && c->threshold > c->size)) {
-            snprintf(err, errlen, "work queue %d: size %u and threshold %u are not usable", i,
-                     c->size, c->threshold);
-            rc = -EINVAL;
-        } else if (c->emulated) {
-            dsamig_swq_config q = c->emu;
-            q.id = i;
-            q.dedicated = c->dedicated;
-            q.size = c->size;
-            q.threshold = c->threshold ? c->threshold : c->size;
-            q.max_batch_size = c->max_batch_size ? c->max_batch_size : 1;
-            q.max_transfer_size = w->max_xfer;
-            snprintf(w->name, sizeof(w->name), "emulated:%d", i);
-            rc = dsamig_swq_start(&w->swq, &q);
-            if (rc)
-                snprintf(err, errlen, "cannot start software work queue %d: %s", i,
-                         strerror(-rc));
-            w->ops = &dsa_emu_ops;
-            w->method = c->use_write ? DSAMIG_DSA_WRITE
-                        : c->dedicated ? DSAMIG_DSA_MOVDIR64B
-                                       : DSAMIG_DSA_ENQCMD;
-        } else {
-            snprintf(w->name, sizeof(w->name), "%s", c->path);
-            rc = dsa_open_real_wq(e, w, c, err, errlen);
-        }
+        rc = open_wq(e, i, &cfg->wqs[i], err, errlen);
         if (rc) {
-            for (int k = 0; k < i; k++)
-                e->wqs[k].ops->close(&e->wqs[k]);
-            memset(w, 0, sizeof(*w));
+            close_and_free(e, i);
+            memset(&e->wqs[i], 0, sizeof(e->wqs[i]));
             return rc;
         }
-        /* Never more in flight than the WQ takes: a dedicated WQ drops the
-         * excess silently, a shared one would only answer "retry". */
-        w->credits = c->dedicated || !c->threshold ? c->size : c->threshold;
-        if (w->credits > MAX_CREDITS)
-            w->credits = MAX_CREDITS;
-        w->healthy = 1;
-        credits += w->credits;
+        credits += e->wqs[i].credits;
     }
+    if (e->cfg.probe) {
+        /* Prove the method before trusting it; a WQ that fails is left out
+         * (and closed: a dedicated WQ is free for others again). */
+        size_t used = 0;
+        for (int i = 0; i < cfg->nwqs; i++) {
+            dsa_wq *w = &e->wqs[i];
+            char why[300];
+            int prc = dsa_probe_sync(e, w, why, sizeof(why));
+            if (prc == 0) {
+                passed++;
+                continue;
+            }
+            if (!first_rc)
+                first_rc = prc;
+            w->ops->close(w);
+            w->healthy = 0;
+            w->state = DSAMIG_WQ_OUT;
+            snprintf(w->reason, sizeof(w->reason), "failed its probe: %s", why);
+            if (err && used < errlen)
+                used += (size_t)snprintf(err + used, errlen - used, "%s%s: %s",
+                                         used ? "; " : "", w->name, why);
+        }
+        if (!passed) {
+            close_and_free(e, cfg->nwqs);
+            memset(e->wqs, 0, sizeof(e->wqs));
+            return first_rc;
+        }
+        if (err && errlen)
+            err[0] = 0;
+    }
+    for (int i = 0; i < cfg->nwqs; i++)
+        note_lone(&e->wqs[i]);
     e->inflight = calloc(credits, sizeof(*e->inflight));
     if (!e->inflight) {
-        for (int k = 0; k < cfg->nwqs; k++)
-            e->wqs[k].ops->close(&e->wqs[k]);
+        close_and_free(e, cfg->nwqs);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -322,14 +443,7 @@ void dsamig_dsa_engine_cleanup(dsamig_dsa_engine *e)
     dsamig_dsa_engine_stop(e);
     if (!e->configured)
         return;
-    for (int i = 0; i < e->nwqs; i++)
-        e->wqs[i].ops->close(&e->wqs[i]);
-    /* Only now can nothing write into quarantined jobs. */
-    while (e->quarantine) {
-        dsa_job *j = e->quarantine;
-        e->quarantine = j->next;
-        dsa_job_free(j);
-    }
+    close_and_free(e, e->nwqs);
     while (e->free_jobs) {
         dsa_job *j = e->free_jobs;
         e->free_jobs = j->next;
@@ -423,6 +537,11 @@ int dsamig_dsa_engine_get_wq_stats(dsamig_dsa_engine *e, int i, dsamig_dsa_wq_st
     out->descriptors = LOAD(w->descriptors);
     out->batch_descriptors = LOAD(w->batch_descriptors);
     out->submit_retries = LOAD(w->submit_retries);
+    out->retry_exhausted = LOAD(w->retry_exhausted);
+    out->quarantines = LOAD(w->quarantines);
+    out->readmissions = LOAD(w->readmissions);
+    out->probe_failures = LOAD(w->probe_failures);
+    out->probe_timeouts = LOAD(w->probe_timeouts);
     out->page_faults = LOAD(w->page_faults);
     out->errors = LOAD(w->errors);
     out->timeouts = LOAD(w->timeouts);
@@ -430,13 +549,18 @@ int dsamig_dsa_engine_get_wq_stats(dsamig_dsa_engine *e, int i, dsamig_dsa_wq_st
     out->credits = w->credits;
     out->outstanding = __atomic_load_n(&w->outstanding, __ATOMIC_RELAXED);
     out->latency_ns = LOAD(w->latency_ns);
+    out->probe_ns = LOAD(w->probe_ns);
+    out->max_batch = __atomic_load_n(&w->max_batch, __ATOMIC_RELAXED);
+    out->strikes = __atomic_load_n(&w->strikes, __ATOMIC_RELAXED);
     out->method = w->method;
     out->emulated = w->emulated;
     out->dedicated = w->dedicated;
     pthread_mutex_lock(&e->lock);
     out->healthy = w->healthy;
+    out->state = w->state;
     snprintf(out->reason, sizeof(out->reason), "%s", w->reason);
     snprintf(out->portal_note, sizeof(out->portal_note), "%s", w->portal_note);
+    snprintf(out->batch_note, sizeof(out->batch_note), "%s", w->batch_note);
     pthread_mutex_unlock(&e->lock);
     return 0;
 }

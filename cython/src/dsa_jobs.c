@@ -1,6 +1,6 @@
-/* Jobs and descriptors (see dsa_internal.h): WQ health, the descriptor
- * memory of each batch, building COMPVAL and BATCH descriptors, submitting
- * them, and turning member records into page flags. */
+/* Jobs and descriptors (see dsa_internal.h): the descriptor memory of each
+ * batch, building COMPVAL and BATCH descriptors, submitting them, and
+ * turning member records into page flags. */
 #include "dsa_internal.h"
 
 #include "sigbus_guard.h"
@@ -12,7 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
-/* ---- helpers and WQ health ---------------------------------------------------- */
+/* ---- helpers -------------------------------------------------------------------- */
 
 static size_t host_page_size(void)
 {
@@ -52,25 +52,12 @@ static int touch_pages(const uint8_t *buf, size_t len)
     return dsamig_guarded(touch_call, &a);
 }
 
-/* Take a WQ out of service; the first reason is kept for the stats and the
- * log line the Python side writes when it sees the event counter move. */
-void dsa_set_unhealthy(dsamig_dsa_engine *e, dsa_wq *w, const char *reason)
-{
-    if (!w->healthy)
-        return;
-    pthread_mutex_lock(&e->lock);
-    w->healthy = 0;
-    snprintf(w->reason, sizeof(w->reason), "%s", reason);
-    pthread_mutex_unlock(&e->lock);
-    INC(e->s.unhealthy_events, 1);
-}
-
 void dsa_post(dsamig_dsa_engine *e, dsamig_batch *b)
 {
     dsamig_cq_post(&e->cq, b);
 }
 
-/* The whole batch on the CPU (no healthy WQ, out of memory, dead thread);
+/* The whole batch on the CPU (no WQ in service, out of memory, dead thread);
  * counted is set when the batch was already counted as a job. */
 void dsa_cpu_whole(dsamig_dsa_engine *e, dsamig_batch *b, int counted)
 {
@@ -140,10 +127,10 @@ static dsa_job *job_get(dsamig_dsa_engine *e, size_t ndescs, size_t nunits, size
 void dsa_job_release(dsamig_dsa_engine *e, dsa_job *j)
 {
     j->b = NULL;
-    if (j->quarantined) {
-        j->next = e->quarantine;
-        e->quarantine = j;
-        INC(e->s.quarantined, 1);
+    if (j->held) {
+        j->next = e->held;
+        e->held = j;
+        INC(e->s.held, 1);
     } else if (e->nfree < FREE_JOBS_KEPT) {
         j->next = e->free_jobs;
         e->free_jobs = j;
@@ -280,24 +267,10 @@ void dsa_cpu_check(dsa_job *j, size_t p, size_t off, size_t len)
         *f |= PG_NONZERO;
 }
 
-/* A record with an error status (what: "a descriptor" or "a batch"): count
- * it, and take the WQ out of service after hardware errors and rejections
- * of descriptors that are right by construction (the WQ must be configured
- * differently from what it reported). */
-void dsa_status_error(dsamig_dsa_engine *e, dsa_wq *w, unsigned code, const char *what)
+/* Apply the final status of member descriptor i of unit u. */
+void dsa_member_result(dsamig_dsa_engine *e, dsa_wq *w, dsa_unit *u, size_t i, uint8_t st)
 {
-    INC(e->s.errors, 1);
-    INC(w->errors, 1);
-    if (code >= DSAMIG_COMP_BAD_OPCODE) {
-        char why[64];
-        snprintf(why, sizeof(why), "%s completed with status 0x%02x", what, code);
-        dsa_set_unhealthy(e, w, why);
-    }
-}
-
-/* Apply the final status of member descriptor i. */
-void dsa_member_result(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j, size_t i, uint8_t st)
-{
+    dsa_job *j = u->job;
     const dsamig_dsa_cr *cr = &j->crs[i];
     unsigned code = st & DSAMIG_COMP_STATUS_MASK;
     size_t p, off, len;
@@ -325,7 +298,7 @@ void dsa_member_result(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j, size_t i, ui
         dsa_cpu_check(j, p, off, len);
         break;
     default:
-        dsa_status_error(e, w, code, "a descriptor");
+        dsa_status_error(e, w, u, code, "a descriptor");
         dsa_cpu_check(j, p, off, len);
         break;
     }
@@ -333,8 +306,11 @@ void dsa_member_result(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j, size_t i, ui
 
 /* ---- building and submitting ------------------------------------------------- */
 
+/* The next WQ in service, round-robin; else one that was quarantined a
+ * moment ago (its probe will most likely re-admit it); else -1. */
 static int pick_wq(dsamig_dsa_engine *e)
 {
+    uint64_t now;
     for (int k = 0; k < e->nwqs; k++) {
         int i = (int)((e->rr + (uint32_t)k) % (uint32_t)e->nwqs);
         if (e->wqs[i].healthy) {
@@ -342,6 +318,10 @@ static int pick_wq(dsamig_dsa_engine *e)
             return i;
         }
     }
+    now = dsamig_now_ns();
+    for (int i = 0; i < e->nwqs; i++)
+        if (dsa_wq_worth_waiting(e, &e->wqs[i], now))
+            return i;
     return -1;
 }
 
@@ -394,7 +374,8 @@ void dsa_job_begin(dsamig_dsa_engine *e, dsamig_batch *b)
     j->piece = piece;
     j->pieces_per_page = ppp;
     j->wq = wq;
-    j->quarantined = 0;
+    j->per_unit = per_unit;
+    j->held = 0;
     j->error = 0;
     j->seq = e->job_seq++;
     j->inflight_descs = 0;
@@ -453,23 +434,23 @@ void dsa_job_begin(dsamig_dsa_engine *e, dsamig_batch *b)
     staged_append(e, j);
 }
 
-/* Wait a little before asking a full WQ again: pause first, then sleep,
- * so a WQ shared with other processes gets time to drain. */
-static void submit_backoff(uint32_t attempt)
+/* How long a WQ that answered "full" gets before it is asked again: at
+ * once for the first few answers, then a doubling wait, so a WQ shared with
+ * other processes gets time to drain.  The completion thread polls the
+ * other WQs meanwhile. */
+static uint64_t submit_backoff_ns(uint32_t attempt)
 {
-    if (attempt < 6) {
-        for (uint32_t i = 0; i < (16u << attempt); i++)
-            dsa_cpu_relax();
-    } else {
-        uint64_t ns = 1000ull << (attempt < 14 ? attempt - 6 : 8);
-        struct timespec ts = {0, (long)ns};
-        nanosleep(&ts, NULL);
-    }
+    uint64_t ns;
+    if (attempt < 4)
+        return 0;
+    ns = 1000ull << (attempt - 4 < 8 ? attempt - 4 : 8);
+    return ns < SUBMIT_BACKOFF_MAX_NS ? ns : SUBMIT_BACKOFF_MAX_NS;
 }
 
 static void unit_in_flight(dsamig_dsa_engine *e, dsa_wq *w, dsa_unit *u, uint64_t now)
 {
     u->state = UNIT_INFLIGHT;
+    u->wq = (int)(w - e->wqs);
     u->submitted_ns = now;
     u->deadline_ns = now + e->cfg.timeout_ns;
     u->job->inflight_descs += u->count;
@@ -485,14 +466,28 @@ static void unit_in_flight(dsamig_dsa_engine *e, dsa_wq *w, dsa_unit *u, uint64_
     }
 }
 
-/* Submit units of job j to its WQ while credits last.  Returns the number
- * submitted, or -errno when the WQ failed. */
+/* The WQ answered "full": ask again later, or give up once the retry
+ * budget is spent (-EAGAIN). */
+static int submit_refused(dsamig_dsa_engine *e, dsa_wq *w, uint64_t now)
+{
+    INC(w->submit_retries, 1);
+    INC(e->s.submit_retries, 1);
+    if (++w->submit_attempt >= e->cfg.submit_attempts)
+        return -EAGAIN;
+    w->retry_at_ns = now + submit_backoff_ns(w->submit_attempt);
+    return 0;
+}
+
+/* Submit units of job j to WQ w while credits last and the WQ accepts
+ * them.  Never waits: a WQ that answers "full" is left until its retry_at_ns.
+ * Returns the number submitted, -EAGAIN when the retry budget is spent, or
+ * another -errno when a submission failed. */
 static long submit_units(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j)
 {
     long done = 0;
     while (j->next_unit < j->nunits && w->outstanding < w->credits) {
         dsa_unit *u = &j->units[j->next_unit];
-        uint32_t attempt = 0;
+        uint64_t now;
         if (w->method == DSAMIG_DSA_WRITE) {
             /* Lone descriptors of consecutive units are contiguous: one
              * write() for as many as the credits allow. */
@@ -500,19 +495,15 @@ static long submit_units(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j)
             long r;
             if (n > w->credits - w->outstanding)
                 n = w->credits - w->outstanding;
-            for (;;) {
-                r = w->ops->write(w, &j->descs[u->first], n);
-                if (r != -EAGAIN)
-                    break;
-                INC(w->submit_retries, 1);
-                INC(e->s.submit_retries, 1);
-                if (++attempt >= e->cfg.submit_attempts)
-                    break;
-                submit_backoff(attempt);
+            r = w->ops->write(w, &j->descs[u->first], n);
+            now = dsamig_now_ns();
+            if (r == -EAGAIN) {
+                int rc = submit_refused(e, w, now);
+                return rc ? rc : done;
             }
             if (r <= 0)
                 return r < 0 ? r : -EIO;
-            uint64_t now = dsamig_now_ns();
+            w->submit_attempt = 0;
             for (long k = 0; k < r; k++)
                 unit_in_flight(e, w, &j->units[j->next_unit++], now);
             done += r;
@@ -521,19 +512,19 @@ static long submit_units(dsamig_dsa_engine *e, dsa_wq *w, dsa_job *j)
         const dsamig_dsa_desc *d = u->count == 1 ? &j->descs[u->first] : &j->bdescs[u - j->units];
         if (w->method == DSAMIG_DSA_MOVDIR64B) {
             w->ops->movdir64b(w, d);
+            now = dsamig_now_ns();
         } else {
-            int r;
-            while ((r = w->ops->enqcmd(w, d)) == 1) {
-                INC(w->submit_retries, 1);
-                INC(e->s.submit_retries, 1);
-                if (++attempt >= e->cfg.submit_attempts)
-                    return -EBUSY;
-                submit_backoff(attempt);
+            int r = w->ops->enqcmd(w, d);
+            now = dsamig_now_ns();
+            if (r == 1) {
+                int rc = submit_refused(e, w, now);
+                return rc ? rc : done;
             }
             if (r < 0)
                 return r;
         }
-        unit_in_flight(e, w, u, dsamig_now_ns());
+        w->submit_attempt = 0;
+        unit_in_flight(e, w, u, now);
         j->next_unit++;
         done++;
     }
@@ -561,24 +552,82 @@ static void units_off_device(dsamig_dsa_engine *e, dsa_job *j, int cancel)
     (void)e;
 }
 
+/* Whether WQ w can take the units of job j as they are built: the same
+ * pieces fit its transfer size, and its batches hold the job's units. */
+static int wq_fits(const dsa_wq *w, const dsa_job *j)
+{
+    if (!w->healthy || w->max_xfer < j->piece)
+        return 0;
+    return j->per_unit == 1 || (w->method != DSAMIG_DSA_WRITE && w->max_batch >= j->per_unit);
+}
+
+/* Another WQ in service for the units of j that its own WQ cannot take. */
+static int rehome(dsamig_dsa_engine *e, dsa_job *j)
+{
+    for (int k = 1; k < e->nwqs; k++) {
+        int i = (j->wq + k) % e->nwqs;
+        if (wq_fits(&e->wqs[i], j))
+            return i;
+    }
+    return -1;
+}
+
 void dsa_submit_staged(dsamig_dsa_engine *e)
 {
     dsa_job *j = e->staged_head, *prev = NULL;
+    uint64_t now = dsamig_now_ns();
+    e->retry_wake_ns = UINT64_MAX;
     while (j) {
         dsa_job *next = j->next;
         dsa_wq *w = &e->wqs[j->wq];
         if (__atomic_load_n(&e->stopping, __ATOMIC_RELAXED)) {
             units_off_device(e, j, 1);
-        } else if (!w->healthy) {
-            units_off_device(e, j, 0);
         } else {
-            long r = submit_units(e, w, j);
-            if (r < 0) {
-                char why[96];
-                snprintf(why, sizeof(why), "submission failed: %s", strerror((int)-r));
-                INC(e->s.submit_failures, 1);
-                dsa_set_unhealthy(e, w, why);
-                units_off_device(e, j, 0);
+            int wait = 0;
+            if (!w->healthy) {
+                /* Quarantined or out: what is not submitted yet goes to
+                 * another WQ if one fits, else waits a moment for the
+                 * re-admission of its own, else goes to the CPU. */
+                int alt = rehome(e, j);
+                if (alt >= 0) {
+                    j->wq = alt;
+                    w = &e->wqs[alt];
+                } else if (dsa_wq_worth_waiting(e, w, now)) {
+                    wait = 1;
+                    if (w->quarantined_ns + e->cfg.timeout_ns < e->retry_wake_ns)
+                        e->retry_wake_ns = w->quarantined_ns + e->cfg.timeout_ns;
+                } else {
+                    units_off_device(e, j, 0);
+                }
+            }
+            if (wait) {
+                /* looked at again when the WQ is re-admitted or the wait ends */
+            } else if (j->next_unit < j->nunits && w->retry_at_ns > now) {
+                if (w->retry_at_ns < e->retry_wake_ns)
+                    e->retry_wake_ns = w->retry_at_ns;
+            } else if (j->next_unit < j->nunits) {
+                long r = submit_units(e, w, j);
+                if (r == -EAGAIN) {
+                    char why[96];
+                    snprintf(why, sizeof(why), "still full after %u submission attempts",
+                             e->cfg.submit_attempts);
+                    INC(e->s.retry_exhausted, 1);
+                    INC(w->retry_exhausted, 1);
+                    w->submit_attempt = 0;
+                    w->retry_at_ns = 0;
+                    dsa_wq_event(e, w, WQ_TRANSIENT, 0, why);
+                    continue; /* again, now that its WQ is out of service */
+                }
+                if (r < 0) {
+                    char why[96];
+                    snprintf(why, sizeof(why), "submission failed: %s", strerror((int)-r));
+                    INC(e->s.submit_failures, 1);
+                    dsa_wq_event(e, w, WQ_FATAL, 0, why);
+                    units_off_device(e, j, 0);
+                } else if (j->next_unit < j->nunits && w->retry_at_ns > now &&
+                           w->retry_at_ns < e->retry_wake_ns) {
+                    e->retry_wake_ns = w->retry_at_ns;
+                }
             }
         }
         if (j->next_unit == j->nunits) { /* nothing left to submit */

@@ -9,7 +9,7 @@
 static void unit_complete(dsamig_dsa_engine *e, dsa_unit *u, uint8_t st, uint64_t now)
 {
     dsa_job *j = u->job;
-    dsa_wq *w = &e->wqs[j->wq];
+    dsa_wq *w = &e->wqs[u->wq];
     unsigned code = st & DSAMIG_COMP_STATUS_MASK;
     uint64_t lat = now - u->submitted_ns;
     w->outstanding--;
@@ -22,8 +22,10 @@ static void unit_complete(dsamig_dsa_engine *e, dsa_unit *u, uint8_t st, uint64_
     w->pass_descs += u->count;
     if (u->submitted_ns <= e->last_poll_ns)
         w->pass_old_done++;
+    if (code == DSAMIG_COMP_SUCCESS)
+        dsa_wq_clean(w, u);
     if (u->count == 1) {
-        dsa_member_result(e, w, j, u->first, st);
+        dsa_member_result(e, w, u, u->first, st);
     } else {
         uint32_t end = u->first + u->count;
         switch (code) {
@@ -44,11 +46,11 @@ static void unit_complete(dsamig_dsa_engine *e, dsa_unit *u, uint8_t st, uint64_
                 if (mst == DSAMIG_COMP_SUCCESS && j->pieces_per_page == 1)
                     j->page_flags[i] |= cr->result ? PG_NONZERO : 0;
                 else
-                    dsa_member_result(e, w, j, i, mst);
+                    dsa_member_result(e, w, u, i, mst);
             }
             break;
         default:
-            dsa_status_error(e, w, code, "a batch");
+            dsa_status_error(e, w, u, code, "a batch");
             for (uint32_t i = u->first; i < end; i++) {
                 size_t p, off, len;
                 dsa_member_range(j, i, &p, &off, &len);
@@ -63,16 +65,16 @@ static void unit_complete(dsamig_dsa_engine *e, dsa_unit *u, uint8_t st, uint64_
 static void unit_timeout(dsamig_dsa_engine *e, dsa_unit *u)
 {
     dsa_job *j = u->job;
-    dsa_wq *w = &e->wqs[j->wq];
+    dsa_wq *w = &e->wqs[u->wq];
     char why[64];
     INC(e->s.timeouts, 1);
     INC(w->timeouts, 1);
     snprintf(why, sizeof(why), "a descriptor did not complete in %.3g s",
              (double)e->cfg.timeout_ns / 1e9);
-    dsa_set_unhealthy(e, w, why);
+    dsa_wq_event(e, w, WQ_TRANSIENT, u->submitted_ns, why);
     /* The device may still write these records (and read the list): the
      * job's memory is never reused while the WQ is open. */
-    j->quarantined = 1;
+    j->held = 1;
     w->outstanding--;
     w->outstanding_descs -= u->count;
     j->inflight_units--;
@@ -140,9 +142,9 @@ size_t dsa_poll_inflight(dsamig_dsa_engine *e)
         i++;
     }
     for (size_t i = 0; i < e->ninflight; i++) {
-        dsa_job *j = e->inflight[i]->job;
-        if (!oldest[j->wq] || j->seq < oldest[j->wq]->seq)
-            oldest[j->wq] = j;
+        dsa_unit *u = e->inflight[i];
+        if (!oldest[u->wq] || u->job->seq < oldest[u->wq]->seq)
+            oldest[u->wq] = u->job;
     }
     for (int k = 0; k < e->nwqs; k++) {
         dsa_wq *w = &e->wqs[k];
@@ -163,12 +165,19 @@ size_t dsa_poll_inflight(dsamig_dsa_engine *e)
     return done;
 }
 
-/* Sleep on the condition variable until abs_ns, unless a batch arrives
- * that should not wait that long. */
-static void sleep_until(dsamig_dsa_engine *e, uint64_t abs_ns)
+/* Sleep on the condition variable until abs_ns (or the engine's timer,
+ * whichever is first), unless a batch arrives that should not wait that
+ * long. */
+void dsa_sleep_until(dsamig_dsa_engine *e, uint64_t abs_ns)
 {
-    struct timespec ts = {(time_t)(abs_ns / 1000000000ull), (long)(abs_ns % 1000000000ull)};
+    struct timespec ts;
     uint64_t dry = UINT64_MAX, now = dsamig_now_ns();
+    if (e->timer_ns < abs_ns)
+        abs_ns = e->timer_ns;
+    if (abs_ns <= now)
+        return;
+    ts.tv_sec = (time_t)(abs_ns / 1000000000ull);
+    ts.tv_nsec = (long)(abs_ns % 1000000000ull);
     for (int i = 0; i < e->nwqs; i++) {
         dsa_wq *w = &e->wqs[i];
         uint64_t until = now + w->outstanding_descs * w->svc_ns_per_desc;
@@ -197,7 +206,7 @@ void dsa_idle_wait(dsamig_dsa_engine *e)
         uint64_t until = e->next_expected_ns;
         if (until > now + PREDICTED_MAX_NS)
             until = now + PREDICTED_MAX_NS;
-        sleep_until(e, until);
+        dsa_sleep_until(e, until);
         e->spin_from_ns = until; /* if the prediction was early, spin from there */
         return;
     }
@@ -215,5 +224,5 @@ void dsa_idle_wait(dsamig_dsa_engine *e)
     e->sleep_ns = e->sleep_ns ? e->sleep_ns * 2 : SLEEP_MIN_NS;
     if (e->sleep_ns > SLEEP_MAX_NS)
         e->sleep_ns = SLEEP_MAX_NS;
-    sleep_until(e, now + e->sleep_ns);
+    dsa_sleep_until(e, now + e->sleep_ns);
 }

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -33,9 +34,39 @@ unsigned dsamig_dsa_cpu_features(void)
     return f;
 }
 
+int dsamig_dsa_kernel_cpu_flags(const char *path)
+{
+    static const struct {
+        const char *name;
+        unsigned bit;
+    } known[] = {{"waitpkg", DSAMIG_CPU_WAITPKG},
+                 {"movdir64b", DSAMIG_CPU_MOVDIR64B},
+                 {"enqcmd", DSAMIG_CPU_ENQCMD}};
+    char line[8192];
+    int flags = 0;
+    FILE *f = fopen(path && *path ? path : "/proc/cpuinfo", "re");
+    if (!f)
+        return -errno;
+    /* The first processor's flags line; the kernel keeps them the same on
+     * every CPU. */
+    while (fgets(line, sizeof(line), f)) {
+        char *save = NULL, *tok, *colon;
+        if (strncmp(line, "flags", 5) != 0 || !(colon = strchr(line, ':')))
+            continue;
+        for (tok = strtok_r(colon + 1, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save))
+            for (size_t k = 0; k < sizeof(known) / sizeof(known[0]); k++)
+                if (strcmp(tok, known[k].name) == 0)
+                    flags |= (int)known[k].bit;
+        break;
+    }
+    fclose(f);
+    return flags;
+}
+
 #if DSAMIG_X86
 /* ENQCMD and MOVDIR64B are compiled for their own target so the extension
- * builds with any x86-64 compiler flags; they only run after CPUID said so.
+ * builds with any x86-64 compiler flags; they only run after CPUID and the
+ * kernel's flags both said so.
  * The SFENCE makes the descriptor list and the cleared records visible to
  * the device before the enqueue store, which is not ordered with them. */
 __attribute__((target("enqcmd"))) static int hw_enqcmd(dsa_wq *w, const dsamig_dsa_desc *d)
@@ -115,13 +146,79 @@ static void emu_close(dsa_wq *w)
 
 const portal_ops dsa_emu_ops = {emu_enqcmd, emu_movdir64b, emu_write, emu_close};
 
-/* ---- opening a real WQ -------------------------------------------------------- */
+int dsa_submit_one(dsa_wq *w, const dsamig_dsa_desc *d)
+{
+    long r;
+    switch (w->method) {
+    case DSAMIG_DSA_ENQCMD:
+        return w->ops->enqcmd(w, d);
+    case DSAMIG_DSA_MOVDIR64B:
+        w->ops->movdir64b(w, d);
+        return 0;
+    default:
+        r = w->ops->write(w, d, 1);
+        if (r == 1)
+            return 0;
+        if (r == -EAGAIN)
+            return 1; /* the kernel's own ENQCMDS retries found the WQ full */
+        return r < 0 ? (int)r : -EIO;
+    }
+}
+
+/* ---- opening a WQ and choosing its method ------------------------------------- */
+
+static void note_refused_map(dsa_wq *w, int err)
+{
+    if (err == EPERM)
+        snprintf(w->portal_note, sizeof(w->portal_note),
+                 "the kernel refused to map the portal (EPERM: since the INTEL-SA-01084 fix "
+                 "that needs CAP_SYS_RAWIO)");
+    else
+        snprintf(w->portal_note, sizeof(w->portal_note), "the kernel cannot map the portal: %s",
+                 strerror(err));
+}
+
+void dsa_choose_emulated_method(dsa_wq *w, const dsamig_dsa_wq_config *c)
+{
+    int rc;
+    if (c->use_write) {
+        snprintf(w->portal_note, sizeof(w->portal_note), "write() requested");
+        w->method = DSAMIG_DSA_WRITE;
+    } else if ((rc = dsamig_swq_map_portal(&w->swq)) != 0) {
+        note_refused_map(w, -rc);
+        w->method = DSAMIG_DSA_WRITE;
+    } else {
+        w->method = c->dedicated ? DSAMIG_DSA_MOVDIR64B : DSAMIG_DSA_ENQCMD;
+    }
+}
+
+/* Which of the CPU's instructions this WQ needs, and why the engine may not
+ * use it ("" when it may). */
+static void instruction_note(dsamig_dsa_engine *e, int dedicated, char *out, size_t outlen)
+{
+    unsigned bit = dedicated ? DSAMIG_CPU_MOVDIR64B : DSAMIG_CPU_ENQCMD;
+    const char *name = dedicated ? "MOVDIR64B" : "ENQCMD";
+    out[0] = 0;
+    if (e->cpu & bit)
+        return;
+    if (!(e->cpu_cpuid & bit))
+        snprintf(out, outlen, "the CPU lacks %s", name);
+    else if (e->cpu_kernel < 0)
+        snprintf(out, outlen, "CPUID reports %s but the kernel's CPU flags cannot be read (%s)",
+                 name, strerror(-e->cpu_kernel));
+    else
+        snprintf(out, outlen,
+                 "CPUID reports %s but the kernel cleared it (/proc/cpuinfo): a user %s would "
+                 "fault",
+                 name, name);
+}
 
 int dsa_open_real_wq(dsamig_dsa_engine *e, dsa_wq *w, const dsamig_dsa_wq_config *c, char *err,
                      size_t errlen)
 {
     struct stat st;
-    int want_portal;
+    char insn[160];
+    void *p;
     w->fd = open(c->path, O_RDWR | O_CLOEXEC);
     if (w->fd < 0) {
         int rc = errno;
@@ -136,28 +233,27 @@ int dsa_open_real_wq(dsamig_dsa_engine *e, dsa_wq *w, const dsamig_dsa_wq_config
         return -ENODEV;
     }
     w->ops = &dsa_hw_ops;
-    want_portal = !c->use_write &&
-                  (c->dedicated ? (e->cpu & DSAMIG_CPU_MOVDIR64B) : (e->cpu & DSAMIG_CPU_ENQCMD));
-    if (c->use_write)
+    w->method = DSAMIG_DSA_WRITE;
+    if (c->use_write) {
         snprintf(w->portal_note, sizeof(w->portal_note), "write() requested");
-    else if (!want_portal)
-        snprintf(w->portal_note, sizeof(w->portal_note), "the CPU lacks %s",
-                 c->dedicated ? "MOVDIR64B" : "ENQCMD");
-    if (want_portal) {
-        void *p = mmap(NULL, PORTAL_SIZE, PROT_WRITE, MAP_SHARED | MAP_POPULATE, w->fd, 0);
-        if (p != MAP_FAILED) {
-            w->portal = p;
-        } else if (errno == EPERM) {
-            snprintf(w->portal_note, sizeof(w->portal_note),
-                     "mapping the portal needs CAP_SYS_RAWIO");
-        } else {
-            snprintf(w->portal_note, sizeof(w->portal_note), "cannot map the portal: %s",
-                     strerror(errno));
-        }
+        return 0;
     }
-    if (w->portal)
-        w->method = c->dedicated ? DSAMIG_DSA_MOVDIR64B : DSAMIG_DSA_ENQCMD;
-    else
-        w->method = DSAMIG_DSA_WRITE;
+    /* Map first, whatever the capabilities: only the kernel knows whether it
+     * lets this process map the portal (any process may before the 2024
+     * erratum fix; with it, only one with CAP_SYS_RAWIO).  Only a refusal
+     * sends the WQ to write(); the probe then proves the choice. */
+    p = mmap(NULL, PORTAL_SIZE, PROT_WRITE, MAP_SHARED | MAP_POPULATE, w->fd, 0);
+    if (p == MAP_FAILED) {
+        note_refused_map(w, errno);
+        return 0;
+    }
+    instruction_note(e, c->dedicated, insn, sizeof(insn));
+    if (insn[0]) {
+        munmap(p, PORTAL_SIZE);
+        snprintf(w->portal_note, sizeof(w->portal_note), "%s", insn);
+        return 0;
+    }
+    w->portal = p;
+    w->method = c->dedicated ? DSAMIG_DSA_MOVDIR64B : DSAMIG_DSA_ENQCMD;
     return 0;
 }
