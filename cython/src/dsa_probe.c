@@ -115,8 +115,10 @@ int dsa_probe_sync(dsamig_dsa_engine *e, dsa_wq *w, char *why, size_t whylen)
     }
     st = wait_status(&p->cr[0], t0, t0 + e->cfg.timeout_ns);
     if (!st) {
-        snprintf(why, whylen, "a NOOP submitted with %s did not complete in %.3g s",
-                 method_name(w->method), (double)e->cfg.timeout_ns / 1e9);
+        int noted = w->method == DSAMIG_DSA_WRITE && w->portal_note[0];
+        snprintf(why, whylen, "a NOOP submitted with %s did not complete in %.3g s%s%s%s",
+                 method_name(w->method), (double)e->cfg.timeout_ns / 1e9, noted ? " (" : "",
+                 noted ? w->portal_note : "", noted ? ")" : "");
         INC(e->s.probe_timeouts, 1);
         INC(w->probe_timeouts, 1);
         dsa_probe_retire(e, p);

@@ -54,7 +54,7 @@ def test_a_stand_in_that_fails_its_probe_is_left_out_beside_a_good_wq(make_core)
     # The kernel refused the mapping, so write() was tried: and proven useless.
     assert null["portal-note"].startswith("the kernel cannot map the portal: ")
     assert null["reason"] == ("failed its probe: a NOOP submitted with write() did not "
-                              "complete in 0.05 s")
+                              f"complete in 0.05 s ({null['portal-note']})")
     assert null["probe-timeouts"] == 1
     assert good["state"] == "in-service"
     data = crafted_pages(700, seed=2)
