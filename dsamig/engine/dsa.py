@@ -8,12 +8,15 @@ and reports its figures under the job's ``engine`` stats object.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+import select
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dsamig.engine.base import NativeEngine
+from dsamig.engine.base import Detection, NativeEngine
 from dsamig.errors import ConfigError, EngineError
 from dsamig.logs import get_logger
 from dsamig.native import native, native_error
@@ -412,6 +415,32 @@ class DsaEngine(NativeEngine):
             if wq["readmissions"] > readmissions and wq["state"] != "out":
                 self._log.debug("DSA work queue re-admitted", wq=self._names[i],
                                 readmissions=wq["readmissions"])
+
+    @property
+    def usable(self) -> bool:
+        """Whether any work queue is not out for good."""
+        return not self._closed and any(wq["state"] != "out" for wq in self._core.wq_stats())
+
+    def wait_returned(self, futures: Iterable[asyncio.Future[Detection]],
+                      timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until the batches behind ``futures``
+        (cancelled ones included) have come back from the native engine,
+        resolving every completion meanwhile.  True when they all did.
+
+        For a caller that shares this engine and must not let go of its
+        buffers while the engine holds them; it blocks the loop thread, as
+        ``close()`` does, and every batch comes back within the timeout."""
+        wanted = {id(f) for f in futures}
+        deadline = time.monotonic() + timeout_s
+        while not self._closed:
+            if not any(id(f) in wanted for f in self._waiters.values()):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._fd], [], [], min(left, 0.1))
+            self._on_ready()
+        return True
 
     def submission(self, wqs: list[dict[str, Any]] | None = None) -> str:
         """How descriptors reach the WQs: portal-enqcmd, portal-movdir64b,

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_engine
 from dsamig.engine.dsa import DsaConfig
+from dsamig.engine.pool import EngineSource
 from dsamig.errors import ConfigError, DsamigError, NetworkError, SourceError, TransferError
 from dsamig.logs import get_logger
 from dsamig.native import impl
@@ -344,7 +345,8 @@ class Sender:
     otherwise.
     """
 
-    def __init__(self, source: PageSource, options: SendOptions) -> None:
+    def __init__(self, source: PageSource, options: SendOptions,
+                 engines: EngineSource | None = None) -> None:
         options.validate()
         self.source = source
         self.options = options
@@ -356,6 +358,9 @@ class Sender:
         self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size)
         self.window_bytes = window_bytes(self.manifest, options.channels)
         self.engine: ZeroPageEngine | None = None
+        # Where the engine comes from: a daemon passes its EnginePool, so its
+        # jobs share the DSA work queues it opened once; else this job's own.
+        self.engines = engines
         self.log = get_logger(job=str(options.job_id), name=options.name, role="sender")
         self.acks = False
         self.retransmitted_bytes = 0
@@ -388,7 +393,8 @@ class Sender:
 
     async def run(self) -> JobStats:
         try:
-            self.engine, reason = create_engine(
+            create = create_engine if self.engines is None else self.engines.create_engine
+            self.engine, reason = create(
                 self.options.engine, threads=self.options.engine_threads, dsa=self.options.dsa
             )
             self.log.info("engine selected", reason=reason)

@@ -302,6 +302,22 @@ def test_config_from_a_job_mapping() -> None:
             DsaConfig.from_mapping(bad)
 
 
+def test_emulated_kernel_and_model_in_a_job_mapping() -> None:
+    config = DsaConfig.from_mapping({"emulate": {
+        "count": 1, "model": "dsa2", "kernel-mmap": "eperm", "kernel-write": False,
+        "foreign-mm": True}})
+    assert (config.emulate_model, config.emulate_kernel_mmap) == ("dsa2", "eperm")
+    assert config.emulate_kernel_write is False and config.emulate_foreign_mm is True
+    [spec] = config.core_specs()
+    assert (spec["model"], spec["kernel_mmap"], spec["kernel_write"], spec["foreign_mm"]) == (
+        "dsa2", "eperm", False, True)
+    assert DsaConfig.from_mapping(config.to_mapping()) == config
+    for bad, word in [({"model": "dsa3"}, "dsa1 or dsa2"), ({"kernel-mmap": "no"}, "eperm"),
+                      ({"kernel-write": "yes"}, "true or false")]:
+        with pytest.raises(ConfigError, match=word):
+            DsaConfig.from_mapping({"emulate": {"count": 1, **bad}})
+
+
 def test_dsa_list_here_exits_zero_and_says_so() -> None:
     run = subprocess.run([sys.executable, "-m", "dsamig", "dsa", "list", "--json"],
                          capture_output=True, text=True, timeout=60)
