@@ -25,6 +25,8 @@ from tests.engine.dsa_helpers import (
     oracle,
     requires_native,
     run_core,
+    settled,
+    workload,
 )
 
 pytestmark = requires_native
@@ -44,13 +46,6 @@ def make_core():
     yield make
     for c in cores:
         c.close()
-
-
-def workload(n: int = 12) -> list[bytearray]:
-    """Batches of crafted pages, sizes around the sender's 1024-page chunk,
-    some with a short last page."""
-    return [crafted_pages(1024 + (i % 3) * 37, seed=i, short_tail=(0, 100, 4095)[i % 3])
-            for i in range(n)]
 
 
 def test_page_faults(make_core) -> None:
@@ -90,19 +85,6 @@ def test_descriptor_list_faults(make_core) -> None:
     assert injected > 5
     assert stats["page-faults"] == injected
     assert stats["cpu-fallback-pages"] > 0  # the members never attempted
-
-
-def settled(core, timeout_s: float = 10.0) -> list[dict]:
-    """The core's WQ stats once no WQ is in quarantine (every probe has
-    completed or failed), polled with a bound."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        wqs = core.wq_stats()
-        if all(wq["state"] != "quarantined" for wq in wqs):
-            return wqs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still quarantined after {timeout_s} s: {wqs}")
-        time.sleep(0.005)
 
 
 def test_hardware_errors(make_core) -> None:

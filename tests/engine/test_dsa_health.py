@@ -20,8 +20,9 @@ from tests.engine.dsa_helpers import (
     emulated,
     requires_native,
     run_core,
+    settled,
+    workload,
 )
-from tests.engine.test_dsa_faults import settled, workload
 
 pytestmark = requires_native
 

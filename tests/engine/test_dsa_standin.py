@@ -13,8 +13,13 @@ import os
 
 import pytest
 
-from tests.engine.dsa_helpers import assert_oracle, crafted_pages, requires_native, run_core
-from tests.engine.test_dsa_faults import settled
+from tests.engine.dsa_helpers import (
+    assert_oracle,
+    crafted_pages,
+    requires_native,
+    run_core,
+    settled,
+)
 
 pytestmark = [
     requires_native,
