@@ -7,23 +7,40 @@
 # same portal functions the engine uses.  Native threads never see a Python
 # object: batches are pinned here and unpinned in _collect on the loop thread.
 from libc.string cimport memset, memcpy
-from libc.errno cimport ESHUTDOWN
+from libc.errno cimport EBUSY, ESHUTDOWN
 
 from dsa cimport *
 
 SWQ_FAULT_KEYS = ("page-fault", "batch-fail", "list-fault", "hw-error", "hang", "wq-full")
+SWQ_MODELS = {"dsa1": 1, "dsa2": 2}
 _METHODS = {DSAMIG_DSA_ENQCMD: "enqcmd", DSAMIG_DSA_MOVDIR64B: "movdir64b",
             DSAMIG_DSA_WRITE: "write"}
+_STATES = {DSAMIG_WQ_IN_SERVICE: "in-service", DSAMIG_WQ_QUARANTINED: "quarantined",
+           DSAMIG_WQ_OUT: "out"}
 
 
-def dsa_cpu_features():
-    """CPUID flags that user-space DSA needs: ``{"enqcmd", "movdir64b", "waitpkg"}``."""
-    cdef unsigned f = dsamig_dsa_cpu_features()
+cdef dict _cpu_flags(unsigned f):
     return {
         "enqcmd": bool(f & DSAMIG_CPU_ENQCMD),
         "movdir64b": bool(f & DSAMIG_CPU_MOVDIR64B),
         "waitpkg": bool(f & DSAMIG_CPU_WAITPKG),
     }
+
+
+def dsa_cpu_features(cpuinfo=None):
+    """The CPU instructions user-space DSA needs, as CPUID reports them
+    (``cpuid``), as the kernel reports them in ``/proc/cpuinfo`` (``kernel``,
+    None when unreadable, with ``kernel-error``) and what the engine may use:
+    both must agree (top-level ``enqcmd``, ``movdir64b``, ``waitpkg``)."""
+    cdef unsigned raw = dsamig_dsa_cpu_features()
+    cdef bytes path = str(cpuinfo or "").encode()
+    cdef int kernel = dsamig_dsa_kernel_cpu_flags(path)
+    out = _cpu_flags(raw & <unsigned>kernel if kernel >= 0 else 0)
+    out["cpuid"] = _cpu_flags(raw)
+    out["kernel"] = _cpu_flags(<unsigned>kernel) if kernel >= 0 else None
+    if kernel < 0:
+        out["kernel-error"] = _os.strerror(-kernel)
+    return out
 
 
 def dsa_layout():
@@ -80,6 +97,16 @@ cdef int _fill_swq(dsamig_swq_config *q, dict spec) except -1:
     q.check_residency = bool(_get(spec, "check_residency", True))
     q.reorder = bool(_get(spec, "reorder", False))
     q.op_config = int(_get(spec, "op_config", q.op_config))
+    model = _get(spec, "model", "dsa1")
+    if model not in SWQ_MODELS:
+        raise ValueError(f"model must be one of {', '.join(SWQ_MODELS)}, not {model!r}")
+    q.model = SWQ_MODELS[model]
+    mapping = _get(spec, "kernel_mmap", "allow")
+    if mapping not in ("allow", "eperm"):
+        raise ValueError(f"kernel_mmap must be 'allow' or 'eperm', not {mapping!r}")
+    q.map_eperm = mapping == "eperm"
+    q.write_method = bool(_get(spec, "kernel_write", True))
+    q.foreign_mm = bool(_get(spec, "foreign_mm", False))
     faults = dict(_get(spec, "faults", None) or {})
     for key in faults:
         if key not in SWQ_FAULT_KEYS and key != "seed":
@@ -160,8 +187,15 @@ cdef class DsaEngineCore:
     "mode": "shared", "size": 32, "threshold": 31, "max_batch_size": 32,
     "max_transfer_size": ...}`` for a real WQ, or the same keys without
     ``path`` (plus ``engines``, ``rate``, ``faults``, ``check_residency``,
-    ``reorder``, ``submit``) for a software WQ.  With ``wqs`` None the core
-    is created unconfigured; ``configure()`` and ``start()`` follow.
+    ``reorder``, ``submit``, ``model``, ``kernel_mmap``, ``kernel_write``,
+    ``foreign_mm``) for a software WQ.  With ``wqs`` None the core is created
+    unconfigured; ``configure()`` and ``start()`` follow.
+
+    ``probe`` proves each WQ at configure time (a NOOP, then a BATCH of two
+    NOOPs) and leaves out those that fail; ``quarantine_s`` is the back-off
+    before a quarantined WQ's second probe (it doubles after), and a WQ that
+    fails ``max_strikes`` times in a row is out.  ``cpuinfo`` replaces
+    ``/proc/cpuinfo`` as the kernel's view of the CPU.
     """
     cdef dsamig_dsa_engine *eng
     cdef dict inflight
@@ -170,7 +204,8 @@ cdef class DsaEngineCore:
     cdef readonly int threads
 
     def __cinit__(self, wqs=None, *, double timeout_s=1.0, bint prefault=True,
-                  int submit_attempts=64, double spin_us=5.0, bint start=True):
+                  int submit_attempts=64, double spin_us=5.0, bint start=True,
+                  bint probe=True, double quarantine_s=0.001, int max_strikes=6, cpuinfo=None):
         self.eng = dsamig_dsa_engine_new()
         if self.eng == NULL:
             raise MemoryError()
@@ -178,16 +213,21 @@ cdef class DsaEngineCore:
         self.threads = 1
         if wqs is not None:
             self.configure(wqs, timeout_s=timeout_s, prefault=prefault,
-                           submit_attempts=submit_attempts, spin_us=spin_us)
+                           submit_attempts=submit_attempts, spin_us=spin_us, probe=probe,
+                           quarantine_s=quarantine_s, max_strikes=max_strikes, cpuinfo=cpuinfo)
             if start:
                 self.start()
 
     def configure(self, wqs, *, double timeout_s=1.0, bint prefault=True,
-                  int submit_attempts=64, double spin_us=5.0):
-        """Open (or create) the work queues; a configured core is cleaned up
-        first.  Raises OSError naming the WQ that failed; nothing stays open."""
+                  int submit_attempts=64, double spin_us=5.0, bint probe=True,
+                  double quarantine_s=0.001, int max_strikes=6, cpuinfo=None):
+        """Open (or create) the work queues and probe them; a configured core
+        is cleaned up first.  Raises OSError naming the WQ that failed (or,
+        when every WQ fails its probe, each with its reason); nothing stays
+        open then."""
         cdef dsamig_dsa_config cfg
-        cdef char err[512]
+        cdef char err[1024]
+        cdef bytes info
         cdef int rc, i
         self._check_open()
         wqs = list(wqs)
@@ -197,6 +237,8 @@ cdef class DsaEngineCore:
             raise ValueError(f"timeout must be positive, not {timeout_s}")
         if submit_attempts < 1 or spin_us < 0:
             raise ValueError("submit_attempts must be positive and spin_us not negative")
+        if not quarantine_s > 0 or max_strikes < 1:
+            raise ValueError("quarantine_s and max_strikes must be positive")
         memset(&cfg, 0, sizeof(cfg))
         cfg.nwqs = len(wqs)
         for i, spec in enumerate(wqs):
@@ -205,6 +247,15 @@ cdef class DsaEngineCore:
         cfg.prefault = prefault
         cfg.submit_attempts = submit_attempts
         cfg.spin_ns = <uint64_t>(spin_us * 1e3)
+        cfg.probe = probe
+        cfg.quarantine_ns = <uint64_t>(quarantine_s * 1e9)
+        cfg.max_strikes = max_strikes
+        if cpuinfo is not None:
+            info = str(cpuinfo).encode()
+            if not info or len(info) >= 128:  # sizeof(cfg.cpuinfo_path)
+                raise ValueError(f"bad cpuinfo path {cpuinfo!r}")
+            memcpy(cfg.cpuinfo_path, <char *>info, len(info))
+            cfg.cpuinfo_path[len(info)] = 0
         err[0] = 0
         with nogil:
             rc = dsamig_dsa_engine_configure(self.eng, &cfg, err, sizeof(err))
@@ -292,14 +343,19 @@ cdef class DsaEngineCore:
             "descriptors": s.descriptors,
             "batches": s.batch_descriptors,
             "submit-retries": s.submit_retries,
+            "retry-exhausted": s.retry_exhausted,
             "submit-failures": s.submit_failures,
             "page-faults": s.page_faults,
             "batch-failures": s.batch_failures,
             "errors": s.errors,
             "timeouts": s.timeouts,
             "cpu-fallback-pages": s.cpu_fallback_pages,
-            "unhealthy-events": s.unhealthy_events,
-            "quarantined": s.quarantined,
+            "quarantines": s.quarantines,
+            "readmissions": s.readmissions,
+            "probe-failures": s.probe_failures,
+            "probe-timeouts": s.probe_timeouts,
+            "wqs-out": s.wqs_out,
+            "held": s.held,
             "cancelled": s.cancelled,
             "polls": s.polls,
             "sleeps": s.sleeps,
@@ -324,12 +380,22 @@ cdef class DsaEngineCore:
                 "mode": "dedicated" if w.dedicated else "shared",
                 "emulated": bool(w.emulated),
                 "healthy": bool(w.healthy),
+                "state": _STATES.get(w.state, "?"),
                 "reason": w.reason.decode(errors="replace"),
                 "portal-note": w.portal_note.decode(errors="replace"),
+                "batch-note": w.batch_note.decode(errors="replace"),
+                "max-batch": w.max_batch,
+                "strikes": w.strikes,
+                "probe-us": round(w.probe_ns / 1e3, 1),
                 "jobs": w.jobs,
                 "descriptors": w.descriptors,
                 "batches": w.batch_descriptors,
                 "submit-retries": w.submit_retries,
+                "retry-exhausted": w.retry_exhausted,
+                "quarantines": w.quarantines,
+                "readmissions": w.readmissions,
+                "probe-failures": w.probe_failures,
+                "probe-timeouts": w.probe_timeouts,
                 "page-faults": w.page_faults,
                 "errors": w.errors,
                 "timeouts": w.timeouts,
@@ -343,6 +409,37 @@ cdef class DsaEngineCore:
                 entry["device"] = _swq_counters(q)
             out.append(entry)
         return out
+
+    def check(self, int index, int noops=32, int pages=64):
+        """Check WQ ``index`` of a configured core that is not started: time
+        ``noops`` NOOPs, run a lone COMPVAL on each of ``pages`` crafted test
+        pages and a BATCH of them (where the WQ takes batches), and compare
+        every result with the CPU.  Returns a dict; ``error`` says what went
+        wrong first ("" when nothing did)."""
+        cdef dsamig_dsa_check c
+        cdef int rc
+        self._check_open()
+        if noops < 1 or not 1 <= pages <= 4096:
+            raise ValueError("noops must be positive and pages 1..4096")
+        with nogil:
+            rc = dsamig_dsa_engine_check_wq(self.eng, index, noops, pages, &c)
+        if rc == -EBUSY:
+            raise RuntimeError("stop the engine before checking a work queue")
+        if rc != 0:
+            raise ValueError(f"no work queue {index}")
+        return {
+            "noop": {"ok": bool(c.noop_ok), "count": c.noops,
+                     "min-us": round(c.noop_min_ns / 1e3, 2),
+                     "median-us": round(c.noop_median_ns / 1e3, 2),
+                     "max-us": round(c.noop_max_ns / 1e3, 2)},
+            "compval": {"ok": bool(c.compval_ok), "pages": c.compval_pages,
+                        "mismatches": c.compval_mismatches,
+                        "median-us": round(c.compval_median_ns / 1e3, 2)},
+            "batch": {"ok": None if c.batch_ok < 0 else bool(c.batch_ok),
+                      "pages": c.batch_pages, "mismatches": c.batch_mismatches,
+                      "us": round(c.batch_ns / 1e3, 2)},
+            "error": c.error.decode(errors="replace"),
+        }
 
     def fail_completion_thread(self):
         """Fault injection: make the completion thread take its failure exit."""
@@ -431,6 +528,10 @@ cdef class SoftwareWorkQueue:
         with nogil:
             r = dsamig_swq_write(self.q, &descs[0], <size_t>descs.shape[0] // 64)
         return r
+
+    def map_portal(self):
+        """The modelled kernel's mmap() of the portal: 0, or -EPERM."""
+        return dsamig_swq_map_portal(self.q)
 
     @property
     def occupancy(self):

@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     dsa_sub = dsa.add_subparsers(dest="dsa_command", required=True, metavar="COMMAND")
     dsa_list = dsa_sub.add_parser("list", help="show the work queues and whether they are usable")
     dsa_list.add_argument("--json", action="store_true", help="print as JSON")
+    dsa_check = dsa_sub.add_parser(
+        "check", help="submit NOOP, COMPVAL and BATCH to each usable work queue, verify the "
+                      "results against the CPU, and measure latency and throughput")
+    dsa_check.add_argument("--json", action="store_true", help="print as JSON")
+    dsa_check.add_argument("--wq", action="append", default=[], metavar="PATH",
+                           help="check this work queue only (repeatable)")
+    dsa_check.add_argument("--emulate", type=int, default=0, metavar="N",
+                           help="check N software work queues instead")
+    dsa_check.add_argument("--timeout", type=float, default=1.0, metavar="S",
+                           help="how long a descriptor may take (default 1)")
+    dsa_check.add_argument("--size", type=_size, default=64 << 20, metavar="SIZE",
+                           help="bytes for the throughput run (default 64MiB)")
 
     demo = sub.add_parser("demo", help="generate a snapshot and move it over loopback")
     demo.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
@@ -235,6 +247,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return VerifyCommand(args.image, args.dest, page_size=args.page_size,
                              packet_size=args.packet_size).run()
     if args.command == "dsa":
+        if args.dsa_command == "check":
+            from dsamig.engine.dsa_check import check_command
+            from dsamig.errors import ConfigError
+
+            if not 0 <= args.emulate <= 16 or not 0 < args.timeout <= 60:
+                raise ConfigError("dsa check: --emulate must be 0..16 and --timeout 0..60 s")
+            return check_command(as_json=args.json, paths=args.wq, emulate=args.emulate,
+                                 timeout_s=args.timeout, throughput_bytes=args.size)
         from dsamig.engine.dsa_discovery import list_command
 
         return list_command(as_json=args.json)

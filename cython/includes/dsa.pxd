@@ -52,6 +52,10 @@ cdef extern from "dsa_swdev.h" nogil:
         uint64_t rate_bytes_s
         int check_residency
         int reorder
+        int model
+        int map_eperm
+        int write_method
+        int foreign_mm
         dsamig_swq_faults faults
 
     ctypedef struct dsamig_swq_counters:
@@ -82,6 +86,7 @@ cdef extern from "dsa_swdev.h" nogil:
     void dsamig_swq_stop(dsamig_swq *q)
     int dsamig_swq_enqcmd(dsamig_swq *q, const void *desc)
     void dsamig_swq_movdir64b(dsamig_swq *q, const void *desc)
+    int dsamig_swq_map_portal(dsamig_swq *q)
     long dsamig_swq_write(dsamig_swq *q, const void *descs, size_t n)
     uint32_t dsamig_swq_occupancy(dsamig_swq *q)
     void dsamig_swq_get_counters(dsamig_swq *q, dsamig_swq_counters *out)
@@ -96,6 +101,9 @@ cdef extern from "dsa_engine.h" nogil:
     int DSAMIG_DSA_ENQCMD
     int DSAMIG_DSA_MOVDIR64B
     int DSAMIG_DSA_WRITE
+    int DSAMIG_WQ_IN_SERVICE
+    int DSAMIG_WQ_QUARANTINED
+    int DSAMIG_WQ_OUT
 
     ctypedef struct dsamig_dsa_wq_config:
         char path[256]
@@ -115,6 +123,10 @@ cdef extern from "dsa_engine.h" nogil:
         int prefault
         uint32_t submit_attempts
         uint64_t spin_ns
+        int probe
+        uint64_t quarantine_ns
+        uint32_t max_strikes
+        char cpuinfo_path[128]
 
     ctypedef struct dsamig_dsa_stats:
         uint64_t jobs
@@ -123,14 +135,19 @@ cdef extern from "dsa_engine.h" nogil:
         uint64_t descriptors
         uint64_t batch_descriptors
         uint64_t submit_retries
+        uint64_t retry_exhausted
         uint64_t submit_failures
         uint64_t page_faults
         uint64_t batch_failures
         uint64_t errors
         uint64_t timeouts
         uint64_t cpu_fallback_pages
-        uint64_t unhealthy_events
-        uint64_t quarantined
+        uint64_t quarantines
+        uint64_t readmissions
+        uint64_t probe_failures
+        uint64_t probe_timeouts
+        uint64_t wqs_out
+        uint64_t held
         uint64_t cancelled
         uint64_t polls
         uint64_t sleeps
@@ -141,6 +158,11 @@ cdef extern from "dsa_engine.h" nogil:
         uint64_t descriptors
         uint64_t batch_descriptors
         uint64_t submit_retries
+        uint64_t retry_exhausted
+        uint64_t quarantines
+        uint64_t readmissions
+        uint64_t probe_failures
+        uint64_t probe_timeouts
         uint64_t page_faults
         uint64_t errors
         uint64_t timeouts
@@ -148,17 +170,39 @@ cdef extern from "dsa_engine.h" nogil:
         uint64_t credits
         uint64_t outstanding
         uint64_t latency_ns
+        uint64_t probe_ns
+        uint32_t max_batch
+        uint32_t strikes
         int method
         int emulated
         int dedicated
         int healthy
-        char reason[128]
-        char portal_note[128]
+        int state
+        char reason[320]
+        char portal_note[160]
+        char batch_note[128]
+
+    ctypedef struct dsamig_dsa_check:
+        int noop_ok
+        int compval_ok
+        int batch_ok
+        uint32_t noops
+        uint64_t noop_min_ns
+        uint64_t noop_median_ns
+        uint64_t noop_max_ns
+        uint32_t compval_pages
+        uint32_t compval_mismatches
+        uint64_t compval_median_ns
+        uint32_t batch_pages
+        uint32_t batch_mismatches
+        uint64_t batch_ns
+        char error[160]
 
     ctypedef struct dsamig_dsa_engine:
         pass
 
     unsigned dsamig_dsa_cpu_features()
+    int dsamig_dsa_kernel_cpu_flags(const char *path)
     dsamig_dsa_engine *dsamig_dsa_engine_new()
     void dsamig_dsa_engine_free(dsamig_dsa_engine *e)
     dsamig_cq *dsamig_dsa_engine_cq(dsamig_dsa_engine *e)
@@ -174,4 +218,6 @@ cdef extern from "dsa_engine.h" nogil:
     int dsamig_dsa_engine_nwqs(dsamig_dsa_engine *e)
     int dsamig_dsa_engine_get_wq_stats(dsamig_dsa_engine *e, int i, dsamig_dsa_wq_stats *out)
     dsamig_swq *dsamig_dsa_engine_swq(dsamig_dsa_engine *e, int i)
+    int dsamig_dsa_engine_check_wq(dsamig_dsa_engine *e, int i, uint32_t noops, uint32_t pages,
+                                   dsamig_dsa_check *out)
     void dsamig_dsa_engine_fail_completion_thread(dsamig_dsa_engine *e)

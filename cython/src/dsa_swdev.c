@@ -9,9 +9,21 @@
  *   fault in bytes_completed and, in result, whether those bytes held a
  *   difference: the partial completion that QEMU's rule
  *   "bytes_completed > 0 && result != 0 means non-zero" is written for.
- * - With check_residency, a page that is not mapped in this process (mincore)
- *   faults, as an SVA device without block-on-fault would; so a cold mapping
- *   exercises the same path on the emulator as on hardware.
+ * - With check_residency, a page that is not mapped in this process faults,
+ *   as an SVA device without block-on-fault would: the device walks this
+ *   process's page tables, so what counts is the present bit of
+ *   /proc/self/pagemap, not whether the page is in the page cache (a cached
+ *   file page that this mapping never touched still faults).  A cold mapping
+ *   therefore exercises the same path on the emulator as on hardware.
+ * - Two models: DSA 1.0 (Sapphire Rapids), which knows none of DSA 2.0's
+ *   additions (the Translation Fetch operation, opcode 0x0a, and the
+ *   operation-specific flag bits 23:16 that 2.0 defines for it), and DSA 2.0,
+ *   which executes Translation Fetch (there is nothing to translate in
+ *   process: it succeeds) and accepts its region-stride flag, bit 16.
+ * - The kernel around the WQ is modelled too: a kernel that refuses to map
+ *   the portal (the 2024 erratum fix without CAP_SYS_RAWIO: EPERM), one
+ *   without the write() method (before that fix: EINVAL), and write() from a
+ *   process whose address space is not the opener's (EPERM).
  * - A hung descriptor is taken off the queue and never completed: it neither
  *   writes a record nor touches memory again.
  * - Batch members run in list order without fences: a failed member does not
@@ -28,10 +40,10 @@
 #include "zeroscan.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,13 +51,17 @@
 #define IMPLEMENTED_OPS                                                                       \
     ((1u << DSAMIG_OP_NOOP) | (1u << DSAMIG_OP_BATCH) | (1u << DSAMIG_OP_DRAIN) |            \
      (1u << DSAMIG_OP_MEMMOVE) | (1u << DSAMIG_OP_MEMFILL) | (1u << DSAMIG_OP_COMPARE) |     \
-     (1u << DSAMIG_OP_COMPVAL))
+     (1u << DSAMIG_OP_COMPVAL) | (1u << DSAMIG_OP_TRANSL_FETCH))
+/* Opcodes that DSA 2.0 added (of those the emulator executes). */
+#define DSA2_OPS (1u << DSAMIG_OP_TRANSL_FETCH)
+/* Translation Fetch: the region-stride flag (DSA 2.0). */
+#define FLAG_TF_STRIDE 0x10000u
 
 /* The kernel's write() method retries a refused ENQCMDS this many times
  * (IDXD_ENQCMDS_RETRIES) before it returns -EAGAIN. */
 #define KERNEL_ENQCMDS_RETRIES 32
 
-/* Largest span whose residency a batch looks up with one mincore() call. */
+/* Largest span whose residency a batch looks up with one pagemap read. */
 #define RESIDENCY_SPAN_MAX (64u << 20)
 
 enum fault_class {
@@ -71,7 +87,8 @@ typedef struct outcome {
 
 typedef struct residency {
     uintptr_t lo, hi; /* page-aligned span described by vec; hi == 0: nothing cached */
-    unsigned char *vec;
+    unsigned char *vec; /* one byte per page: 1 present */
+    uint64_t *raw;      /* pagemap entries as read */
     size_t cap;
 } residency;
 
@@ -120,6 +137,8 @@ void dsamig_swq_config_default(dsamig_swq_config *cfg)
     cfg->op_config = IMPLEMENTED_OPS;
     cfg->engines = 1;
     cfg->check_residency = 1;
+    cfg->model = 1;
+    cfg->write_method = 1;
 }
 
 /* ---- completion records ------------------------------------------------ */
@@ -161,7 +180,7 @@ static int all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
-static int reserved_nonzero(const dsamig_dsa_desc *d, uint32_t op)
+static int reserved_nonzero(const dsamig_dsa_desc *d, uint32_t op, int model)
 {
     /* User descriptors carry no PASID or privilege: ENQCMD inserts them and a
      * dedicated WQ has its own; the bits are reserved in what we receive. */
@@ -180,6 +199,10 @@ static int reserved_nonzero(const dsamig_dsa_desc *d, uint32_t op)
     case DSAMIG_OP_COMPARE:
     case DSAMIG_OP_COMPVAL:
         return !all_zero(d->op_specific + 1, 23); /* byte 0 is expected_res */
+    case DSAMIG_OP_TRANSL_FETCH: /* region_stride (u32 at 0x30) is the only field */
+        if (model < 2)
+            return 0; /* an opcode DSA 1.0 does not know: rejected as such */
+        return d->dst_addr || !all_zero(d->op_specific, 8) || !all_zero(d->op_specific + 12, 12);
     default:
         return 0;
     }
@@ -199,10 +222,12 @@ static uint8_t validate(const dsamig_swq *q, const dsamig_dsa_desc *d, int in_ba
     uint32_t bad;
 
     *invalid = 0;
-    if (reserved_nonzero(d, op))
+    if (reserved_nonzero(d, op, q->cfg.model))
         return DSAMIG_COMP_NOZERO_RESERVE;
 
     bad = flags & ~DSAMIG_FLAG_DSA_DEFINED & 0xffffffu;
+    if (q->cfg.model >= 2 && op == DSAMIG_OP_TRANSL_FETCH)
+        bad &= ~FLAG_TF_STRIDE;
     /* Block-on-fault applies to operations that touch memory, never to
      * Batch, Drain or No-op; Check Result only to comparisons. */
     if (op == DSAMIG_OP_BATCH || op == DSAMIG_OP_DRAIN || op == DSAMIG_OP_NOOP)
@@ -220,6 +245,8 @@ static uint8_t validate(const dsamig_swq *q, const dsamig_dsa_desc *d, int in_ba
         return DSAMIG_COMP_BAD_OPCODE;
 
     if (is_data_op(op) && (d->xfer_size == 0 || d->xfer_size > q->cfg.max_transfer_size))
+        return DSAMIG_COMP_XFER_ERANGE;
+    if (op == DSAMIG_OP_TRANSL_FETCH && d->xfer_size == 0) /* region_size */
         return DSAMIG_COMP_XFER_ERANGE;
 
     if (op == DSAMIG_OP_BATCH) {
@@ -257,19 +284,34 @@ static int throttle(dsamig_swq *q, size_t nbytes)
     return stopping ? -1 : 0;
 }
 
-static int residency_load(residency *r, uintptr_t lo, uintptr_t hi)
+/* Whether each page of [lo, hi) is mapped in this process: bit 63 of its
+ * /proc/self/pagemap entry.  -1 when that cannot be told (then nothing
+ * faults: better than faults the hardware would not take). */
+static int residency_load(const dsamig_swq *q, residency *r, uintptr_t lo, uintptr_t hi)
 {
     size_t ps = host_page_size();
     size_t pages = (hi - lo) / ps;
+    ssize_t got;
+    if (q->pagemap_fd < 0)
+        return -1;
     if (pages > r->cap) {
         unsigned char *v = realloc(r->vec, pages);
+        uint64_t *raw;
         if (!v)
             return -1;
         r->vec = v;
+        raw = realloc(r->raw, pages * sizeof(*raw));
+        if (!raw)
+            return -1;
+        r->raw = raw;
         r->cap = pages;
     }
-    if (mincore((void *)lo, hi - lo, r->vec) != 0)
-        memset(r->vec, 0, pages); /* part of it is not mapped at all: it all faults */
+    got = pread(q->pagemap_fd, r->raw, pages * sizeof(*r->raw),
+                (off_t)((lo / ps) * sizeof(*r->raw)));
+    if (got < 0)
+        return -1;
+    for (size_t i = 0; i < pages; i++)
+        r->vec[i] = i < (size_t)got / sizeof(*r->raw) && (r->raw[i] >> 63) & 1;
     r->lo = lo;
     r->hi = hi;
     return 0;
@@ -277,13 +319,13 @@ static int residency_load(residency *r, uintptr_t lo, uintptr_t hi)
 
 /* Offset of the first byte of [p, p+len) on a page that is not resident,
  * or len when every page is. */
-static size_t first_absent(residency *r, const uint8_t *p, size_t len)
+static size_t first_absent(const dsamig_swq *q, residency *r, const uint8_t *p, size_t len)
 {
     size_t ps = host_page_size();
     uintptr_t lo = (uintptr_t)p & ~(uintptr_t)(ps - 1);
     uintptr_t end = (uintptr_t)p + len;
     uintptr_t hi = (end + ps - 1) & ~(uintptr_t)(ps - 1);
-    if (!(r->hi && lo >= r->lo && hi <= r->hi) && residency_load(r, lo, hi) != 0)
+    if (!(r->hi && lo >= r->lo && hi <= r->hi) && residency_load(q, r, lo, hi) != 0)
         return len; /* cannot tell: assume resident */
     for (uintptr_t pg = lo; pg < end; pg += ps)
         if (!(r->vec[(pg - r->lo) / ps] & 1))
@@ -330,7 +372,7 @@ static int exec_compval(dsamig_swq *q, const dsamig_dsa_desc *d, uint64_t seq, u
     size_t n = d->xfer_size, limit = n, diff;
     int injected = 0;
     if (q->cfg.check_residency)
-        limit = first_absent(r, src, n);
+        limit = first_absent(q, r, src, n);
     if (roll(q, q->cfg.faults.page_fault, F_PAGE_FAULT, seq, member)) {
         size_t f = (size_t)(fhash(q, F_PF_OFFSET, seq, member) % ((n + 63) / 64)) * 64;
         if (f < limit) {
@@ -435,6 +477,7 @@ static int exec_desc(dsamig_swq *q, const dsamig_dsa_desc *d, uint64_t seq, uint
         o->status = DSAMIG_COMP_SUCCESS;
         break;
     }
+    case DSAMIG_OP_TRANSL_FETCH: /* the addresses are this process's own: nothing to fetch */
     default: /* NOOP, DRAIN: nothing to do in a queue that is drained in order */
         o->status = DSAMIG_COMP_SUCCESS;
         break;
@@ -475,7 +518,7 @@ static void exec_batch(dsamig_swq *q, const dsamig_dsa_desc *bd, uint64_t seq, r
     }
 
     if (q->cfg.check_residency) {
-        /* One mincore() for the span of all members instead of one each. */
+        /* One pagemap read for the span of all members instead of one each. */
         uintptr_t lo = UINTPTR_MAX, hi = 0;
         size_t ps = host_page_size();
         for (uint32_t i = 0; i < stop; i++) {
@@ -492,7 +535,7 @@ static void exec_batch(dsamig_swq *q, const dsamig_dsa_desc *bd, uint64_t seq, r
             lo &= ~(uintptr_t)(ps - 1);
             hi = (hi + ps - 1) & ~(uintptr_t)(ps - 1);
             if (hi - lo <= RESIDENCY_SPAN_MAX)
-                residency_load(r, lo, hi);
+                residency_load(q, r, lo, hi);
         }
     }
 
@@ -545,7 +588,7 @@ static void execute(dsamig_swq *q, const dsamig_dsa_desc *d, uint64_t seq, resid
 static void *engine_main(void *arg)
 {
     dsamig_swq *q = arg;
-    residency r = {0, 0, NULL, 0};
+    residency r = {0, 0, NULL, NULL, 0};
     char name[16];
     uint64_t cpu_start = dsamig_thread_cpu_ns();
     int index;
@@ -582,6 +625,7 @@ static void *engine_main(void *arg)
         execute(q, &e.desc, e.seq, &r);
     }
     free(r.vec);
+    free(r.raw);
     COUNT(q, engine_cpu_ns, dsamig_thread_cpu_ns() - cpu_start);
     return NULL;
 }
@@ -599,8 +643,13 @@ int dsamig_swq_start(dsamig_swq *q, const dsamig_swq_config *cfg)
         cfg->max_batch_size > 4096 || cfg->max_transfer_size < 1 ||
         (!cfg->dedicated && (cfg->threshold < 1 || cfg->threshold > cfg->size)))
         return -EINVAL;
+    if (cfg->model < 1 || cfg->model > 2)
+        return -EINVAL;
     q->cfg = *cfg;
     q->cfg.op_config &= IMPLEMENTED_OPS;
+    if (q->cfg.model < 2)
+        q->cfg.op_config &= ~DSA2_OPS;
+    q->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     q->ring = calloc(cfg->size, sizeof(*q->ring));
     if (!q->ring)
         return -ENOMEM;
@@ -645,6 +694,9 @@ void dsamig_swq_stop(dsamig_swq *q)
     q->started = 0;
     free(q->ring);
     q->ring = NULL;
+    if (q->pagemap_fd >= 0)
+        close(q->pagemap_fd);
+    q->pagemap_fd = -1;
     pthread_cond_destroy(&q->cond);
     pthread_cond_destroy(&q->throttle_cond);
     pthread_mutex_destroy(&q->lock);
@@ -719,11 +771,20 @@ void dsamig_swq_movdir64b(dsamig_swq *q, const void *desc)
     pthread_mutex_unlock(&q->lock);
 }
 
+int dsamig_swq_map_portal(dsamig_swq *q)
+{
+    return q->cfg.map_eperm ? -EPERM : 0;
+}
+
 long dsamig_swq_write(dsamig_swq *q, const void *descs, size_t n)
 {
     const uint8_t *p = descs;
     if (!q->started)
         return -ESHUTDOWN;
+    if (!q->cfg.write_method)
+        return -EINVAL; /* a kernel before the write() method: no such file operation */
+    if (q->cfg.foreign_mm)
+        return -EPERM; /* the caller's address space is not the opener's */
     for (size_t i = 0; i < n; i++) {
         dsamig_dsa_desc d;
         memcpy(&d, p + i * DSAMIG_DESC_SIZE, sizeof(d));

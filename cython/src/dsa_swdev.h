@@ -46,8 +46,13 @@ typedef struct dsamig_swq_config {
     uint32_t op_config;         /* bit N set: opcode N enabled (opcodes below 32) */
     int engines;                /* engine threads, 1..DSAMIG_SWQ_MAX_ENGINES */
     uint64_t rate_bytes_s;      /* throughput cap of the whole WQ, 0: unlimited */
-    int check_residency;        /* pages not in memory fault, like an SVA device without BOF */
+    int check_residency;        /* pages not mapped here fault, like an SVA device without BOF */
     int reorder;                /* engines pick any of the first 4 queued descriptors */
+    int model;                  /* 1: DSA 1.0 (Sapphire Rapids), 2: DSA 2.0 */
+    /* The kernel around the WQ: */
+    int map_eperm;              /* mapping the portal fails with EPERM (no CAP_SYS_RAWIO) */
+    int write_method;           /* 0: no write() method (EINVAL), as before the 2024 fix */
+    int foreign_mm;             /* write() from another address space than the opener's: EPERM */
     dsamig_swq_faults faults;
 } dsamig_swq_config;
 
@@ -90,6 +95,7 @@ typedef struct dsamig_swq {
     uint64_t busy_until_ns; /* rate model: when the WQ's bandwidth is next free */
     int started;
     int stopping;
+    int pagemap_fd;         /* /proc/self/pagemap, for residency */
     int nthreads;
     pthread_t threads[DSAMIG_SWQ_MAX_ENGINES];
     dsamig_swq_counters c;
@@ -115,9 +121,15 @@ int dsamig_swq_enqcmd(dsamig_swq *q, const void *desc);
  * unreportable descriptors are dropped and only counted. */
 void dsamig_swq_movdir64b(dsamig_swq *q, const void *desc);
 
+/* The kernel's mmap() of the portal: 0, or -EPERM where the modelled kernel
+ * refuses it (map_eperm). */
+int dsamig_swq_map_portal(dsamig_swq *q);
+
 /* The kernel's write() method on the WQ's file: descriptors accepted, or
- * -errno when none was: -EINVAL for a BATCH descriptor or a misaligned CR,
- * -EAGAIN when a shared WQ stayed full through the kernel's retries. */
+ * -errno when none was: -EINVAL for a BATCH descriptor or a misaligned CR
+ * (or for everything on a kernel without the method), -EPERM from a foreign
+ * address space, -EAGAIN when a shared WQ stayed full through the kernel's
+ * retries. */
 long dsamig_swq_write(dsamig_swq *q, const void *descs, size_t n);
 
 /* Occupancy now (descriptors queued and not yet taken by an engine). */

@@ -31,6 +31,7 @@ from dsamig.control.server import Handler
 from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
 from dsamig.daemon.checks import Check, check_security, check_source_dirs
 from dsamig.daemon.metrics import Figures
+from dsamig.engine import EnginePool
 from dsamig.errors import ConfigError, DsamigError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord, JobState
@@ -176,6 +177,8 @@ class SenderDaemon(Daemon):
         self.config: SenderConfig = config
         self.queue: deque[SendingJob] = deque()
         self.running: dict[uuid.UUID, SendingJob] = {}
+        # Jobs share DSA engines: a dedicated WQ opens in one process only.
+        self.engines = EnginePool()
 
     @classmethod
     def load_config(cls, path: str) -> SenderConfig:
@@ -187,6 +190,7 @@ class SenderDaemon(Daemon):
     async def close_data(self) -> None:
         if self.running or self.queue:
             await self.cancel_all("sender shutting down")
+        self.engines.close()
 
     def data_checks(self) -> list[Check]:
         cfg = self.config
@@ -268,7 +272,8 @@ class SenderDaemon(Daemon):
         try:
             record.advance(JobState.SETUP)
             source = PageSource(job.spec.source, fd=job.take_source_fd())
-            job.sender = Sender(source, job.spec.send_options(record.id, job.pacer))
+            job.sender = Sender(source, job.spec.send_options(record.id, job.pacer),
+                                self.engines)
             record.stats = job.sender.stats
             await job.sender.run()
             record.advance(JobState.COMPLETED)

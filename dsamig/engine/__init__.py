@@ -2,6 +2,7 @@
 
 from dsamig.engine.base import Detection, EngineClosedError, NativeEngine, ZeroPageEngine
 from dsamig.engine.dsa import DsaConfig, DsaEngine, FaultSpec
+from dsamig.engine.pool import EngineLease, EnginePool, EngineSource
 from dsamig.engine.select import ENGINE_NAMES, create_engine
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "DsaConfig",
     "DsaEngine",
     "EngineClosedError",
+    "EngineLease",
+    "EnginePool",
+    "EngineSource",
     "FaultSpec",
     "NativeEngine",
     "ZeroPageEngine",

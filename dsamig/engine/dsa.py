@@ -8,12 +8,15 @@ and reports its figures under the job's ``engine`` stats object.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+import select
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dsamig.engine.base import NativeEngine
+from dsamig.engine.base import Detection, NativeEngine
 from dsamig.errors import ConfigError, EngineError
 from dsamig.logs import get_logger
 from dsamig.native import native, native_error
@@ -113,9 +116,14 @@ class DsaConfig:
     """Which DSA work queues a job uses, and how.
 
     ``wqs`` are device paths (``/dev/dsa/wq0.0``); with none and no
-    ``emulate``, every usable WQ found in sysfs is used.  ``emulate`` asks
+    ``emulate``, the usable WQs found in sysfs are used (the shared ones when
+    there are any: a dedicated WQ belongs to one process).  ``emulate`` asks
     for that many software work queues instead, configured by the
-    ``emulate_*`` fields (``rate`` in bytes per second, 0: unlimited).
+    ``emulate_*`` fields (``rate`` in bytes per second, 0: unlimited;
+    ``emulate_model`` ``dsa1`` for Sapphire Rapids or ``dsa2``; the
+    ``emulate_kernel_*`` fields model the kernel around the WQ: ``mmap``
+    ``allow`` or ``eperm``, ``write`` False for a kernel without the write()
+    method, ``foreign_mm`` for write() from another address space).
     """
 
     wqs: list[str] = field(default_factory=list)
@@ -129,6 +137,10 @@ class DsaConfig:
     max_batch_size: int = DEFAULT_EMULATED_BATCH
     max_transfer_size: int = DEFAULT_EMULATED_TRANSFER
     rate: int = 0
+    emulate_model: str = "dsa1"
+    emulate_kernel_mmap: str = "allow"
+    emulate_kernel_write: bool = True
+    emulate_foreign_mm: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
     prefault: bool = True
     spin_us: float = 5.0
@@ -152,6 +164,15 @@ class DsaConfig:
         if self.emulate_submit not in ("portal", "write"):
             raise ConfigError(
                 f"DSA: emulated submission must be portal or write, not {self.emulate_submit!r}"
+            )
+        if self.emulate_model not in ("dsa1", "dsa2"):
+            raise ConfigError(
+                f"DSA: emulated model must be dsa1 or dsa2, not {self.emulate_model!r}"
+            )
+        if self.emulate_kernel_mmap not in ("allow", "eperm"):
+            mmap_text = self.emulate_kernel_mmap
+            raise ConfigError(
+                f"DSA: emulated kernel-mmap must be allow or eperm, not {mmap_text!r}"
             )
         if not 1 <= self.emulate_size <= 4096:
             raise ConfigError(f"DSA: emulated WQ size must be 1..4096, not {self.emulate_size}")
@@ -182,7 +203,8 @@ class DsaConfig:
         ``wqs: [{path: /dev/dsa/wq0.0}, ...]``, ``timeout-s: 1.0``,
         ``prefault: true`` and ``emulate: {count: 2, mode: shared, size: 32,
         threshold: 32, engines: 1, max-batch-size: 128, max-transfer-size:
-        2097152, rate: 0, submit: portal, faults: {page-fault: 0.01, seed: 7}}``.
+        2097152, rate: 0, submit: portal, model: dsa1, kernel-mmap: allow,
+        kernel-write: true, foreign-mm: false, faults: {page-fault: 0.01, seed: 7}}``.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: expected a mapping, not {type(data).__name__}")
@@ -227,6 +249,8 @@ class DsaConfig:
                 "size": self.emulate_size, "engines": self.emulate_engines,
                 "max-batch-size": self.max_batch_size,
                 "max-transfer-size": self.max_transfer_size, "rate": self.rate,
+                "model": self.emulate_model, "kernel-mmap": self.emulate_kernel_mmap,
+                "kernel-write": self.emulate_kernel_write, "foreign-mm": self.emulate_foreign_mm,
             }
             if self.emulate_threshold is not None:
                 emulate["threshold"] = self.emulate_threshold
@@ -247,6 +271,10 @@ class DsaConfig:
             "engines": self.emulate_engines,
             "rate": self.rate,
             "faults": faults,
+            "model": self.emulate_model,
+            "kernel_mmap": self.emulate_kernel_mmap,
+            "kernel_write": self.emulate_kernel_write,
+            "foreign_mm": self.emulate_foreign_mm,
         }
         if self.emulate_mode == "shared":
             spec["threshold"] = self.emulate_threshold or self.emulate_size
@@ -281,6 +309,10 @@ def _apply_emulate(config: DsaConfig, emulate: Any, where: str) -> None:
         "max-batch-size": ("max_batch_size", int),
         "max-transfer-size": ("max_transfer_size", int),
         "rate": ("rate", int),
+        "model": ("emulate_model", str),
+        "kernel-mmap": ("emulate_kernel_mmap", str),
+        "kernel-write": ("emulate_kernel_write", bool),
+        "foreign-mm": ("emulate_foreign_mm", bool),
     }
     for key, raw in emulate.items():
         if key == "faults":
@@ -296,6 +328,10 @@ def _apply_emulate(config: DsaConfig, emulate: Any, where: str) -> None:
         if kind is str:
             if not isinstance(raw, str):
                 raise ConfigError(f"{where}.{key}: expected a string, not {raw!r}")
+            setattr(config, attr, raw)
+        elif kind is bool:
+            if not isinstance(raw, bool):
+                raise ConfigError(f"{where}.{key}: expected true or false, not {raw!r}")
             setattr(config, attr, raw)
         else:
             if isinstance(raw, bool) or not isinstance(raw, int):
@@ -316,9 +352,13 @@ class DsaEngine(NativeEngine):
     """Zero-page detection on DSA work queues through ``DsaEngineCore``.
 
     ``specs`` are the core's work-queue dicts (see ``DsaConfig.core_specs``
-    and ``dsa_discovery.core_spec``).  A WQ taken out of service (timeout,
-    hardware error, failed submission, dead completion thread) is logged once
-    with its reason; its batches go on, checked by the CPU.
+    and ``dsa_discovery.core_spec``).  The core probes every WQ before it is
+    used and leaves out those that fail (logged with the reason).  A WQ sent
+    to quarantine (timeout, full for too long, hardware or translation error)
+    is logged with its reason and comes back after a NOOP probe; one taken
+    out for good (it keeps failing, rejects descriptors, or the completion
+    thread died) is logged once.  Batches go on meanwhile, on the other WQs
+    or the CPU.
     """
 
     def __init__(self, specs: list[dict[str, Any]], config: DsaConfig) -> None:
@@ -333,33 +373,74 @@ class DsaEngine(NativeEngine):
                 prefault=config.prefault,
                 spin_us=config.spin_us,
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except OSError as exc:
+            raise EngineError(f"engine dsa: {exc.strerror or exc}") from None
+        except (ValueError, RuntimeError) as exc:
             raise EngineError(f"engine dsa: {exc}") from None
         self._emulated = bool(config.emulate)
         self._names = [str(s.get("path", f"emulated:{i}")) for i, s in enumerate(specs)]
-        self._unhealthy_logged: set[int] = set()
         self._log = get_logger(component="engine", backend="dsa")
+        # Per WQ: (state, quarantines, readmissions) as last logged.
+        self._seen: list[tuple[str, int, int]] = [("in-service", 0, 0)] * len(self._names)
         try:
             super().__init__(core, "dsa")
         except BaseException:
             core.close()
             raise
+        self._log_health()
 
     def _on_ready(self) -> None:
         super()._on_ready()
         self._log_health()
 
     def _log_health(self) -> None:
-        if len(self._unhealthy_logged) == len(self._names):
-            return
+        """One log line per change of a WQ's health since the last look."""
         for i, wq in enumerate(self._core.wq_stats()):
-            if not wq["healthy"] and i not in self._unhealthy_logged:
-                self._unhealthy_logged.add(i)
+            state, quarantines, readmissions = self._seen[i]
+            now = (wq["state"], wq["quarantines"], wq["readmissions"])
+            if now == self._seen[i]:
+                continue
+            self._seen[i] = now
+            if wq["state"] == "out" and state != "out":
                 self._log.warning(
-                    "DSA work queue taken out of service; its pages go to the CPU",
-                    wq=self._names[i],
-                    reason=wq["reason"],
+                    "DSA work queue out of service; its pages go to the other WQs or the CPU",
+                    wq=self._names[i], reason=wq["reason"],
                 )
+            elif wq["quarantines"] > quarantines:
+                self._log.info(
+                    "DSA work queue quarantined until a NOOP probe completes",
+                    wq=self._names[i], reason=wq["reason"],
+                    quarantines=wq["quarantines"],
+                )
+            if wq["readmissions"] > readmissions and wq["state"] != "out":
+                self._log.debug("DSA work queue re-admitted", wq=self._names[i],
+                                readmissions=wq["readmissions"])
+
+    @property
+    def usable(self) -> bool:
+        """Whether any work queue is not out for good."""
+        return not self._closed and any(wq["state"] != "out" for wq in self._core.wq_stats())
+
+    def wait_returned(self, futures: Iterable[asyncio.Future[Detection]],
+                      timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until the batches behind ``futures``
+        (cancelled ones included) have come back from the native engine,
+        resolving every completion meanwhile.  True when they all did.
+
+        For a caller that shares this engine and must not let go of its
+        buffers while the engine holds them; it blocks the loop thread, as
+        ``close()`` does, and every batch comes back within the timeout."""
+        wanted = {id(f) for f in futures}
+        deadline = time.monotonic() + timeout_s
+        while not self._closed:
+            if not any(id(f) in wanted for f in self._waiters.values()):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._fd], [], [], min(left, 0.1))
+            self._on_ready()
+        return True
 
     def submission(self, wqs: list[dict[str, Any]] | None = None) -> str:
         """How descriptors reach the WQs: portal-enqcmd, portal-movdir64b,
@@ -388,14 +469,19 @@ class DsaEngine(NativeEngine):
             "batches": core["batches"],
             "descriptors": core["descriptors"],
             "submit-retries": core["submit-retries"],
+            "retry-exhausted": core["retry-exhausted"],
             "submit-failures": core["submit-failures"],
             "page-faults": core["page-faults"],
             "batch-failures": core["batch-failures"],
             "cpu-fallback-pages": core["cpu-fallback-pages"],
             "timeouts": core["timeouts"],
             "errors": core["errors"],
-            "unhealthy-events": core["unhealthy-events"],
-            "quarantined": core["quarantined"],
+            "quarantines": core["quarantines"],
+            "readmissions": core["readmissions"],
+            "probe-failures": core["probe-failures"],
+            "probe-timeouts": core["probe-timeouts"],
+            "wqs-out": core["wqs-out"],
+            "held": core["held"],
             "completion-thread-cpu-s": round(float(core["completion-thread-cpu-s"]), 4),
             "wqs": wqs,
         }

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,32 +28,68 @@ OPCODE_COMPVAL = 6
 _WQ_NAME = re.compile(r"^wq(\d+)\.(\d+)$")
 
 
+CPU_FLAGS = ("enqcmd", "movdir64b", "waitpkg")
+
+
 @dataclass(frozen=True, slots=True)
 class CpuFeatures:
-    """The CPU instructions user-space DSA relies on."""
+    """The CPU instructions user-space DSA may use: where CPUID and the
+    kernel agree.  ``disagreements`` says where they do not."""
 
     enqcmd: bool
     movdir64b: bool
     waitpkg: bool
-    source: str  # "cpuid" (the extension) or "cpuinfo"
+    source: str  # "cpuid+cpuinfo", or "cpuinfo" without the extension
+    disagreements: tuple[str, ...] = ()
 
 
-def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> CpuFeatures:
-    """ENQCMD, MOVDIR64B and WAITPKG support, from CPUID when the extension is
-    loaded, else from the kernel's flags."""
-    if native is not None and hasattr(native, "dsa_cpu_features"):
-        f = native.dsa_cpu_features()
-        return CpuFeatures(f["enqcmd"], f["movdir64b"], f["waitpkg"], "cpuid")
-    flags: set[str] = set()
+def kernel_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The first ``flags`` line of ``cpuinfo`` as a set; None if unreadable."""
     try:
         with open(cpuinfo) as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        pass
-    return CpuFeatures("enqcmd" in flags, "movdir64b" in flags, "waitpkg" in flags, "cpuinfo")
+        return None
+    return set()
+
+
+def combine_cpu_features(cpuid: Mapping[str, bool] | None,
+                         kernel: set[str] | None) -> CpuFeatures:
+    """What may be used: an instruction CPUID reports and the kernel lists.
+    The kernel can clear ENQCMD (a user ENQCMD then raises #GP), so CPUID
+    alone is not enough; without CPUID (no extension) the kernel's flags are
+    all there is."""
+    if kernel is None:
+        return CpuFeatures(False, False, False, "cpuid+cpuinfo" if cpuid else "cpuinfo",
+                           ("the kernel's CPU flags (/proc/cpuinfo) cannot be read: "
+                            "no DSA instruction is used",))
+    if cpuid is None:
+        return CpuFeatures("enqcmd" in kernel, "movdir64b" in kernel, "waitpkg" in kernel,
+                           "cpuinfo")
+    notes = []
+    for name in CPU_FLAGS:
+        if cpuid[name] and name not in kernel:
+            notes.append(f"CPUID reports {name.upper()} but the kernel cleared it "
+                         f"(/proc/cpuinfo): it is not used")
+        elif name in kernel and not cpuid[name]:
+            notes.append(f"the kernel lists {name} but CPUID does not report it: it is not used")
+    def both(name: str) -> bool:
+        return bool(cpuid[name]) and name in kernel
+
+    return CpuFeatures(both("enqcmd"), both("movdir64b"), both("waitpkg"), "cpuid+cpuinfo",
+                       tuple(notes))
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> CpuFeatures:
+    """ENQCMD, MOVDIR64B and WAITPKG support: CPUID (when the extension is
+    loaded) and the kernel's flags must agree; the engine decides the same
+    way."""
+    cpuid = None
+    if native is not None and hasattr(native, "dsa_cpu_features"):
+        cpuid = native.dsa_cpu_features()["cpuid"]
+    return combine_cpu_features(cpuid, kernel_cpu_flags(cpuinfo))
 
 
 def has_cap_sys_rawio(status_path: str = "/proc/self/status") -> bool:
@@ -131,7 +168,9 @@ class WqInfo:
     group_id: int
     block_on_fault: bool
     usable: bool = False
-    submission: str = ""  # portal-enqcmd | portal-movdir64b | write
+    # portal-enqcmd | portal-movdir64b (the portal is tried first; write() if
+    # the kernel refuses the mapping) | write; the engine's probe proves it
+    submission: str = ""
     reasons: list[str] = field(default_factory=list)  # why not usable
     notes: list[str] = field(default_factory=list)  # usable, but worth knowing
 
@@ -193,7 +232,8 @@ class Discovery:
             "present": self.present,
             "message": self.message,
             "cpu": {"enqcmd": self.cpu.enqcmd, "movdir64b": self.cpu.movdir64b,
-                    "waitpkg": self.cpu.waitpkg, "source": self.cpu.source},
+                    "waitpkg": self.cpu.waitpkg, "source": self.cpu.source,
+                    "disagreements": list(self.cpu.disagreements)},
             "cap-sys-rawio": self.cap_sys_rawio,
             "devices": [asdict(d) for d in self.devices],
             "wqs": [{k.replace("_", "-"): v for k, v in asdict(w).items()} for w in self.wqs],
@@ -251,17 +291,20 @@ def _verdict(
     wq.usable = True
     needs = "ENQCMD" if wq.mode == "shared" else "MOVDIR64B"
     has = cpu.enqcmd if wq.mode == "shared" else cpu.movdir64b
-    if has and rawio:
+    if has:
+        # Only the kernel knows whether it maps the portal for us: the engine
+        # tries, falls back to write() on a refusal, and probes either way.
         wq.submission = "portal-enqcmd" if wq.mode == "shared" else "portal-movdir64b"
+        if not rawio:
+            wq.notes.append(
+                "no CAP_SYS_RAWIO: kernels with the INTEL-SA-01084 fix (Linux 6.10; 6.9.1, "
+                "6.8.10, 6.6.31, 6.1.91) refuse to map the portal, and then write() is used "
+                "(no batch descriptors); older kernels map it for anyone"
+            )
     else:
         wq.submission = "write"
-        if not has:
-            wq.notes.append(f"the CPU lacks {needs}: write() on the device node, no batches")
-        else:
-            wq.notes.append(
-                "no CAP_SYS_RAWIO: mapping the portal needs it since the 2024 DSA erratum "
-                "fix, so write() is used (no batch descriptors; needs Linux 6.1.91/6.6.31+)"
-            )
+        wq.notes.append(f"the CPU lacks {needs}: write() on the device node, no batches "
+                        "(kernels before the INTEL-SA-01084 fix have no write(): unusable there)")
     if op_config is not None and not op_config >> OPCODE_BATCH & 1 and wq.submission != "write":
         wq.notes.append("BATCH is not in op_config: one descriptor per page")
     if wq.mode == "dedicated":
@@ -342,6 +385,7 @@ def format_table(d: Discovery) -> str:
                          ("WAITPKG", d.cpu.waitpkg))
     )
     lines = [d.message, f"CPU: {cpu}; CAP_SYS_RAWIO: {'yes' if d.cap_sys_rawio else 'no'}"]
+    lines += [f"CPU: note: {text}" for text in d.cpu.disagreements]
     if d.devices:
         lines.append("")
         for dev in d.devices:

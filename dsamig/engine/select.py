@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from dsamig.engine.base import ZeroPageEngine
 from dsamig.engine.cpu import CpuEngine
@@ -48,41 +49,57 @@ def create_engine(
     return CpuEngine(threads), reason
 
 
-def _start_dsa(kind: str, config: DsaConfig) -> tuple[DsaEngine | None, str]:
-    """The DSA engine for ``config``, or None and why not."""
+def resolve_dsa(config: DsaConfig) -> tuple[list[dict[str, Any]] | None, str]:
+    """The DsaEngineCore work-queue specs ``config`` asks for, and the reason
+    line; or None and why not.
+
+    Chosen automatically (no paths, no emulation), the shared WQs are taken
+    when there are any: only one process can open a dedicated WQ, so those
+    are left to whoever configured them for that.
+    """
     config.validate()
     why_not = dsa_available()
     if why_not is not None:
         return None, why_not
     if config.emulate:
-        specs = config.core_specs()
         rate = f"{config.rate} B/s" if config.rate else "unlimited rate"
         faults = f", faults {config.emulate_faults}" if config.emulate_faults else ""
-        reason = (
+        return config.core_specs(), (
             f"engine dsa: {config.emulate} software work queue(s) ({config.emulate_mode}, "
             f"{config.emulate_submit}, {rate}{faults})"
         )
+    found = discover(config.sysfs_root, config.dev_root)
+    note = ""
+    if config.wqs:
+        chosen = []
+        for path in config.wqs:
+            info = found.find(path)
+            if info is None:
+                what = "no such file" if not os.path.exists(path) else (
+                    f"not listed under {config.sysfs_root}")
+                return None, f"{path} is not a DSA work queue ({what})"
+            if not info.usable:
+                return None, f"{path} cannot be used: {'; '.join(info.reasons)}"
+            chosen.append(info)
     else:
-        found = discover(config.sysfs_root, config.dev_root)
-        if config.wqs:
-            chosen = []
-            for path in config.wqs:
-                info = found.find(path)
-                if info is None:
-                    what = "no such file" if not os.path.exists(path) else (
-                        f"not listed under {config.sysfs_root}")
-                    return None, f"{path} is not a DSA work queue ({what})"
-                if not info.usable:
-                    return None, f"{path} cannot be used: {'; '.join(info.reasons)}"
-                chosen.append(info)
-        else:
-            chosen = found.usable()
-            if not chosen:
-                return None, found.why_none()
-        specs = [wq.core_spec() for wq in chosen]
-        reason = "engine dsa: " + ", ".join(
-            f"{wq.dev_path} ({wq.mode}, {wq.submission})" for wq in chosen
-        )
+        usable = found.usable()
+        if not usable:
+            return None, found.why_none()
+        shared = [wq for wq in usable if wq.mode == "shared"]
+        chosen = shared or usable
+        if shared and len(shared) < len(usable):
+            note = (f"; dedicated WQs left alone: "
+                    f"{', '.join(wq.dev_path for wq in usable if wq.mode != 'shared')}")
+    return [wq.core_spec() for wq in chosen], "engine dsa: " + ", ".join(
+        f"{wq.dev_path} ({wq.mode}, {wq.submission})" for wq in chosen
+    ) + note
+
+
+def _start_dsa(kind: str, config: DsaConfig) -> tuple[DsaEngine | None, str]:
+    """The DSA engine for ``config``, or None and why not."""
+    specs, reason = resolve_dsa(config)
+    if specs is None:
+        return None, reason
     try:
         return DsaEngine(specs, config), reason
     except EngineError as exc:

@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_engine
 from dsamig.engine.dsa import DsaConfig
+from dsamig.engine.pool import EngineSource
 from dsamig.errors import ConfigError, DsamigError, NetworkError, SourceError, TransferError
 from dsamig.logs import get_logger
 from dsamig.native import impl
@@ -363,7 +364,8 @@ class Sender:
     why (and drops its partial file) before the channels close.
     """
 
-    def __init__(self, source: PageSource, options: SendOptions) -> None:
+    def __init__(self, source: PageSource, options: SendOptions,
+                 engines: EngineSource | None = None) -> None:
         options.validate()
         self.source = source
         self.options = options
@@ -377,6 +379,9 @@ class Sender:
                               counters=self.core.counters)
         self.window_bytes = window_bytes(self.manifest, options.channels)
         self.engine: ZeroPageEngine | None = None
+        # Where the engine comes from: a daemon passes its EnginePool, so its
+        # jobs share the DSA work queues it opened once; else this job's own.
+        self.engines = engines
         self.log = get_logger(job=str(options.job_id), name=options.name, role="sender")
         self.acks = False
         self.channels: list[SenderChannel] = []
@@ -398,7 +403,8 @@ class Sender:
     async def run(self) -> JobStats:
         self._task = cast("asyncio.Task[JobStats]", asyncio.current_task())
         try:
-            self.engine, reason = create_engine(
+            create = create_engine if self.engines is None else self.engines.create_engine
+            self.engine, reason = create(
                 self.options.engine, threads=self.options.engine_threads, dsa=self.options.dsa
             )
             self.log.info("engine selected", reason=reason)

@@ -175,3 +175,23 @@ def device_total(core: Any, key: str) -> int:
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+def workload(n: int = 12) -> list[bytearray]:
+    """Batches of crafted pages, sizes around the sender's 1024-page chunk,
+    some with a short last page."""
+    return [crafted_pages(1024 + (i % 3) * 37, seed=i, short_tail=(0, 100, 4095)[i % 3])
+            for i in range(n)]
+
+
+def settled(core: Any, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The core's WQ stats once no WQ is in quarantine (every probe has
+    completed or failed), polled with a bound."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        wqs = core.wq_stats()
+        if all(wq["state"] != "quarantined" for wq in wqs):
+            return wqs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still quarantined after {timeout_s} s: {wqs}")
+        time.sleep(0.005)

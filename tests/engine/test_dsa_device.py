@@ -46,7 +46,9 @@ from tests.engine.dsa_helpers import (
 
 pytestmark = requires_native
 
-EINVAL, EAGAIN = 22, 11
+EINVAL, EAGAIN, EPERM = 22, 11, 1
+OP_TRANSL_FETCH = 0x0A  # DSA 2.0
+F_TF_STRIDE = 0x10000  # Translation Fetch: region stride (DSA 2.0)
 CR_AT, DATA_AT, LIST_AT = 0, PAGE, 2 * PAGE
 
 
@@ -426,6 +428,120 @@ class KernelCr(ctypes.LittleEndianStructure):
         ("fault_addr", ctypes.c_uint64),
         ("op_specific", ctypes.c_uint8 * 16),
     ]
+
+
+# ---- the kernel around the WQ ---------------------------------------------------------
+
+
+def test_kernel_without_write_method(swq, arena) -> None:
+    q = swq(kernel_write=False)
+    d = desc(OP_NOOP, cr=arena.addr(CR_AT))
+    assert q.write(d) == -EINVAL  # before the 2024 fix: no write() at all
+    assert q.map_portal() == 0  # ... and any process may map the portal
+    assert run_one(q, arena, d)["status"] == S_SUCCESS
+
+
+def test_kernel_refusing_the_portal_mapping(swq) -> None:
+    assert swq(kernel_mmap="eperm").map_portal() == -EPERM
+    assert swq().map_portal() == 0
+
+
+def test_write_from_a_foreign_address_space(swq, arena) -> None:
+    q = swq(foreign_mm=True)
+    assert q.write(desc(OP_NOOP, cr=arena.addr(CR_AT))) == -EPERM
+    assert q.counters()["accepted"] == 0
+
+
+# ---- DSA 1.0 (Sapphire Rapids) and DSA 2.0 ----------------------------------------------
+
+
+def transl_fetch(arena: Arena, flags: int = F_CRAV | F_RCR, stride: int = 0) -> bytes:
+    """A Translation Fetch (DSA 2.0): region at src, region_size in xfer_size,
+    region_stride at 0x30."""
+    return desc(OP_TRANSL_FETCH, flags, cr=arena.addr(CR_AT), src=arena.addr(DATA_AT),
+                size=4 * PAGE, op_specific=bytes(8) + stride.to_bytes(4, "little"))
+
+
+def test_dsa1_does_not_know_translation_fetch(swq, arena) -> None:
+    q = swq(model="dsa1")
+    assert run_one(q, arena, transl_fetch(arena))["status"] == S_BAD_OPCODE
+
+
+def test_dsa1_rejects_the_dsa2_stride_flag(swq, arena) -> None:
+    q = swq(model="dsa1")
+    cr = run_one(q, arena, transl_fetch(arena, F_CRAV | F_RCR | F_TF_STRIDE, stride=PAGE))
+    assert (cr["status"], cr["invalid_flags"]) == (S_INVALID_FLAGS, F_TF_STRIDE)
+
+
+def test_dsa2_executes_translation_fetch_with_its_flag(swq, arena) -> None:
+    q = swq(model="dsa2")
+    assert run_one(q, arena, transl_fetch(arena))["status"] == S_SUCCESS
+    arena.write(CR_AT, bytes(32))
+    cr = run_one(q, arena, transl_fetch(arena, F_CRAV | F_RCR | F_TF_STRIDE, stride=PAGE))
+    assert cr["status"] == S_SUCCESS
+
+
+def test_dsa2_flag_is_still_reserved_on_other_operations(swq, arena) -> None:
+    q = swq(model="dsa2")
+    d = desc(OP_COMPVAL, F_CRAV | F_RCR | F_TF_STRIDE, cr=arena.addr(CR_AT),
+             src=arena.addr(DATA_AT), size=PAGE)
+    cr = run_one(q, arena, d)
+    assert (cr["status"], cr["invalid_flags"]) == (S_INVALID_FLAGS, F_TF_STRIDE)
+
+
+def test_unknown_model_is_refused(swq) -> None:
+    with pytest.raises(ValueError, match="model"):
+        swq(model="dsa3")
+
+
+# ---- residency: mapped in this process, not merely cached ------------------------------
+
+
+def resident_in_page_cache(view: memoryview) -> bool:
+    """mincore(2) on the mapping: whether every page is in the page cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    n = len(view)
+    buf = (ctypes.c_char * n).from_buffer(view)
+    vec = (ctypes.c_ubyte * ((n + PAGE - 1) // PAGE))()
+    try:
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(n), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+    finally:
+        del buf
+    return all(v & 1 for v in vec)
+
+
+def test_a_cached_file_page_not_mapped_here_faults(tmp_path) -> None:
+    """The device walks this process's page tables: a file page in the page
+    cache that this mapping never touched is not there for it.  Only the
+    pagemap present bit says so; mincore() calls it resident."""
+    import mmap
+
+    from tests.engine.dsa_helpers import assert_oracle, crafted_pages, emulated, run_core
+
+    data = crafted_pages(64, seed=7)
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    with open(path, "r+b") as f:
+        assert f.read() == data  # every page in the page cache now
+        m = mmap.mmap(f.fileno(), len(data))  # shared, writable (for ctypes), untouched
+    view = memoryview(m)
+    c = native_mod.DsaEngineCore(emulated(1), prefault=False)
+    try:
+        assert resident_in_page_cache(view)
+        assert_oracle(run_core(c, [view]), [data])
+        device = c.wq_stats()[0]["device"]
+        assert device["faults-absent"] > 0
+        assert c.stats()["page-faults"] == device["faults-absent"]
+        # Touched (mapped here), the same pages no longer fault.
+        assert bytes(view) == data
+        before = device["faults-absent"]
+        assert_oracle(run_core(c, [view]), [data])
+        assert c.wq_stats()[0]["device"]["faults-absent"] == before
+    finally:
+        c.close()
+        view.release()
+        m.close()
 
 
 def test_layout_matches_the_kernel_structs() -> None:

@@ -12,14 +12,17 @@ import pytest
 from dsamig.engine.dsa import DsaConfig
 from dsamig.engine.dsa_discovery import (
     CpuFeatures,
+    combine_cpu_features,
     cpu_features,
     discover,
     format_table,
     has_cap_sys_rawio,
+    kernel_cpu_flags,
     parse_bitmap,
 )
 from dsamig.engine.select import create_engine
 from dsamig.errors import ConfigError, EngineError
+from tests.engine.dsa_helpers import requires_native
 
 ALL_CPU = CpuFeatures(enqcmd=True, movdir64b=True, waitpkg=True, source="test")
 NO_CPU = CpuFeatures(enqcmd=False, movdir64b=False, waitpkg=False, source="test")
@@ -90,14 +93,20 @@ def test_shared_and_dedicated_user_queues(tmp_path) -> None:
     assert found.find(os.path.join(dev, "wq0.1")) is dedicated
 
 
-def test_without_cap_sys_rawio_or_enqcmd_the_write_path_is_used(tmp_path) -> None:
+def test_without_cap_sys_rawio_the_portal_is_still_tried(tmp_path) -> None:
+    """Only the kernel knows whether it maps the portal for this process:
+    before the INTEL-SA-01084 fix anyone may, and write() does not exist.
+    Discovery does not decide for it; the engine maps first and falls back
+    to write() on a refusal."""
     sysfs, dev = make_tree(tmp_path, {"wq0.0": {}}, nodes={"wq0.0": "char"})
     no_cap = discover(sysfs, dev, cpu=ALL_CPU, cap_sys_rawio=False).wqs[0]
-    assert no_cap.usable and no_cap.submission == "write"
-    assert any("CAP_SYS_RAWIO" in note for note in no_cap.notes)
-    assert no_cap.core_spec()["submit"] == "write"
+    assert no_cap.usable and no_cap.submission == "portal-enqcmd"
+    assert no_cap.core_spec()["submit"] == "portal"
+    [note] = [n for n in no_cap.notes if "CAP_SYS_RAWIO" in n]
+    assert "INTEL-SA-01084" in note and "6.1.91" in note and "write()" in note
     no_insn = discover(sysfs, dev, cpu=NO_CPU, cap_sys_rawio=True).wqs[0]
     assert no_insn.usable and no_insn.submission == "write"
+    assert no_insn.core_spec()["submit"] == "write"
     assert any("ENQCMD" in note for note in no_insn.notes)
 
 
@@ -155,16 +164,63 @@ def test_bitmaps_and_capabilities(tmp_path) -> None:
     assert not has_cap_sys_rawio(str(status))
     features = cpu_features()
     assert isinstance(features.enqcmd, bool)
-    flags = tmp_path / "cpuinfo"
-    flags.write_text("processor: 0\nflags\t\t: fpu sse2 movdir64b enqcmd\n")
-    from dsamig.engine import dsa_discovery
 
-    saved = dsa_discovery.native
-    dsa_discovery.native = None
-    try:
-        assert cpu_features(str(flags)) == CpuFeatures(True, True, False, "cpuinfo")
-    finally:
-        dsa_discovery.native = saved
+
+CPUID_ALL = {"enqcmd": True, "movdir64b": True, "waitpkg": True}
+CPUID_NONE = {"enqcmd": False, "movdir64b": False, "waitpkg": False}
+
+
+def test_cpu_features_need_cpuid_and_the_kernel_to_agree() -> None:
+    """The kernel can clear ENQCMD; a user ENQCMD then raises #GP."""
+    cleared = combine_cpu_features(CPUID_ALL, {"fpu", "movdir64b", "waitpkg"})
+    assert (cleared.enqcmd, cleared.movdir64b, cleared.waitpkg) == (False, True, True)
+    assert cleared.disagreements == (
+        "CPUID reports ENQCMD but the kernel cleared it (/proc/cpuinfo): it is not used",)
+    both = combine_cpu_features(CPUID_ALL, {"enqcmd", "movdir64b", "waitpkg"})
+    assert (both.enqcmd, both.movdir64b, both.source, both.disagreements) == (
+        True, True, "cpuid+cpuinfo", ())
+    odd = combine_cpu_features(CPUID_NONE, {"enqcmd"})
+    assert not odd.enqcmd and "CPUID does not report it" in odd.disagreements[0]
+    unreadable = combine_cpu_features(CPUID_ALL, None)
+    assert not (unreadable.enqcmd or unreadable.movdir64b or unreadable.waitpkg)
+    assert "cannot be read" in unreadable.disagreements[0]
+    # Without the extension there is no CPUID: the kernel's view alone.
+    assert combine_cpu_features(None, {"movdir64b", "enqcmd"}) == CpuFeatures(
+        True, True, False, "cpuinfo")
+
+
+def test_a_cleared_flag_is_a_note_of_dsa_list(tmp_path) -> None:
+    sysfs, dev = make_tree(tmp_path, {"wq0.0": {}}, nodes={"wq0.0": "char"})
+    cleared = combine_cpu_features(CPUID_ALL, {"movdir64b", "waitpkg"})
+    found = discover(sysfs, dev, cpu=cleared, cap_sys_rawio=True)
+    assert found.wqs[0].submission == "write"
+    assert "CPUID reports ENQCMD but the kernel cleared it" in format_table(found)
+    assert found.to_dict()["cpu"]["disagreements"] == list(cleared.disagreements)
+
+
+def test_the_kernel_flags_are_read_from_cpuinfo(tmp_path) -> None:
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor: 0\nflags\t\t: fpu sse2 movdir64b enqcmd\n"
+                     "processor: 1\nflags\t\t: fpu\n")
+    assert kernel_cpu_flags(str(flags)) == {"fpu", "sse2", "movdir64b", "enqcmd"}
+    assert kernel_cpu_flags(str(tmp_path / "absent")) is None
+
+
+@requires_native
+def test_the_extension_reads_cpuinfo_the_same_way(tmp_path) -> None:
+    """The engine's own view (it decides in C): the same file, ANDed with CPUID."""
+    from dsamig.native import native
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor: 0\nflags\t\t: fpu sse2 movdir64b enqcmd\n"
+                     "processor: 1\nflags\t\t: fpu\n")
+    seen = native.dsa_cpu_features(str(flags))
+    assert seen["kernel"] == {"enqcmd": True, "movdir64b": True, "waitpkg": False}
+    for name in ("enqcmd", "movdir64b", "waitpkg"):
+        assert seen[name] == (seen["cpuid"][name] and seen["kernel"][name])
+    missing = native.dsa_cpu_features(str(tmp_path / "absent"))
+    assert missing["kernel"] is None and missing["kernel-error"]
+    assert not (missing["enqcmd"] or missing["movdir64b"] or missing["waitpkg"])
 
 
 async def test_engine_selection_with_a_fake_tree(tmp_path) -> None:
@@ -183,6 +239,32 @@ async def test_engine_selection_with_a_fake_tree(tmp_path) -> None:
         create_engine("dsa", dsa=DsaConfig(wqs=[str(tmp_path)], sysfs_root=sysfs, dev_root=dev))
     with pytest.raises(ConfigError, match="not both"):
         create_engine("dsa", dsa=DsaConfig(wqs=["/dev/dsa/wq0.0"], emulate=1))
+
+
+def test_automatic_choice_prefers_shared_queues(tmp_path) -> None:
+    """Only one process can open a dedicated WQ: chosen automatically, the
+    shared ones are taken when there are any."""
+    from dsamig.engine.select import resolve_dsa
+
+    sysfs, dev = make_tree(
+        tmp_path,
+        {"wq0.0": {"mode": "dedicated", "threshold": "0"}, "wq0.1": {}},
+        nodes={"wq0.0": "char", "wq0.1": "char"},
+    )
+    specs, reason = resolve_dsa(DsaConfig(sysfs_root=sysfs, dev_root=dev))
+    assert specs is not None and [s["path"] for s in specs] == [os.path.join(dev, "wq0.1")]
+    assert "dedicated WQs left alone" in reason and "wq0.0" in reason
+    # Asked for by path, a dedicated WQ is used.
+    specs, _ = resolve_dsa(DsaConfig(wqs=[os.path.join(dev, "wq0.0")], sysfs_root=sysfs,
+                                     dev_root=dev))
+    assert specs is not None and specs[0]["mode"] == "dedicated"
+    # With only dedicated ones, those.
+    (tmp_path / "only").mkdir()
+    only, onlydev = make_tree(tmp_path / "only", {"wq1.0": {"mode": "dedicated"}},
+                              {"dsa1": {}}, nodes={"wq1.0": "char"})
+    specs, reason = resolve_dsa(DsaConfig(sysfs_root=only, dev_root=onlydev))
+    assert specs is not None and specs[0]["mode"] == "dedicated"
+    assert "left alone" not in reason
 
 
 async def test_auto_picks_emulated_queues_when_asked() -> None:
@@ -218,6 +300,22 @@ def test_config_from_a_job_mapping() -> None:
                       ({"timeout-s": "1"}, "timeout-s"), ({"emulate": 99}, "emulate")]:
         with pytest.raises(ConfigError, match=word):
             DsaConfig.from_mapping(bad)
+
+
+def test_emulated_kernel_and_model_in_a_job_mapping() -> None:
+    config = DsaConfig.from_mapping({"emulate": {
+        "count": 1, "model": "dsa2", "kernel-mmap": "eperm", "kernel-write": False,
+        "foreign-mm": True}})
+    assert (config.emulate_model, config.emulate_kernel_mmap) == ("dsa2", "eperm")
+    assert config.emulate_kernel_write is False and config.emulate_foreign_mm is True
+    [spec] = config.core_specs()
+    assert (spec["model"], spec["kernel_mmap"], spec["kernel_write"], spec["foreign_mm"]) == (
+        "dsa2", "eperm", False, True)
+    assert DsaConfig.from_mapping(config.to_mapping()) == config
+    for bad, word in [({"model": "dsa3"}, "dsa1 or dsa2"), ({"kernel-mmap": "no"}, "eperm"),
+                      ({"kernel-write": "yes"}, "true or false")]:
+        with pytest.raises(ConfigError, match=word):
+            DsaConfig.from_mapping({"emulate": {"count": 1, **bad}})
 
 
 def test_dsa_list_here_exits_zero_and_says_so() -> None:

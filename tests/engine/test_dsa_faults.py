@@ -25,6 +25,8 @@ from tests.engine.dsa_helpers import (
     oracle,
     requires_native,
     run_core,
+    settled,
+    workload,
 )
 
 pytestmark = requires_native
@@ -44,13 +46,6 @@ def make_core():
     yield make
     for c in cores:
         c.close()
-
-
-def workload(n: int = 12) -> list[bytearray]:
-    """Batches of crafted pages, sizes around the sender's 1024-page chunk,
-    some with a short last page."""
-    return [crafted_pages(1024 + (i % 3) * 37, seed=i, short_tail=(0, 100, 4095)[i % 3])
-            for i in range(n)]
 
 
 def test_page_faults(make_core) -> None:
@@ -100,40 +95,78 @@ def test_hardware_errors(make_core) -> None:
     injected = device_total(c, "hw-errors-injected")
     assert injected >= 2
     assert stats["errors"] == injected
-    # A hardware error takes the WQ out of service: the rest goes to the CPU.
-    wqs = c.wq_stats()
-    assert stats["unhealthy-events"] == sum(not wq["healthy"] for wq in wqs) >= 1
-    assert all("0x20" in wq["reason"] for wq in wqs if not wq["healthy"])
-    assert stats["cpu-fallback-pages"] > injected
+    # A hardware error quarantines the WQ; a NOOP probe re-admits it.
+    wqs = settled(c)
+    assert 1 <= stats["quarantines"] <= injected
+    assert sum(wq["quarantines"] for wq in wqs) == stats["quarantines"]
+    assert stats["readmissions"] >= 1
+    assert all("0x20 (hardware error)" in wq["reason"] for wq in wqs if wq["quarantines"])
+    assert stats["cpu-fallback-pages"] >= injected
+    assert stats["retry-exhausted"] == stats["submit-failures"] == 0
+
+
+def test_a_queue_that_keeps_failing_stays_out(make_core) -> None:
+    """Every COMPVAL fails with a hardware error, every NOOP probe succeeds:
+    re-admitted each time, but no clean completion forgives a strike, so
+    the WQ is out after max_strikes, with the reason."""
+    c = make_core(emulated(1, faults={"hw-error": 1.0}), max_strikes=3)
+    for data in workload(4):  # one at a time, so each meets the WQ re-admitted
+        assert_oracle(run_core(c, [data]), [data])
+        settled(c)
+    [wq] = c.wq_stats()
+    assert wq["state"] == "out" and not wq["healthy"]
+    assert wq["reason"].startswith("out after 3 failures in a row, the last: ")
+    assert "0x20 (hardware error)" in wq["reason"]
+    stats = c.stats()
+    assert stats["quarantines"] == stats["readmissions"] == 2 and stats["wqs-out"] == 1
+    # Out for good: later batches go to the CPU without touching the device.
+    executed = device_total(c, "executed")
+    more = crafted_pages(300, seed=6)
+    assert_oracle(run_core(c, [more]), [more])
+    assert device_total(c, "executed") == executed
 
 
 def test_hang_is_bounded_by_the_timeout(make_core) -> None:
-    timeout_s = 0.3
-    c = make_core(emulated(1, faults={"hang": 1.0}), timeout_s=timeout_s)
+    timeout_s = 0.2
+    # Probed at configure, a WQ where nothing completes is left out at once.
+    with pytest.raises(OSError, match=r"emulated:0: a NOOP submitted with ENQCMD did not "
+                                      r"complete in 0\.2 s"):
+        make_core(emulated(1, faults={"hang": 1.0}), timeout_s=timeout_s)
+    c = make_core(emulated(1, faults={"hang": 1.0}), timeout_s=timeout_s, probe=False,
+                  max_strikes=3)
     data = crafted_pages(256, seed=5)
     start = time.monotonic()
     assert_oracle(run_core(c, [data], timeout_s=10), [data])
     elapsed = time.monotonic() - start
     assert timeout_s <= elapsed < timeout_s + 1.0
     stats = c.stats()
-    assert stats["timeouts"] == device_total(c, "hangs-injected") == 2
+    assert stats["timeouts"] == 2
     assert stats["cpu-fallback-pages"] == 256
-    assert stats["quarantined"] == 1  # its records stay untouchable until cleanup
-    [wq] = c.wq_stats()
-    assert not wq["healthy"] and "did not complete" in wq["reason"]
+    assert stats["held"] == 1  # its records stay untouchable until cleanup
+    # Quarantined; its probes never complete either, so it ends out.
+    [wq] = settled(c)
+    assert wq["state"] == "out" and "a NOOP probe did not complete in 0.2 s" in wq["reason"]
+    stats = c.stats()
+    assert stats["quarantines"] == 1 and stats["readmissions"] == 0
+    assert stats["probe-timeouts"] == stats["probe-failures"] == 2
+    assert device_total(c, "hangs-injected") == stats["timeouts"] + stats["probe-timeouts"]
     # The WQ gets no more work; the job goes on, on the CPU.
     more = crafted_pages(300, seed=6)
     start = time.monotonic()
     assert_oracle(run_core(c, [more]), [more])
     assert time.monotonic() - start < timeout_s
-    assert device_total(c, "hangs-injected") == 2
+    assert device_total(c, "hangs-injected") == 4
 
 
 def test_some_hangs_among_many(make_core) -> None:
     c = make_core(emulated(2, faults={"hang": 0.05, "seed": 7}), timeout_s=0.2)
     buffers = workload(8)
     assert_oracle(run_core(c, buffers), buffers)
-    assert c.stats()["timeouts"] == device_total(c, "hangs-injected") >= 1
+    settled(c)
+    stats = c.stats()
+    assert stats["timeouts"] >= 1
+    # Every hang is a unit's timeout or a probe's, nothing else.
+    assert device_total(c, "hangs-injected") == stats["timeouts"] + stats["probe-timeouts"]
 
 
 def test_shared_queue_full_retries(make_core) -> None:
@@ -148,17 +181,26 @@ def test_shared_queue_full_retries(make_core) -> None:
 
 
 def test_submission_gives_up_after_bounded_retries(make_core) -> None:
-    c = make_core(emulated(1, faults={"wq-full": 1.0}), submit_attempts=4)
+    # A WQ that refuses everything fails its probe at configure.
+    with pytest.raises(OSError, match="a NOOP was refused 4 times: the shared WQ stays full"):
+        make_core(emulated(1, faults={"wq-full": 1.0}), submit_attempts=4)
+    c = make_core(emulated(1, faults={"wq-full": 1.0}), submit_attempts=4, probe=False,
+                  max_strikes=3)
     data = crafted_pages(512, seed=9)
     start = time.monotonic()
     assert_oracle(run_core(c, [data]), [data])
     assert time.monotonic() - start < 1.0
     stats = c.stats()
-    assert stats["submit-failures"] == 1
-    assert stats["submit-retries"] == 4
+    # An exhausted retry budget is not a device error: counted apart.
+    assert stats["retry-exhausted"] == 1 and stats["submit-failures"] == stats["errors"] == 0
     assert stats["cpu-fallback-pages"] == 512
-    [wq] = c.wq_stats()
-    assert not wq["healthy"] and "submission failed" in wq["reason"]
+    [wq] = settled(c)
+    assert wq["retry-exhausted"] == 1 and wq["quarantines"] == 1
+    # The probes are refused too: out after max_strikes, saying so.
+    assert wq["state"] == "out" and "refused a NOOP probe" in wq["reason"]
+    assert wq["probe-failures"] == 2
+    # Every "full" answer is counted: the job's four and the two probes'.
+    assert c.stats()["submit-retries"] == device_total(c, "refused") == 4 + 2
 
 
 def test_dedicated_queue_drops_are_timeouts(make_core) -> None:
@@ -193,8 +235,9 @@ def test_dead_completion_thread(make_core) -> None:
     after = [crafted_pages(500, seed=13), crafted_pages(33, seed=14)]
     assert_oracle(run_core(c, after), after)
     stats = c.stats()
-    assert stats["unhealthy-events"] == 2
-    assert all("completion thread" in wq["reason"] for wq in c.wq_stats())
+    assert stats["wqs-out"] == 2
+    assert all(wq["state"] == "out" and "completion thread" in wq["reason"]
+               for wq in c.wq_stats())
     assert stats["cpu-fallback-pages"] == 533
     c.stop()  # joins the thread that already exited
     assert not c.is_running
@@ -243,15 +286,19 @@ async def test_through_the_asyncio_engine() -> None:
         )
         for data, result in zip(buffers, results, strict=True):
             assert (result.bitmaps, result.zero_pages) == oracle(data)
+        settled(engine._core)
         stats = engine.stats()
         assert stats["backend"] == "dsa" and stats["submission"] == "emulated"
         assert stats["pages"] == sum(-(-len(b) // PAGE) for b in buffers)
         assert stats["engine-batches"] == len(buffers)
-        for key in ("wqs", "descriptors", "batches", "submit-retries", "page-faults",
-                    "cpu-fallback-pages", "timeouts", "errors", "completion-thread-cpu-s"):
+        for key in ("wqs", "descriptors", "batches", "submit-retries", "retry-exhausted",
+                    "page-faults", "cpu-fallback-pages", "timeouts", "errors", "quarantines",
+                    "readmissions", "probe-failures", "wqs-out", "held",
+                    "completion-thread-cpu-s"):
             assert key in stats
         assert stats["page-faults"] == sum(w["device"]["faults-injected"] for w in stats["wqs"])
-        assert stats["timeouts"] == sum(w["device"]["hangs-injected"] for w in stats["wqs"])
+        hangs = sum(w["device"]["hangs-injected"] for w in stats["wqs"])
+        assert hangs == stats["timeouts"] + stats["probe-timeouts"]
     finally:
         engine.close()
 
