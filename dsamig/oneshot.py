@@ -27,6 +27,7 @@ from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import Sender, SendOptions, send_image
+from dsamig.units import rate_unit
 
 T = TypeVar("T")
 
@@ -88,7 +89,8 @@ class SendCommand:
 
         def show_progress(sender: Sender) -> None:
             nonlocal bar
-            bar = ProgressBar(sender.stats)
+            cap = getattr(self.options.pacer, "rate", None)
+            bar = ProgressBar(sender.stats, unit=rate_unit(cap), cap=cap)
             bar.start()
 
         try:

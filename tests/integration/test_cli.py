@@ -77,6 +77,14 @@ def test_version_and_help() -> None:
     assert helped.returncode == 0 and "--channels" in helped.stdout
 
 
+def test_ambiguous_bandwidth_is_refused_with_both_readings(tmp_path) -> None:
+    refused = dsamig("send", str(tmp_path / "x"), "--to", "127.0.0.1:1", "--max-bandwidth",
+                     "100mb")
+    assert refused.returncode == 2
+    assert "is ambiguous" in refused.stderr
+    assert "100Mbit/s for 100 megabits per second, or 100MB/s" in refused.stderr
+
+
 def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
     """On a terminal, send draws a progress bar (bytes, rate, ETA) and a table."""
     import pty
@@ -89,7 +97,7 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dsamig", "send", image, "--to",
-             f"127.0.0.1:{receiver.port}", "--max-bandwidth", "8MiB"],
+             f"127.0.0.1:{receiver.port}", "--max-bandwidth", "64Mbit/s"],
             stdout=terminal, stderr=terminal, close_fds=True,
         )
         os.close(terminal)
@@ -108,5 +116,7 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
         os.close(controller)
         receiver.kill()
     text = seen.decode(errors="replace")
-    assert "] " in text and "/s" in text and "ETA" in text  # [#####    ] 3.0 MiB / 6.0 MiB ...
+    assert "] " in text and "ETA" in text  # [#####    ] 3.0 MiB / 6.0 MiB ...
+    # The rate is shown in the unit of the cap, with the cap beside it.
+    assert "Mbit/s (cap 64.0 Mbit/s)" in text
     assert "dsamig sender" in text and "completed" in text
