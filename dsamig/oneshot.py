@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from dsamig.errors import EXIT_OK, EXIT_TRANSFER, DsamigError, SinkError
+from dsamig.logs import loop_exception_handler
 from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import Hello
@@ -38,9 +39,11 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     Everything allocated so far (modules, classes) goes to the permanent GC
     generation: the transfer makes many short-lived objects per packet and
     none of them form cycles, so full collections would only rescan imports.
+    What the loop reports goes through the logger (one event, no traceback).
     """
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.get_loop().set_exception_handler(loop_exception_handler)
         return runner.run(coro)
 
 

@@ -92,8 +92,14 @@ class SenderDaemon(Daemon):
             channels=spec.channels, peer=f"{spec.host}:{spec.port}", on_change=self.job_changed,
         )
         self.registry.add(record)
-        self.queue.append(SendingJob(record, spec, TokenBucket()))
+        job = SendingJob(record, spec, TokenBucket())
+        self.queue.append(job)
+        log = get_logger(role=self.role, job=str(record.id), name=record.name)
+        log.info("job submitted", source=spec.source, destination=record.peer,
+                 channels=spec.channels, image_bytes=size, max_bandwidth=spec.max_bandwidth)
         self._schedule()
+        if any(queued is job for queued in self.queue):
+            log.info("job queued", reason=self.queue_reason(job), position=len(self.queue))
         return record.summary()
 
     def _check_source(self, source: str) -> int:
@@ -135,10 +141,24 @@ class SenderDaemon(Daemon):
             if self.channels_in_use() + head.spec.channels > limits.max_channels:
                 break
             self.queue.popleft()
+            get_logger(role=self.role, job=str(head.record.id), name=head.record.name).info(
+                "job started", running=len(self.running) + 1,
+                channels_in_use=self.channels_in_use() + head.spec.channels)
             self.running[head.record.id] = head
             head.task = asyncio.ensure_future(self._run(head))
             head.task.add_done_callback(functools.partial(self._reap_task, head))
         self._rebalance()
+
+    def queue_reason(self, job: SendingJob) -> str:
+        """Why ``job`` waits in the queue, in words."""
+        limits = self.config.limits
+        ahead = next((i for i, queued in enumerate(self.queue) if queued is job), 0)
+        if ahead:
+            return f"{ahead} earlier job(s) wait first (the queue is first in, first out)"
+        if len(self.running) >= limits.max_jobs:
+            return f"max_jobs {limits.max_jobs} jobs are running"
+        return (f"its {job.spec.channels} channels do not fit: {self.channels_in_use()} of "
+                f"max_channels {limits.max_channels} in use")
 
     def _rebalance(self) -> None:
         jobs = list(self.running.values())

@@ -173,7 +173,7 @@ def test_second_sigint_skips_the_drain(directory: str, image_factory) -> None:
         assert sender.stop(signal.SIGINT) == 0
         assert time.monotonic() - began < 5
         finished = [e for e in sender.log_events() if e.get("event") == "job finished"]
-        assert finished[0]["status"] == "cancelled" and "forced" in finished[0]["error-desc"]
+        assert finished[0]["status"] == "cancelled" and "forced" in finished[0]["reason"]
         assert receiver.wait_job(job["id"])["status"] == "cancelled"
         assert os.listdir(storage) == []
     finally:
