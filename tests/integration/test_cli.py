@@ -66,9 +66,52 @@ def test_human_summary(tmp_path, image_factory) -> None:
 def test_demo_runs_with_no_arguments_needed() -> None:
     result = dsamig("demo", "--size", "16MiB", "--json")
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(result.stdout)  # one document, nothing else
     assert summary["identical"] is True
     assert summary["receiver"]["status"] == "completed"
+    assert summary["sender"]["status"] == "completed"
+    assert summary["sender"]["normal"] == summary["receiver"]["normal"] == summary[
+        "normal-pages"]
+    assert summary["image"] is None  # nothing kept without --workdir
+
+
+def test_demo_workdir_keeps_the_image(tmp_path) -> None:
+    workdir = tmp_path / "demo"
+    result = dsamig("demo", "--size", "4MiB", "--workdir", str(workdir), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    image, copy = workdir / "dsamig-demo.img", workdir / "dsamig-demo.received.img"
+    assert (summary["image"], summary["copy"]) == (str(image), str(copy))
+    assert image.read_bytes() == copy.read_bytes() and image.stat().st_size == 4 * 1024 * 1024
+    again = dsamig("demo", "--size", "1MiB", "--workdir", str(workdir))
+    assert again.returncode == 0, again.stderr
+    assert f"kept: {image}" in again.stdout and image.stat().st_size == 1024 * 1024
+
+
+def test_make_image(tmp_path) -> None:
+    path = tmp_path / "guest.ram"
+    made = dsamig("make-image", str(path), "--size", "8MiB", "--zero-ratio", "0.75",
+                  "--seed", "3", "--json")
+    assert made.returncode == 0, made.stderr
+    figures = json.loads(made.stdout)
+    assert figures["zero-pages"] + figures["normal-pages"] == 2048
+    assert 0.6 < figures["zero-pages"] / 2048 < 0.9
+    data = path.read_bytes()
+    zero_pages = sum(1 for i in range(0, len(data), 4096) if not any(data[i:i + 4096]))
+    assert zero_pages == figures["zero-pages"]
+    # The same seed gives the same image; an existing file is kept unless --force.
+    kept = dsamig("make-image", str(path), "--size", "8MiB", "--seed", "4")
+    assert kept.returncode == 3 and "exists (--force replaces it)" in kept.stderr
+    assert path.read_bytes() == data
+    other = tmp_path / "again.ram"
+    assert dsamig("make-image", str(other), "--size", "8MiB", "--zero-ratio", "0.75",
+                  "--seed", "3").returncode == 0
+    assert other.read_bytes() == data
+    none = dsamig("make-image", str(path), "--size", "1MiB", "--zero-ratio", "0", "--force",
+                  "--json")
+    assert json.loads(none.stdout)["zero-pages"] == 0
+    bad = dsamig("make-image", str(path), "--zero-ratio", "1.5")
+    assert bad.returncode == 2 and "not between 0 and 1" in bad.stderr
 
 
 def test_version_and_help() -> None:

@@ -82,8 +82,9 @@ def test_start_status_stop_through_the_cli(pair: Pair, image_factory, tmp_path) 
     job_file = write_job(str(tmp_path), "cli-job", image, pair.receiver.port, channels=3)
     started = dsamig("start", job_file, "--socket", pair.sender.socket, "--wait", "--json")
     assert started.returncode == 0, started.stderr
-    job_id, final = started.stdout.splitlines()[0], json.loads(started.stdout.splitlines()[-1])
-    assert final["id"] == job_id and final["status"] == "completed"
+    final = json.loads(started.stdout)  # one JSON object and nothing else
+    job_id = final["id"]
+    assert final["status"] == "completed" and final["name"] == "cli-job"
     assert (final["duplicate"], final["normal"]) == (zero, normal)
     assert read_bytes(os.path.join(pair.storage, "cli-job")) == read_bytes(image)
 
@@ -109,6 +110,61 @@ def test_start_status_stop_through_the_cli(pair: Pair, image_factory, tmp_path) 
     assert "already completed" in stopped.stderr
     missing = dsamig("status", "no-such-job", "--socket", pair.sender.socket)
     assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+
+def test_json_means_pure_json(pair: Pair, image_factory, tmp_path) -> None:
+    """start --json prints one object; status --json has the daemon's state too."""
+    image, _, _ = image_factory(MiB, seed=12)
+    job_file = write_job(str(tmp_path), "json-only", image, pair.receiver.port)
+    started = dsamig("start", job_file, "--socket", pair.sender.socket, "--json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)
+    assert job["name"] == "json-only" and job["id"] and "created" in job
+    pair.sender.wait_job(job["id"])
+    status = dsamig("status", "--socket", pair.sender.socket, "--json")
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert set(state) == {"daemon", "jobs"}
+    daemon = state["daemon"]
+    assert daemon["role"] == "sender" and daemon["state"] == "running"
+    for key in ("rate-bytes-per-second", "limits", "queued", "running", "job-rates"):
+        assert key in daemon, key
+    assert job["id"] in {j["id"] for j in state["jobs"]}
+    assert all("total-time" in j for j in state["jobs"])  # the full job objects
+
+
+def test_jobs_never_cuts_a_name(pair: Pair, image_factory, tmp_path) -> None:
+    image, _, _ = image_factory(MiB, seed=13)
+    name = "vm-" + "0123456789abcdef" * 4 + "-memory-snapshot"
+    job = ok(pair.sender.socket, "job-start", job_document(name, image, pair.receiver.port))
+    pair.sender.wait_job(job["id"])
+    listing = dsamig("jobs", "--socket", pair.sender.socket)
+    assert listing.returncode == 0, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if job["id"] in line)
+    assert f"  {name}  " in line
+    header = listing.stdout.splitlines()[0]
+    # The columns stay aligned: STATUS starts where the status of every row starts.
+    assert line.index("completed") == header.index("STATUS")
+    # What the user copies from the listing names the job.
+    assert dsamig("status", name, "--socket", pair.sender.socket).returncode == 0
+
+
+def test_a_closed_pipe_ends_quietly(pair: Pair) -> None:
+    """`dsamig jobs | head -0`: the reader is gone before we write; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    for command in (["jobs", "--socket", pair.sender.socket],
+                    ["status", "--socket", pair.sender.socket, "--json"],
+                    ["--help"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([sys.executable, "-m", "dsamig", *command], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (0, ""), command
 
 
 async def test_many_concurrent_jobs(pair: Pair, image_factory) -> None:
