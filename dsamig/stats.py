@@ -89,6 +89,13 @@ class JobStats:
     threads: dict[str, float] = field(default_factory=dict)
     earlier_transferred: int = 0  # bytes of connections closed before a reconnect
     extra: dict[str, Any] = field(default_factory=dict)  # more figures for to_dict
+    # The share of duplicate / normal / normal_bytes / done_bytes that describes
+    # packets the receiver already held when the job resumed: the job's own
+    # figures cover the whole image, a daemon's counters only what it moved.
+    reused_zero_pages: int = 0
+    reused_normal_pages: int = 0
+    reused_normal_bytes: int = 0
+    reused_bytes: int = 0
 
     @property
     def transferred(self) -> int:
@@ -145,6 +152,10 @@ class JobStats:
             "thread-cpu-s": self.threads,
         }
         out.update(self.extra)
+        if self.reused_bytes or self.reused_zero_pages or self.reused_normal_pages:
+            out["reused"] = {"bytes": self.reused_bytes, "zero-pages": self.reused_zero_pages,
+                             "normal-pages": self.reused_normal_pages,
+                             "normal-bytes": self.reused_normal_bytes}
         if self.error is not None:
             out["error-desc"] = self.error
         return out

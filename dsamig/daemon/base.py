@@ -39,7 +39,14 @@ from dsamig.control.protocol import (
     ErrorClass,
 )
 from dsamig.control.server import ControlServer, Handler, expect_keys
-from dsamig.daemon.metrics import Figures, MetricsServer, Snapshot, Totals
+from dsamig.daemon.metrics import (
+    Figures,
+    JobSeries,
+    MetricsServer,
+    Snapshot,
+    Totals,
+    reconnects_of,
+)
 from dsamig.daemon.sdnotify import Notifier
 from dsamig.errors import EXIT_OK, ConfigError
 from dsamig.jobs.config import DaemonConfig
@@ -100,6 +107,7 @@ class Daemon(ABC):
         self.force_exit = False
         self.stopping = False
         self.started_mono = time.monotonic()
+        self.started_wall = time.time()
         self._reload_requested = False
         self._wake: asyncio.Event | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -165,6 +173,28 @@ class Daemon(ABC):
 
     def extra_gauges(self) -> dict[str, float]:
         """Role-specific gauges for the metrics endpoint."""
+        return {}
+
+    def job_series(self) -> list[JobSeries]:
+        """Per-job metrics of the running jobs, oldest first."""
+        out = []
+        for record in sorted(self.registry, key=lambda r: r.created_at):
+            stats = record.stats
+            if record.finished or stats is None:
+                continue
+            fields: dict[str, Any] = {
+                "name": record.name, "peer": record.peer,
+                "image_bytes": stats.done_bytes - stats.reused_bytes,
+                "transferred": stats.transferred,
+                "remaining": max(stats.total - stats.done_bytes, 0),
+                "channels": len(stats.channels), "reconnects": reconnects_of(stats),
+            }
+            fields.update(self.job_series_extra(record))
+            out.append(JobSeries(**fields))
+        return out
+
+    def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
+        """Role-specific fields of a running job's :class:`JobSeries`."""
         return {}
 
     def bandwidth_limit(self) -> float | None:
@@ -507,14 +537,13 @@ class Daemon(ABC):
         return Snapshot(
             role=self.role,
             version=__version__,
-            uptime_s=time.monotonic() - self.started_mono,
+            start_time_s=self.started_wall,
             jobs_by_state=self.registry.counts(),
             finished=dict(self.totals.finished),
             figures=self.totals.figures.plus(self.live_figures()),
-            rate_bytes_per_s=self._image_rate.rate,
-            wire_rate_bytes_per_s=self._wire_rate.rate,
             bandwidth_limit=self.bandwidth_limit(),
             extra_gauges=self.extra_gauges(),
+            jobs=self.job_series(),
         )
 
 

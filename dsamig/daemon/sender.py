@@ -272,8 +272,15 @@ class SenderDaemon(Daemon):
                     engine = sender.engine.stats()
                 except Exception:  # closing under us: its final figures come with the record
                     engine = {}
-            live.add(sender.stats, engine)
+            live.add(sender.stats, engine, sessions=sender.sessions)
         return live
+
+    def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
+        job = self.running.get(record.id)
+        if job is None or job.sender is None:
+            return {}
+        return {"reconnects": max(job.sender.sessions - 1, 0),
+                "bandwidth_limit": job.pacer.rate}
 
     def status_line(self) -> str:
         prefix = "stopping: " if self.stopping else ""
@@ -298,7 +305,8 @@ class SenderDaemon(Daemon):
         return self.config.limits.max_bandwidth
 
     def extra_gauges(self) -> dict[str, float]:
-        return {"queued_jobs": len(self.queue), "channels_in_use": self.channels_in_use()}
+        # Queued jobs are dsamig_jobs{state="queued"}: not repeated here.
+        return {"channels_in_use": self.channels_in_use()}
 
     def apply_config(self, old: Any, new: Any) -> None:
         super().apply_config(old, new)

@@ -367,9 +367,11 @@ def test_metrics_endpoint(pair: Pair) -> None:
     assert samples['dsamig_info{role="receiver",version="0.1.0"}'] == 1
     assert samples["dsamig_image_bytes_total"] >= 0
     for name in ("dsamig_transferred_bytes_total", "dsamig_zero_pages_total",
-                 "dsamig_normal_pages_total", "dsamig_image_rate_bytes_per_second",
-                 'dsamig_jobs{state="active"}', 'dsamig_jobs_finished_total{state="completed"}'):
+                 "dsamig_normal_pages_total", "dsamig_reconnects_total",
+                 'dsamig_jobs{state="active"}', 'dsamig_jobs_finished_total{state="completed"}',
+                 "dsamig_channels_in_use"):
         assert name in samples, name
+    assert 0 < time.time() - samples["process_start_time_seconds"] < 3600
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{address}/other", timeout=5)
     assert info.value.code == 404
