@@ -170,8 +170,12 @@ class DemoCommand:
         image = os.path.join(directory, DEMO_IMAGE)
         dest = os.path.join(directory, DEMO_COPY)
         for old in (image, dest):  # the demo's own files from an earlier run
-            if os.path.lexists(old):
+            try:
                 os.unlink(old)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise SinkError(f"cannot replace {old!r}: {exc.strerror or exc}") from None
         t0 = time.monotonic()
         zero, normal = generate_image(image, self.size)
         self._say(

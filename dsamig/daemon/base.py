@@ -113,7 +113,6 @@ class Daemon(ABC):
         self._follower: asyncio.Task[None] | None = None
         self._last_ping = 0.0
         self._image_rate = RateMeter()
-        self._wire_rate = RateMeter()
 
     @property
     def log(self) -> Any:
@@ -340,7 +339,6 @@ class Daemon(ABC):
             self.registry.purge()
             figures = self.totals.figures.plus(self.live_figures())
             self._image_rate.update(figures.image_bytes)
-            self._wire_rate.update(figures.transferred)
             self.notifier.status(self.status_line())
         except Exception:
             self.log.exception("daemon tick failed")

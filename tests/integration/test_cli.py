@@ -86,6 +86,12 @@ def test_demo_workdir_keeps_the_image(tmp_path) -> None:
     again = dsamig("demo", "--size", "1MiB", "--workdir", str(workdir))
     assert again.returncode == 0, again.stderr
     assert f"kept: {image}" in again.stdout and image.stat().st_size == 1024 * 1024
+    # Only the demo's own files are replaced, and only files.
+    blocked = tmp_path / "blocked"
+    (blocked / "dsamig-demo.img").mkdir(parents=True)
+    refused = dsamig("demo", "--size", "1MiB", "--workdir", str(blocked))
+    assert refused.returncode == 3 and "cannot replace" in refused.stderr
+    assert (blocked / "dsamig-demo.img").is_dir()
 
 
 def test_make_image(tmp_path) -> None:
