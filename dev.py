@@ -2,7 +2,10 @@
 """Set up a virtual environment and run dsamig's demo or test suite.
 
     python3 dev.py demo      # build, install, run ``dsamig demo``
-    python3 dev.py test      # build, install with test tools, run lint, types, tests
+    python3 dev.py test      # build, install with test tools, run lint, types, tests,
+                             # then the package check below
+    python3 dev.py package   # build the sdist, install it into a fresh venv (a wheel
+                             # is built from it) and run ``dsamig demo`` from there
 
 Needs only Python 3.11+, pip and a C compiler: everything else (Cython, uvloop,
 pytest, ...) is installed into ``.venv`` from the package index, and the two
@@ -12,10 +15,13 @@ are missing and we may.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import venv
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +31,8 @@ BIN = os.path.join(VENV, "bin")
 
 def run(*cmd: str, **kwargs: object) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+    kwargs.setdefault("cwd", ROOT)
+    subprocess.run(cmd, check=True, **kwargs)  # type: ignore[call-overload]
 
 
 def setup(extras: str) -> None:
@@ -58,6 +65,52 @@ def system_tools() -> None:
     run(*sudo, "apt-get", "install", "-y", "-qq", *missing, env=env, stdout=subprocess.DEVNULL)
 
 
+# Sources the sdist must carry: everything under these directories with these
+# endings, less what a build generates.
+SOURCE_DIRS = ("dsamig", "cython")
+SOURCE_ENDINGS = (".py", ".pyi", ".pyx", ".pxd", ".c", ".h", "py.typed")
+GENERATED = ("cython/_native.c",)
+
+
+def check_sdist(sdist: str) -> None:
+    """Fail unless ``sdist`` holds every source file of the tree."""
+    with tarfile.open(sdist) as tar:
+        inside = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    missing = []
+    for top in SOURCE_DIRS:
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in files:
+                path = os.path.relpath(os.path.join(folder, name), ROOT)
+                if name.endswith(SOURCE_ENDINGS) and path not in GENERATED and path not in inside:
+                    missing.append(path)
+    if missing:
+        sys.exit(f"the sdist {os.path.basename(sdist)} lacks: {', '.join(sorted(missing))} "
+                 "(see MANIFEST.in)")
+
+
+def package() -> None:
+    """Build the sdist, install it into a fresh venv (pip builds the wheel from
+    it) and run the demo from outside the tree: what a user's install does."""
+    py = os.path.join(BIN, "python")
+    with tempfile.TemporaryDirectory(prefix="dsamig-package-") as tmp:
+        dist = os.path.join(tmp, "dist")
+        run(py, "-m", "build", "--sdist", "--outdir", dist, ".", stdout=subprocess.DEVNULL)
+        (sdist,) = glob.glob(os.path.join(dist, "*.tar.gz"))
+        check_sdist(sdist)
+        env = os.path.join(tmp, "venv")
+        venv.EnvBuilder(with_pip=True).create(env)
+        env_py = os.path.join(env, "bin", "python")
+        clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DSAMIG_SOCKET")}
+        # From the sdist alone: a file it lacks fails the wheel build here.
+        run(env_py, "-m", "pip", "install", "--quiet", sdist, cwd=tmp, env=clean)
+        # The extension must be the one built from the sdist, not the tree's.
+        run(env_py, "-c", "import dsamig._native, sys; "
+            "assert dsamig._native.__file__.startswith(sys.prefix), dsamig._native.__file__",
+            cwd=tmp, env=clean)
+        run(os.path.join(env, "bin", "dsamig"), "demo", "--size", "64MiB", cwd=tmp, env=clean)
+
+
 def main() -> int:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "demo":
@@ -71,6 +124,11 @@ def main() -> int:
         run(py, "-m", "mypy")
         system_tools()
         run(py, "-m", "pytest", *sys.argv[2:])
+        package()
+        return 0
+    if what == "package":
+        setup("[test]")
+        package()
         return 0
     print(__doc__)
     return 2

@@ -7,13 +7,25 @@ object (``dsamig.oneshot``, ``dsamig.demo``) and returns its exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from dsamig import __version__
+from dsamig.demo import DEFAULT_ZERO_RATIO
 from dsamig.engine.dsa import DsaConfig, FaultSpec
-from dsamig.errors import EXIT_USAGE, DsamigError
-from dsamig.logs import LEVELS, configure
+from dsamig.errors import (
+    EXIT_CANCELLED,
+    EXIT_HANGUP,
+    EXIT_INTERRUPTED,
+    EXIT_LOCAL_IO,
+    EXIT_NETWORK,
+    EXIT_OK,
+    EXIT_TRANSFER,
+    EXIT_USAGE,
+    DsamigError,
+)
+from dsamig.logs import LEVELS, configure, get_logger
 from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.pacing import TokenBucket
 from dsamig.transport.security import SecurityConfig
@@ -31,9 +43,12 @@ ENGINE_CHOICES = ("auto", "cpu", "dsa", "none")
 
 def _rate(text: str) -> float:
     try:
-        return parse_rate(text)
+        rate = parse_rate(text)
     except DsamigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"bandwidth {text!r} must be more than 0")
+    return rate
 
 
 def _size(text: str) -> int:
@@ -43,19 +58,44 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+EXIT_CODES = (
+    (EXIT_OK, "success (start --wait: the job completed)"),
+    (EXIT_TRANSFER, "the transfer failed (start --wait: the job failed)"),
+    (EXIT_USAGE, "bad arguments or configuration; a control command the daemon refused"),
+    (EXIT_LOCAL_IO, "the image or the destination could not be read or written"),
+    (EXIT_NETWORK, "could not listen or connect (no daemon at the control socket)"),
+    (EXIT_CANCELLED, "start --wait: the job was cancelled"),
+    (EXIT_HANGUP, "the terminal hung up (SIGHUP); start --wait leaves the job running"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C, or SIGTERM for receive)"),
+)
+EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES) + """
+
+examples:
+  dsamig demo                                   # try it: a snapshot over loopback
+  dsamig send guest.ram --to dest:7780          # one-shot transfer
+  dsamig start job.yaml --wait                  # a job on the sender daemon"""
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsamig`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="dsamig",
         description="Move guest-memory snapshots between hosts, skipping zero pages.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"dsamig {__version__}")
-    parser.add_argument("--log-level", choices=LEVELS, default="error",
-                        help="log verbosity on stderr (default: error; errors are also "
-                             "printed as one 'dsamig: error:' line)")
+    parser.add_argument("--version", action="version", version=f"dsamig {__version__}",
+                        help="print the version and exit")
+    _add_log_level(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    send = sub.add_parser("send", help="send an image to a receiver")
+    send = _command(sub, "send", "send an image to a receiver", _examples(
+        "dsamig send /var/lib/vms/guest.ram --to dest-host:7780",
+        "dsamig send guest.ram --to 10.0.0.2:7780 --channels 8 --max-bandwidth 5Gbit/s --json",
+    ))
     send.add_argument("image", help="the image file (or block device) to send")
     send.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address")
     send.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
@@ -80,30 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
                       help="page size, e.g. 4KiB (default)")
     send.add_argument("--name", default="", help="job name shown by the receiver")
-    send.add_argument("--connect-timeout", type=float, default=Timeouts.connect_s, metavar="S")
+    send.add_argument("--connect-timeout", type=float, default=Timeouts.connect_s, metavar="S",
+                      help=f"bound on opening each TCP channel (default {Timeouts.connect_s:g})")
     send.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
-                      help="fail when the receiver makes no progress for S seconds")
+                      help="fail when the receiver makes no progress for S seconds "
+                           f"(default {Timeouts.idle_s:g})")
     send.add_argument("--resume", action="store_true",
                       help="continue an interrupted transfer from what the receiver holds")
     send.add_argument("--retry-for", type=float, default=RETRY_FOR_S, metavar="S",
                       help=f"reconnect a broken transfer for S seconds (default {RETRY_FOR_S:g})")
     send.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
-                      help="limit the page data rate, e.g. 800Mbit or 100MiB")
-    send.add_argument("--json", action="store_true", help="print the job's stats as JSON")
+                      help="cap the page data rate: bits (800Mbit, 10Gbit/s, 100Mbps) or "
+                           "bytes (100MB/s, 1GiB) per second; progress is shown in its unit")
+    send.add_argument("--json", action="store_true",
+                      help="print the job's stats as one JSON object (no progress bar)")
     _add_security_args(send, "sender")
 
-    receive = sub.add_parser("receive", help="receive images into a file")
+    receive = _command(sub, "receive", "receive images into a file", _examples(
+        "dsamig receive --listen 0.0.0.0:7780 --output /var/lib/vms/guest.ram --once",
+        "dsamig receive --listen 127.0.0.1:0 --output copy.img --once --json",
+    ))
     receive.add_argument("--listen", required=True, metavar="HOST:PORT",
                          help="address to listen on (port 0: any free port)")
     receive.add_argument("--output", required=True, metavar="PATH",
                          help="destination file (written as PATH.partial until committed)")
     receive.add_argument("--once", action="store_true", help="exit after the first job")
     receive.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
-                         help="fail a job whose sender is silent for S seconds")
-    receive.add_argument("--json", action="store_true", help="print each job's stats as JSON")
+                         help="fail a job whose sender is silent for S seconds "
+                              f"(default {Timeouts.idle_s:g})")
+    receive.add_argument("--json", action="store_true",
+                         help="print each job's stats as one JSON object")
     _add_security_args(receive, "receiver")
 
-    verify = sub.add_parser("verify", help="compare an image with a received copy")
+    verify = _command(sub, "verify", "compare an image with a received copy", _examples(
+        "dsamig verify /var/lib/vms/guest.ram /mnt/copy/guest.ram",
+        "dsamig verify guest.ram copy.ram --page-size 2MiB --packet-size 2MiB",
+    ))
     verify.add_argument("image", help="the source image")
     verify.add_argument("dest", help="the received copy")
     verify.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
@@ -111,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--packet-size", type=_size, default=DEFAULT_PACKET_SIZE,
                         metavar="SIZE", help="packet size of the job digest (default 512KiB)")
 
-    dsa = sub.add_parser("dsa", help="Intel DSA work queues")
+    dsa = _command(sub, "dsa", "Intel DSA work queues", _examples(
+        "dsamig dsa list", "dsamig dsa list --json"))
     dsa_sub = dsa.add_subparsers(dest="dsa_command", required=True, metavar="COMMAND")
-    dsa_list = dsa_sub.add_parser("list", help="show the work queues and whether they are usable")
+    dsa_list = _command(dsa_sub, "list", "show the work queues and whether they are usable",
+                        _examples("dsamig dsa list", "dsamig dsa list --json | jq .usable"))
     dsa_list.add_argument("--json", action="store_true", help="print as JSON")
-    dsa_check = dsa_sub.add_parser(
-        "check", help="submit NOOP, COMPVAL and BATCH to each usable work queue, verify the "
-                      "results against the CPU, and measure latency and throughput")
+    dsa_check = _command(
+        dsa_sub, "check", "submit NOOP, COMPVAL and BATCH to each usable work queue, verify "
+        "the results against the CPU, and measure latency and throughput",
+        _examples("dsamig dsa check", "dsamig dsa check --wq /dev/dsa/wq0.0 --json",
+                  "dsamig dsa check --emulate 2"))
     dsa_check.add_argument("--json", action="store_true", help="print as JSON")
     dsa_check.add_argument("--wq", action="append", default=[], metavar="PATH",
                            help="check this work queue only (repeatable)")
@@ -128,15 +184,70 @@ def build_parser() -> argparse.ArgumentParser:
     dsa_check.add_argument("--size", type=_size, default=64 << 20, metavar="SIZE",
                            help="bytes for the throughput run (default 64MiB)")
 
-    demo = sub.add_parser("demo", help="generate a snapshot and move it over loopback")
+    demo = _command(sub, "demo", "generate a snapshot and move it over loopback", _examples(
+        "dsamig demo",
+        "dsamig demo --size 1GiB --channels 8 --workdir /var/tmp/dsamig-demo",
+        "dsamig demo --json | jq '.receiver.mbps'",
+    ))
     demo.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
                       help="image size (default 256MiB)")
-    demo.add_argument("--channels", type=int, default=DEFAULT_CHANNELS)
-    demo.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
-    demo.add_argument("--workdir", default=None, help="where to put the image (default /dev/shm)")
-    demo.add_argument("--json", action="store_true", help="print stats as JSON")
+    demo.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
+                      help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
+    demo.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                      help="zero-page detection: auto, cpu, dsa, or none")
+    demo.add_argument("--workdir", default=None, metavar="DIR",
+                      help="keep the image and its copy in DIR (dsamig-demo.img, "
+                           "dsamig-demo.received.img; replaced if there); default: a "
+                           "temporary directory in /dev/shm, removed afterwards")
+    demo.add_argument("--json", action="store_true",
+                      help="print one JSON document: sender and receiver stats, the check")
+
+    make = _command(sub, "make-image", "write a snapshot-like test image", _examples(
+        "dsamig make-image guest.ram --size 1GiB",
+        "dsamig make-image sparse.ram --size 4GiB --zero-ratio 0.9 --seed 7",
+    ))
+    make.add_argument("path", metavar="PATH", help="the image file to write")
+    make.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
+                      help="image size (default 256MiB)")
+    make.add_argument("--zero-ratio", type=_ratio, default=DEFAULT_ZERO_RATIO, metavar="R",
+                      help=f"about this fraction of the pages are zero, 0..1 "
+                           f"(default {DEFAULT_ZERO_RATIO:g})")
+    make.add_argument("--seed", type=int, default=1,
+                      help="the same seed gives the same image (default 1)")
+    make.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    make.add_argument("--json", action="store_true",
+                      help="print the path and page counts as one JSON object")
     _add_service_commands(sub)
     return parser
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str,
+             examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with ``examples``; it takes ``--log-level`` too."""
+    command = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
+                             epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_log_level(command, after_command=True)
+    return command
+
+
+def _add_log_level(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    # SUPPRESS: a subcommand's --log-level only overrides the top level's when given.
+    parser.add_argument(
+        "--log-level", choices=LEVELS, default=argparse.SUPPRESS,
+        help="log verbosity on stderr (default: error; errors are also printed as one "
+             "'dsamig: error:' line)" + ("; for the daemons, as --daemon-log-level"
+                                         if after_command else ""),
+    )
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
 
 
 def _add_security_args(parser: argparse.ArgumentParser, role: str) -> None:
@@ -171,7 +282,10 @@ def _security(args: argparse.Namespace) -> SecurityConfig | None:
 def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The daemons and the commands that talk to them over the control socket."""
     for role in ("receiver", "sender"):
-        daemon = sub.add_parser(role, help=f"run the {role} daemon in the foreground")
+        daemon = _command(sub, role, f"run the {role} daemon in the foreground", _examples(
+            f"dsamig {role} --config /etc/dsamig/{role}.yaml",
+            f"dsamig {role} --config /etc/dsamig/{role}.yaml --check",
+        ))
         daemon.add_argument("--config", required=True, metavar="FILE",
                             help=f"{role} configuration (YAML; see configs/{role}.yaml)")
         daemon.add_argument("--check", action="store_true",
@@ -180,7 +294,10 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                             metavar="LEVEL", help="override the config's log_level")
     socket_help = "the daemon's control socket (default: $DSAMIG_SOCKET, else " \
                   "/run/dsamig/sender.sock)"
-    start = sub.add_parser("start", help="submit a job file to the sender daemon")
+    start = _command(sub, "start", "submit a job file to the sender daemon", _examples(
+        "dsamig start /etc/dsamig/jobs/vm-1234.yaml --wait",
+        "dsamig start vm-1234.yaml --json | jq -r .id",
+    ))
     start.add_argument("job_file", metavar="JOB.yaml", help="the job (see configs/job.yaml)")
     start.add_argument("--socket", metavar="PATH", help=socket_help)
     start.add_argument("--wait", action="store_true",
@@ -188,23 +305,39 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                             "how it ended (0 completed, 1 failed, 5 cancelled); Ctrl-C "
                             "cancels the job")
     start.add_argument("--json", action="store_true",
-                       help="with --wait: print the finished job's stats as JSON")
-    status = sub.add_parser("status", help="show a daemon's jobs, or one job in full")
+                       help="print one JSON object: the submitted job, or with --wait the "
+                            "finished job's stats")
+    status = _command(sub, "status", "show a daemon's jobs, or one job in full", _examples(
+        "dsamig status vm-1234",
+        "dsamig status --json | jq '.daemon.queued, .jobs[].status'",
+    ))
     status.add_argument("job", nargs="?", metavar="JOB", help="job id or name")
     status.add_argument("--socket", metavar="PATH", help=socket_help)
-    status.add_argument("--json", action="store_true", help="print JSON (the --json stats)")
-    stop = sub.add_parser("stop", help="cancel a queued or running job")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON object: the job's stats, or without JOB the "
+                             "daemon's state and every job")
+    stop = _command(sub, "stop", "cancel a queued or running job", _examples(
+        "dsamig stop vm-1234",
+        "dsamig stop 3f0c9a6e-8d4b-4c1e-9a57-1b2f6f1d2e11 --socket /run/dsamig/receiver.sock",
+    ))
     stop.add_argument("job", metavar="JOB", help="job id or name")
     stop.add_argument("--socket", metavar="PATH", help=socket_help)
-    jobs = sub.add_parser("jobs", help="list a daemon's jobs")
+    jobs = _command(sub, "jobs", "list a daemon's jobs", _examples(
+        "dsamig jobs",
+        "dsamig jobs --socket /run/dsamig/receiver.sock --json",
+    ))
     jobs.add_argument("--socket", metavar="PATH", help=socket_help)
-    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.add_argument("--json", action="store_true", help="print one JSON array")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsamig`` console script."""
-    args = build_parser().parse_args(argv)
-    configure(args.log_level)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # `dsamig --help | head -1`
+        _silence_stdout()
+        return EXIT_OK
+    configure(getattr(args, "log_level", "error"))
     try:
         return _dispatch(args)
     except DsamigError as exc:
@@ -212,11 +345,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("dsamig: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`dsamig jobs | head`): what it wanted, it has.
+        _silence_stdout()
+        return EXIT_OK
+    except Exception as exc:  # a bug: one log event and one line, never a bare traceback
+        get_logger(component="cli").exception("internal error", command=args.command)
+        print(f"dsamig: internal error: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        return EXIT_TRANSFER
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dsamig.demo import DemoCommand
+    from dsamig.demo import DemoCommand, MakeImageCommand
     from dsamig.oneshot import ReceiveCommand, SendCommand
 
     if args.command == "send":
@@ -261,6 +412,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return DemoCommand(size=args.size, channels=args.channels, engine=args.engine,
                            as_json=args.json, workdir=args.workdir).run()
+    if args.command == "make-image":
+        return MakeImageCommand(args.path, size=args.size, zero_ratio=args.zero_ratio,
+                                seed=args.seed, force=args.force, as_json=args.json).run()
     if args.command in ("receiver", "sender", "start", "status", "stop", "jobs"):
         return _dispatch_service(args)
     return EXIT_USAGE
@@ -277,7 +431,9 @@ def _dispatch_service(args: argparse.Namespace) -> int:
     from dsamig.daemon import DaemonCommand
 
     if args.command in ("receiver", "sender"):
-        return DaemonCommand(args.command, args.config, log_level=args.daemon_log_level,
+        # An explicit --log-level sets the daemon's level too (the config's otherwise).
+        level = args.daemon_log_level or getattr(args, "log_level", None)
+        return DaemonCommand(args.command, args.config, log_level=level,
                              check_only=args.check).run()
     socket = args.socket or default_socket()
     if args.command == "start":

@@ -12,6 +12,10 @@ EXIT_TRANSFER = 1  # the job ran and failed (peer error, integrity, disconnect)
 EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_LOCAL_IO = 3  # the image or the output cannot be read, created or written
 EXIT_NETWORK = 4  # cannot listen, cannot connect
+EXIT_CANCELLED = 5  # dsamig start --wait: the job was cancelled
+# 128 + the signal's number, as a shell reports a command a signal ended:
+EXIT_HANGUP = 129  # SIGHUP: the terminal went away during a one-shot command
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C) or SIGTERM ended a one-shot command
 
 
 class DsamigError(Exception):

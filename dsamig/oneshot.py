@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from dsamig.errors import EXIT_OK, EXIT_TRANSFER, DsamigError, SinkError
+from dsamig.logs import loop_exception_handler
 from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import Hello
@@ -28,6 +29,7 @@ from dsamig.transport.common import Timeouts, parse_address
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.security import SecurityConfig, is_loopback_host
 from dsamig.transport.sender import Sender, SendOptions, send_image
+from dsamig.units import rate_unit
 
 T = TypeVar("T")
 
@@ -38,9 +40,11 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     Everything allocated so far (modules, classes) goes to the permanent GC
     generation: the transfer makes many short-lived objects per packet and
     none of them form cycles, so full collections would only rescan imports.
+    What the loop reports goes through the logger (one event, no traceback).
     """
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.get_loop().set_exception_handler(loop_exception_handler)
         return runner.run(coro)
 
 
@@ -95,7 +99,8 @@ class SendCommand:
 
         def show_progress(sender: Sender) -> None:
             nonlocal bar
-            bar = ProgressBar(sender.stats)
+            cap = getattr(self.options.pacer, "rate", None)
+            bar = ProgressBar(sender.stats, unit=rate_unit(cap), cap=cap)
             bar.start()
 
         try:

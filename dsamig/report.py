@@ -9,7 +9,7 @@ import time
 from typing import Any, TextIO
 
 from dsamig.stats import JobStats
-from dsamig.units import format_bytes
+from dsamig.units import BYTES, RateUnit, format_bytes, format_rate
 
 
 def print_json(stats: JobStats, stream: TextIO = sys.stdout) -> None:
@@ -55,13 +55,26 @@ def _engine_line(engine: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-class ProgressBar:
-    """``[#####.....] 1.2 GiB / 2.0 GiB  3.4 GiB/s  ETA 0.3 s`` on a terminal."""
+def rate_with_cap(rate: float, unit: RateUnit, cap: float | None) -> str:
+    """``612.3 Mbit/s`` or, capped, ``612.3 Mbit/s (cap 800.0 Mbit/s)``."""
+    text = format_rate(rate, unit)
+    return text if cap is None else f"{text} (cap {format_rate(cap, unit)})"
 
-    def __init__(self, stats: JobStats, stream: TextIO = sys.stderr, interval_s: float = 0.2):
+
+class ProgressBar:
+    """``[#####.....] 1.2 GiB / 2.0 GiB  3.4 GiB/s  ETA 0.3 s`` on a terminal.
+
+    The rate is shown in ``unit``: that of the bandwidth cap when there is one
+    (``800Mbit`` gives ``612.3 Mbit/s``), with the cap beside it.
+    """
+
+    def __init__(self, stats: JobStats, stream: TextIO = sys.stderr, interval_s: float = 0.2,
+                 *, unit: RateUnit = BYTES, cap: float | None = None) -> None:
         self.stats = stats
         self.stream = stream
         self.interval_s = interval_s
+        self.unit = unit
+        self.cap = cap
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -88,11 +101,11 @@ class ProgressBar:
         eta = f"ETA {(total - done) / rate:.1f} s" if rate > 0 else "ETA -"
         return (
             f"[{bar:<30}] {format_bytes(done)} / {format_bytes(self.stats.total)}  "
-            f"{format_bytes(rate)}/s  {eta}   "
+            f"{rate_with_cap(rate, self.unit, self.cap)}  {eta}   "
         )
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            self.stream.write("\r" + " " * 90 + "\r")
+            self.stream.write("\r" + " " * 110 + "\r")
             self.stream.flush()

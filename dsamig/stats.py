@@ -166,6 +166,10 @@ class JobStats:
             "retransmitted-bytes": counters.retransmitted_bytes,
         }
         out.update(self.extra)
+        if counters.reused_bytes:
+            out["reused"] = {"bytes": counters.reused_bytes,
+                             "zero-pages": counters.reused_zero_pages,
+                             "normal-pages": counters.reused_normal_pages}
         if self.error is not None:
             out["error-desc"] = self.error
         return out

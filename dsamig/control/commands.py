@@ -15,17 +15,16 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
 from dsamig.control.client import ControlClient
 from dsamig.control.protocol import EVENT_JOB_STATUS_CHANGE, EVENT_SHUTDOWN
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, ConfigError
+from dsamig.errors import EXIT_CANCELLED, EXIT_OK, EXIT_TRANSFER, ConfigError
 from dsamig.jobs.config import default_control_socket, load_job
-from dsamig.units import format_bytes
+from dsamig.report import rate_with_cap
+from dsamig.units import BYTES, RateUnit, format_bytes, rate_unit
 
-#: ``dsamig start --wait``: the job was cancelled (by an operator or a shutdown).
-EXIT_CANCELLED = 5
 #: How often ``start --wait`` refreshes its progress bar.
 PROGRESS_INTERVAL_S = 0.25
 #: After asking for a cancellation (Ctrl-C during --wait), how long to wait for it.
@@ -78,29 +77,37 @@ def job_table(job: dict[str, Any]) -> str:
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
-    """Many jobs, one line each, for people."""
+    """Many jobs, one line each, for people.
+
+    The name column is as wide as the longest name: a name is what the user
+    pastes into ``dsamig stop``, so it is never cut.
+    """
     if not jobs:
         return "no jobs"
-    lines = [f"{'ID':<36}  {'NAME':<24}  {'STATUS':<10}  {'DONE':>6}  {'SIZE':>10}  ERROR"]
+    width = max(len("NAME"), *(len(job["name"]) for job in jobs))
+    lines = [f"{'ID':<36}  {'NAME':<{width}}  {'STATUS':<10}  {'DONE':>6}  {'SIZE':>10}  ERROR"]
     for job in jobs:
         total = job.get("total", 0)
         done = 1.0 if not total else 1 - job.get("remaining", total) / total
         if job["status"] == "completed":
             done = 1.0
         lines.append(
-            f"{job['id']:<36}  {job['name'][:24]:<24}  {job['status']:<10}  "
+            f"{job['id']:<36}  {job['name']:<{width}}  {job['status']:<10}  "
             f"{done * 100:5.1f}%  {format_bytes(total):>10}  {job.get('error-desc', '')}"
+            .rstrip()
         )
     return "\n".join(lines)
 
 
-def progress_line(job: dict[str, Any], rate: float) -> str:
-    """The ``start --wait`` progress bar for a job summary."""
+def progress_line(job: dict[str, Any], rate: float, unit: RateUnit = BYTES,
+                  cap: float | None = None) -> str:
+    """The ``start --wait`` progress bar for a job summary; the rate in ``unit``
+    (the unit the job's ``max_bandwidth`` was written in)."""
     total = max(job.get("total", 0), 1)
     done = total - job.get("remaining", total)
     bar = "#" * int(min(done / total, 1.0) * 30)
     return (f"[{bar:<30}] {format_bytes(done)} / {format_bytes(job.get('total', 0))}  "
-            f"{format_bytes(rate)}/s  {job['status']:<10}")
+            f"{rate_with_cap(rate, unit, cap)}  {job['status']:<10}")
 
 
 # --- commands -------------------------------------------------------------------------
@@ -120,10 +127,15 @@ class StartCommand:
     wait: bool = False
     as_json: bool = False
     stream: TextIO = sys.stderr
+    _unit: RateUnit = field(default=BYTES, init=False, repr=False)
+    _cap: float | None = field(default=None, init=False, repr=False)
 
     def run(self) -> int:
         """Validate the job file, submit it, maybe wait; the exit code."""
         spec = load_job(self.job_file)
+        # The progress bar shows the rate in the unit the cap was written in.
+        self._unit = rate_unit(spec.max_bandwidth)
+        self._cap = spec.max_bandwidth
         return _run(lambda: self._main(spec.to_document()))
 
     async def _main(self, document: dict[str, Any]) -> int:
@@ -136,8 +148,11 @@ class StartCommand:
                 await client.execute("subscribe", {"events": [EVENT_JOB_STATUS_CHANGE,
                                                               EVENT_SHUTDOWN]})
             job = await client.execute("job-start", document)
-            print(job["id"], flush=True)
+            if not self.as_json:
+                print(job["id"], flush=True)
             if not self.wait:
+                if self.as_json:
+                    print(json.dumps(job), flush=True)
                 return EXIT_OK
             return await self._wait(client, job["id"])
         finally:
@@ -158,7 +173,7 @@ class StartCommand:
             for sig in handled:
                 loop.remove_signal_handler(sig)
             if show_bar:
-                self.stream.write("\r" + " " * 100 + "\r")
+                self.stream.write("\r" + " " * 120 + "\r")
                 self.stream.flush()
         final = await client.execute("query-job", {"id": job_id})
         if self.as_json:
@@ -198,7 +213,7 @@ class StartCommand:
                     if last is not None and now > last[0]:
                         rate = 0.5 * rate + 0.5 * (done - last[1]) / (now - last[0])
                     last = (now, done)
-                    self.stream.write("\r" + progress_line(job, rate))
+                    self.stream.write("\r" + progress_line(job, rate, self._unit, self._cap))
                     self.stream.flush()
             if cancel_deadline is not None and loop.time() > cancel_deadline:
                 return "cancelled"
@@ -206,7 +221,11 @@ class StartCommand:
 
 @dataclass
 class StatusCommand:
-    """``dsamig status [JOB] [--json]``: one job in full, or every job."""
+    """``dsamig status [JOB] [--json]``: one job in full, or the daemon and every job.
+
+    ``--json`` without a job prints ``{"daemon": <query-daemon>, "jobs":
+    [<query-job>, ...]}``: the daemon's state (rates, limits, queue) with the jobs.
+    """
 
     socket: str
     job: str | None = None
@@ -223,10 +242,10 @@ class StatusCommand:
                 print(json.dumps(job) if self.as_json else job_table(job), flush=True)
                 return EXIT_OK
             jobs = await client.execute("query-jobs")
-            if self.as_json:
-                print(json.dumps(jobs), flush=True)
-                return EXIT_OK
             daemon = await client.execute("query-daemon")
+            if self.as_json:
+                print(json.dumps({"daemon": daemon, "jobs": jobs}), flush=True)
+                return EXIT_OK
             counts = ", ".join(f"{n} {s}" for s, n in daemon["jobs"].items() if n)
             print(f"dsamig {daemon['role']} (pid {daemon['pid']}, {daemon['state']}): "
                   f"{counts or 'no jobs'}; {format_bytes(daemon['rate-bytes-per-second'])}/s",

@@ -40,12 +40,19 @@ from dsamig.control.protocol import (
 )
 from dsamig.control.server import ControlServer, Handler, expect_keys
 from dsamig.daemon.checks import Check, check_address_free, check_control_socket, run_checks
-from dsamig.daemon.metrics import Figures, MetricsServer, Snapshot, Totals
+from dsamig.daemon.metrics import (
+    Figures,
+    JobSeries,
+    MetricsServer,
+    Snapshot,
+    Totals,
+    reconnects_of,
+)
 from dsamig.daemon.sdnotify import Notifier
 from dsamig.errors import EXIT_OK, ConfigError
 from dsamig.jobs.config import DaemonConfig
 from dsamig.jobs.model import JobRecord, JobRegistry, JobState
-from dsamig.logs import configure, get_logger
+from dsamig.logs import configure, get_logger, loop_exception_handler
 from dsamig.units import format_bytes
 
 DEFAULT_TICK_S = 0.5
@@ -101,12 +108,12 @@ class Daemon(ABC):
         self.force_exit = False
         self.stopping = False
         self.started_mono = time.monotonic()
+        self.started_wall = time.time()
         self._reload_requested = False
         self._wake: asyncio.Event | None = None
         self._follower: asyncio.Task[None] | None = None
         self._last_ping = 0.0
         self._image_rate = RateMeter()
-        self._wire_rate = RateMeter()
 
     @property
     def log(self) -> Any:
@@ -190,6 +197,28 @@ class Daemon(ABC):
         """Role-specific gauges for the metrics endpoint."""
         return {}
 
+    def job_series(self) -> list[JobSeries]:
+        """Per-job metrics of the running jobs, oldest first."""
+        out = []
+        for record in sorted(self.registry, key=lambda r: r.created_at):
+            stats = record.stats
+            if record.finished or stats is None:
+                continue
+            fields: dict[str, Any] = {
+                "name": record.name, "peer": record.peer,
+                "image_bytes": stats.counters.done_bytes - stats.counters.reused_bytes,
+                "transferred": stats.transferred,
+                "remaining": max(stats.total - stats.counters.done_bytes, 0),
+                "channels": len(stats.channels), "reconnects": reconnects_of(stats),
+            }
+            fields.update(self.job_series_extra(record))
+            out.append(JobSeries(**fields))
+        return out
+
+    def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
+        """Role-specific fields of a running job's :class:`JobSeries`."""
+        return {}
+
     def bandwidth_limit(self) -> float | None:
         """The daemon-wide bandwidth cap, if there is one."""
         return None
@@ -210,6 +239,9 @@ class Daemon(ABC):
     async def serve(self) -> int:
         """startup → main_loop → shutdown; returns the exit code (0 after SIGTERM too)."""
         self._wake = asyncio.Event()
+        # Whatever the loop reports (an unretrieved future, a callback's
+        # error) becomes one log event, not a traceback in the JSON log.
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
         with self._capture_signals():
             try:
                 await self.startup()
@@ -220,7 +252,7 @@ class Daemon(ABC):
             try:
                 if not self.should_exit:
                     self.notifier.ready(self.status_line())
-                    self.log.info("daemon ready", **self.query_daemon_fields())
+                    self.log.info("daemon ready", **self.ready_fields())
                     await self.main_loop()
             finally:
                 await self.shutdown()
@@ -332,7 +364,6 @@ class Daemon(ABC):
             self.registry.purge()
             figures = self.totals.figures.plus(self.live_figures())
             self._image_rate.update(figures.image_bytes)
-            self._wire_rate.update(figures.transferred)
             self.notifier.status(self.status_line())
         except Exception:
             self.log.exception("daemon tick failed")
@@ -411,10 +442,16 @@ class Daemon(ABC):
         changed = [f.name for f in dataclasses.fields(new)
                    if getattr(new, f.name) != getattr(old, f.name)]
         needs_restart = [name for name in changed if name in self.restart_fields]
+        # Each changed key with its old and new value, before those that need
+        # a restart are put back.
+        settings = changed_settings(old, new)
         new = dataclasses.replace(new, **{name: getattr(old, name) for name in needs_restart})
         self.config = new
         self.apply_config(old, new)
         applied = [name for name in changed if name not in needs_restart]
+        for key, before, after in settings:
+            self.log.info("setting changed", key=key, old=before, new=after,
+                          applied=key.split(".")[0] not in needs_restart)
         self.log.info("configuration reloaded", applied=applied, needs_restart=needs_restart)
         if needs_restart:
             self.log.warning("these settings change only on restart", settings=needs_restart)
@@ -437,8 +474,10 @@ class Daemon(ABC):
                   previous=previous.value if previous else None)
         if record.finished:
             self.totals.job_finished(record.state.value, record.stats)
-            # The canonical line: one per job, everything about how it went.
-            log.info("job finished", **record.to_dict())
+            # The canonical line: one per job, short, with the key figures;
+            # query-job has the rest.  A failure is a warning; a cancel is not.
+            level = log.warning if record.state == JobState.FAILED else log.info
+            level("job finished", **finished_fields(record))
             self.wake()
 
     def find_job(self, arguments: dict[str, Any]) -> JobRecord:
@@ -476,6 +515,15 @@ class Daemon(ABC):
         out.update(self.describe())
         return out
 
+    #: query-daemon fields that describe the moment, not the set-up: left out
+    #: of the "daemon ready" line.
+    _MOMENTARY = frozenset({"state", "uptime-s", "jobs", "rate-bytes-per-second", "queued",
+                            "running", "channels-in-use", "job-rates"})
+
+    def ready_fields(self) -> dict[str, Any]:
+        """What the ``daemon ready`` line says: version, sockets, limits."""
+        return {k: v for k, v in self.query_daemon_fields().items() if k not in self._MOMENTARY}
+
     async def _cmd_query_daemon(self, arguments: dict[str, Any]) -> dict[str, Any]:
         expect_keys(arguments)
         self.sync_jobs()
@@ -512,15 +560,66 @@ class Daemon(ABC):
         return Snapshot(
             role=self.role,
             version=__version__,
-            uptime_s=time.monotonic() - self.started_mono,
+            start_time_s=self.started_wall,
             jobs_by_state=self.registry.counts(),
             finished=dict(self.totals.finished),
             figures=self.totals.figures.plus(self.live_figures()),
-            rate_bytes_per_s=self._image_rate.rate,
-            wire_rate_bytes_per_s=self._wire_rate.rate,
             bandwidth_limit=self.bandwidth_limit(),
             extra_gauges=self.extra_gauges(),
+            jobs=self.job_series(),
         )
+
+
+def finished_fields(record: JobRecord) -> dict[str, Any]:
+    """The key figures of a finished job, for its ``job finished`` line."""
+    d = record.to_dict()
+    out: dict[str, Any] = {"status": d["status"]}
+    if record.error is not None:
+        out["reason" if record.state == JobState.CANCELLED else "error"] = record.error
+    if record.peer:
+        out["peer"] = record.peer
+    out.update({
+        "elapsed_s": round(d["total-time"] / 1000, 3),
+        "image_bytes": d["total"],
+        "remaining_bytes": d["remaining"],
+        "transferred_bytes": d["transferred"],
+        "mbps": round(d["mbps"], 1),
+        "zero_pages": d["duplicate"],
+        "normal_pages": d["normal"],
+        "channels": d["channels"],
+    })
+    engine = d.get("engine") or {}
+    if engine.get("backend"):
+        out["engine"] = engine["backend"]
+    for key in ("sessions", "retransmitted-bytes", "resumed-packets"):
+        if d.get(key):
+            out[key.replace("-bytes", "_bytes").replace("-", "_")] = d[key]
+    return out
+
+
+def changed_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for every setting that differs, nested ones as
+    ``limits.max_jobs``; values as the log shows them (numbers, strings, lists)."""
+    flat_old, flat_new = _flat_settings(old), _flat_settings(new)
+    return [(key, flat_old.get(key), flat_new.get(key))
+            for key in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(key) != flat_new.get(key)]
+
+
+def _flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            out.update(_flat_settings(getattr(value, f.name), f"{prefix}{f.name}."))
+        return out
+    key = prefix.rstrip(".")
+    if isinstance(value, bytes | bytearray):
+        return {key: f"<{len(value)} bytes>"}  # key material never goes to a log
+    if isinstance(value, tuple | list):
+        return {key: [v if isinstance(v, int | float | str) else str(v) for v in value]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {key: value}
+    return {key: str(value)}
 
 
 def rate_text(bytes_per_s: float) -> str:

@@ -27,25 +27,40 @@ MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT_S = 5.0
 
 
+#: At most this many running jobs get per-job series (each job adds six), so a
+#: scrape stays small whatever max_jobs allows.
+MAX_JOB_SERIES = 64
+
+
 @dataclass
 class Figures:
-    """Byte and page counts of some jobs."""
+    """Byte and page counts of some jobs: what this daemon moved.
+
+    Pages a resumed job found already at the receiver are left out (see
+    ``JobCounters.reused_*``): they were moved by an earlier run.
+    """
 
     image_bytes: int = 0  # image bytes handled (sent or skipped as zero)
     transferred: int = 0  # bytes on the wire, headers included
     zero_pages: int = 0
     normal_pages: int = 0
     normal_bytes: int = 0
+    reconnects: int = 0  # sessions after a job's first
     engine: dict[tuple[str, str], float] = field(default_factory=dict)  # (backend, key)
 
     def add(self, stats: JobStats, engine: dict[str, Any] | None = None) -> None:
         """Add one job's figures (``engine``: live engine counters, else the job's)."""
-        self.image_bytes += stats.counters.done_bytes
+        counters = stats.counters
+        self.image_bytes += counters.done_bytes - counters.reused_bytes
         self.transferred += stats.transferred
-        self.zero_pages += stats.counters.zero_pages
-        self.normal_pages += stats.counters.normal_pages
-        self.normal_bytes += stats.counters.normal_bytes
-        engine = stats.engine if engine is None else engine
+        self.zero_pages += counters.zero_pages - counters.reused_zero_pages
+        self.normal_pages += counters.normal_pages - counters.reused_normal_pages
+        self.normal_bytes += counters.normal_bytes
+        self.reconnects += reconnects_of(stats)
+        self.add_engine(stats.engine if engine is None else engine)
+
+    def add_engine(self, engine: dict[str, Any]) -> None:
+        """Add an engine's counters (a job's own, or a shared engine's)."""
         backend = str(engine.get("backend", "")) if engine else ""
         for key, value in (engine or {}).items():
             # Counters only: "threads" is a setting, not something that grows.
@@ -61,8 +76,13 @@ class Figures:
         return Figures(
             self.image_bytes + other.image_bytes, self.transferred + other.transferred,
             self.zero_pages + other.zero_pages, self.normal_pages + other.normal_pages,
-            self.normal_bytes + other.normal_bytes, engine,
+            self.normal_bytes + other.normal_bytes, self.reconnects + other.reconnects, engine,
         )
+
+
+def reconnects_of(stats: JobStats) -> int:
+    """How often a job reconnected: its sessions after the first."""
+    return max(stats.counters.sessions - 1, 0)
 
 
 @dataclass
@@ -79,23 +99,55 @@ class Totals:
             self.figures.add(stats)
 
 
+@dataclass(frozen=True)
+class JobSeries:
+    """The per-job series of one running job."""
+
+    name: str
+    peer: str
+    image_bytes: int  # handled so far by this run
+    transferred: int
+    remaining: int
+    channels: int
+    reconnects: int = 0
+    bandwidth_limit: float | None = None  # this job's current share of the cap
+
+
 @dataclass
 class Snapshot:
     """Everything one scrape shows."""
 
     role: str
     version: str
-    uptime_s: float
+    start_time_s: float  # Unix time the daemon started
     jobs_by_state: dict[str, int]
     finished: dict[str, int]
     figures: Figures
-    rate_bytes_per_s: float
-    wire_rate_bytes_per_s: float
     bandwidth_limit: float | None = None
     extra_gauges: dict[str, float] = field(default_factory=dict)
+    jobs: list[JobSeries] = field(default_factory=list)
 
 
 _METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+#: Help of engine counters whose meaning needs more than their name.
+ENGINE_HELP = {
+    "pages": "Pages the zero-page engine scanned, all jobs.",
+    "zero-pages": (
+        "Zero pages the engine found among the pages it scanned, all jobs. Not the same "
+        "as dsamig_zero_pages_total: holes of a sparse image are never scanned, and "
+        "packets scanned again (retransmitted, or checked against the receiver on "
+        "resume) count again here."
+    ),
+}
+
+
+def engine_metric(key: str) -> str:
+    """``worker-cpu-s`` → ``engine_worker_cpu_seconds_total``."""
+    name = _METRIC_NAME.sub("_", key).strip("_")
+    if name.endswith("_cpu_s"):
+        name = name.removesuffix("_s") + "_seconds"
+    return f"engine_{name}_total"
 
 
 def _label(value: str) -> str:
@@ -113,34 +165,40 @@ def render(snap: Snapshot) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str,
-               samples: Iterable[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP dsamig_{name} {help_text}")
-        out.append(f"# TYPE dsamig_{name} {kind}")
+               samples: Iterable[tuple[dict[str, str], float]], prefix: str = "dsamig_") -> None:
+        out.append(f"# HELP {prefix}{name} {help_text}")
+        out.append(f"# TYPE {prefix}{name} {kind}")
         for labels, value in samples:
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"dsamig_{name}{{{text}}} {_number(value)}" if text
-                       else f"dsamig_{name} {_number(value)}")
+            out.append(f"{prefix}{name}{{{text}}} {_number(value)}" if text
+                       else f"{prefix}{name} {_number(value)}")
 
     f = snap.figures
     metric("info", "gauge", "Daemon role and version.",
            [({"role": snap.role, "version": snap.version}, 1)])
-    metric("uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, snap.uptime_s)])
+    metric("process_start_time_seconds", "gauge",
+           "Start time of the process since the Unix epoch, in seconds.",
+           [({}, snap.start_time_s)], prefix="")
     metric("jobs", "gauge", "Jobs the daemon knows of (running and retained), by state.",
            [({"state": state}, n) for state, n in snap.jobs_by_state.items()])
     metric("jobs_finished_total", "counter", "Jobs finished since the daemon started, by outcome.",
            [({"state": state}, snap.finished.get(state, 0))
             for state in ("completed", "failed", "cancelled")])
-    metric("image_bytes_total", "counter", "Image bytes handled: sent or skipped as zero pages.",
-           [({}, f.image_bytes)])
+    metric("image_bytes_total", "counter",
+           "Image bytes handled: sent, or skipped as zero pages (not those a resumed job "
+           "found at the receiver).", [({}, f.image_bytes)])
     metric("transferred_bytes_total", "counter", "Bytes on the wire, frame headers included.",
            [({}, f.transferred)])
-    metric("zero_pages_total", "counter", "Zero pages (not sent).", [({}, f.zero_pages)])
-    metric("normal_pages_total", "counter", "Normal pages (sent).", [({}, f.normal_pages)])
-    metric("normal_bytes_total", "counter", "Bytes of normal pages.", [({}, f.normal_bytes)])
-    metric("image_rate_bytes_per_second", "gauge", "Image bytes per second, all jobs.",
-           [({}, snap.rate_bytes_per_s)])
-    metric("wire_rate_bytes_per_second", "gauge", "Wire bytes per second, all jobs.",
-           [({}, snap.wire_rate_bytes_per_s)])
+    metric("zero_pages_total", "counter",
+           "Zero pages of the images handled (not sent), each page once, holes included.",
+           [({}, f.zero_pages)])
+    metric("normal_pages_total", "counter", "Normal pages (sent), each page once.",
+           [({}, f.normal_pages)])
+    metric("normal_bytes_total", "counter",
+           "Bytes of normal pages sent, each page once (retransmissions and pages a resumed "
+           "job found at the receiver are not counted).", [({}, f.normal_bytes)])
+    metric("reconnects_total", "counter",
+           "Times a job reconnected its channels after losing them.", [({}, f.reconnects)])
     if snap.bandwidth_limit is not None:
         metric("bandwidth_limit_bytes_per_second", "gauge", "Daemon-wide bandwidth cap.",
                [({}, snap.bandwidth_limit)])
@@ -150,9 +208,35 @@ def render(snap: Snapshot) -> str:
     for (backend, key), value in sorted(f.engine.items()):
         by_key.setdefault(key, []).append(({"backend": backend}, value))
     for key, samples in by_key.items():
-        name = "engine_" + _METRIC_NAME.sub("_", key).strip("_") + "_total"
-        metric(name, "counter", f"Zero-page engine counter {key!r}, all jobs.", samples)
+        help_text = ENGINE_HELP.get(key, f"Zero-page engine counter {key!r}, all jobs.")
+        metric(engine_metric(key), "counter", help_text, samples)
+    _render_jobs(metric, snap.jobs[:MAX_JOB_SERIES])
     return "\n".join(out) + "\n"
+
+
+def _render_jobs(metric: Callable[..., None], jobs: list[JobSeries]) -> None:
+    """Per-job series of running jobs, labelled ``job_name`` and ``peer``.
+
+    ``job_name``, not ``job``: Prometheus gives every target a ``job`` label
+    and would rename ours to ``exported_job``.
+    """
+    def each(value: Callable[[JobSeries], float | None]) -> list[tuple[dict[str, str], float]]:
+        return [({"job_name": j.name, "peer": j.peer}, v) for j in jobs
+                if (v := value(j)) is not None]
+
+    metric("job_image_bytes_total", "counter", "Image bytes a running job has handled.",
+           each(lambda j: j.image_bytes))
+    metric("job_transferred_bytes_total", "counter", "Bytes a running job put on the wire.",
+           each(lambda j: j.transferred))
+    metric("job_remaining_bytes", "gauge", "Image bytes a running job has still to handle.",
+           each(lambda j: j.remaining))
+    metric("job_channels", "gauge", "TCP channels of a running job.",
+           each(lambda j: j.channels))
+    metric("job_reconnects_total", "counter", "Times a running job reconnected.",
+           each(lambda j: j.reconnects))
+    metric("job_bandwidth_limit_bytes_per_second", "gauge",
+           "A running job's share of the bandwidth caps (absent: unlimited).",
+           each(lambda j: j.bandwidth_limit))
 
 
 class MetricsServer:
@@ -191,9 +275,14 @@ class MetricsServer:
             elif parts[1].split(b"?", 1)[0] != b"/metrics":
                 self._respond(writer, 404, "only /metrics is served here\n")
             else:
-                body = render(self.snapshot())
-                self._respond(writer, 200, body if parts[0] == b"GET" else "",
-                              "text/plain; version=0.0.4; charset=utf-8")
+                try:
+                    body = render(self.snapshot())
+                except Exception:  # a bug: the scraper sees a 500, the log says why
+                    self.log.exception("metrics request failed")
+                    self._respond(writer, 500, "internal error; see the daemon's log\n")
+                else:
+                    self._respond(writer, 200, body if parts[0] == b"GET" else "",
+                                  "text/plain; version=0.0.4; charset=utf-8")
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):
@@ -206,7 +295,8 @@ class MetricsServer:
     @staticmethod
     def _respond(writer: asyncio.StreamWriter, code: int, body: str,
                  content_type: str = "text/plain; charset=utf-8") -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                  500: "Internal Server Error"}[code]
         data = body.encode()
         writer.write(
             f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\n"

@@ -236,6 +236,10 @@ class ReceiverDaemon(Daemon):
             if self.server is not None else 0,
         }
 
+    def extra_gauges(self) -> dict[str, float]:
+        return {"channels_in_use": sum(j.channel_count for j in self.server.jobs.values())
+                if self.server is not None else 0}
+
     def apply_config(self, old: Any, new: Any) -> None:
         super().apply_config(old, new)
         if self.server is not None:

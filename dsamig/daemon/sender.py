@@ -30,7 +30,7 @@ from dsamig.control.protocol import CommandError, ErrorClass
 from dsamig.control.server import Handler
 from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
 from dsamig.daemon.checks import Check, check_security, check_source_dirs
-from dsamig.daemon.metrics import Figures
+from dsamig.daemon.metrics import Figures, reconnects_of
 from dsamig.engine import EnginePool
 from dsamig.errors import ConfigError, DsamigError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
@@ -232,8 +232,14 @@ class SenderDaemon(Daemon):
             channels=spec.channels, peer=f"{spec.host}:{spec.port}", on_change=self.job_changed,
         )
         self.registry.add(record)
-        self.queue.append(SendingJob(record, spec, TokenBucket(), source_fd=fd))
+        job = SendingJob(record, spec, TokenBucket(), source_fd=fd)
+        self.queue.append(job)
+        log = get_logger(role=self.role, job=str(record.id), name=record.name)
+        log.info("job submitted", source=spec.source, destination=record.peer,
+                 channels=spec.channels, image_bytes=size, max_bandwidth=spec.max_bandwidth)
         self._schedule()
+        if any(queued is job for queued in self.queue):
+            log.info("job queued", reason=self.queue_reason(job), position=len(self.queue))
         return record.summary()
 
     # --- scheduling ------------------------------------------------------------------
@@ -252,10 +258,24 @@ class SenderDaemon(Daemon):
             if self.channels_in_use() + head.spec.channels > limits.max_channels:
                 break
             self.queue.popleft()
+            get_logger(role=self.role, job=str(head.record.id), name=head.record.name).info(
+                "job started", running=len(self.running) + 1,
+                channels_in_use=self.channels_in_use() + head.spec.channels)
             self.running[head.record.id] = head
             head.task = asyncio.ensure_future(self._run(head))
             head.task.add_done_callback(functools.partial(self._reap_task, head))
         self._rebalance()
+
+    def queue_reason(self, job: SendingJob) -> str:
+        """Why ``job`` waits in the queue, in words."""
+        limits = self.config.limits
+        ahead = next((i for i, queued in enumerate(self.queue) if queued is job), 0)
+        if ahead:
+            return f"{ahead} earlier job(s) wait first (the queue is first in, first out)"
+        if len(self.running) >= limits.max_jobs:
+            return f"max_jobs {limits.max_jobs} jobs are running"
+        return (f"its {job.spec.channels} channels do not fit: {self.channels_in_use()} of "
+                f"max_channels {limits.max_channels} in use")
 
     def _rebalance(self) -> None:
         jobs = list(self.running.values())
@@ -369,7 +389,16 @@ class SenderDaemon(Daemon):
                 except Exception:  # closing under us: its final figures come with the record
                     engine = {}
             live.add(sender.stats, engine)
+        for shared in self.engines.engine_stats():
+            live.add_engine(shared)
         return live
+
+    def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
+        job = self.running.get(record.id)
+        if job is None or job.sender is None:
+            return {}
+        return {"reconnects": reconnects_of(job.sender.stats),
+                "bandwidth_limit": job.pacer.rate}
 
     def status_line(self) -> str:
         prefix = "stopping: " if self.stopping else ""
@@ -394,7 +423,8 @@ class SenderDaemon(Daemon):
         return self.config.limits.max_bandwidth
 
     def extra_gauges(self) -> dict[str, float]:
-        return {"queued_jobs": len(self.queue), "channels_in_use": self.channels_in_use()}
+        # Queued jobs are dsamig_jobs{state="queued"}: not repeated here.
+        return {"channels_in_use": self.channels_in_use()}
 
     def apply_config(self, old: Any, new: Any) -> None:
         super().apply_config(old, new)

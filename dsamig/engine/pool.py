@@ -78,6 +78,10 @@ class EngineLease(ZeroPageEngine):
         self._zero_pages += result.zero_pages
         self._cpu_pages += result.cpu_pages
 
+    #: The counters a lease keeps for its job alone; the shared engine's other
+    #: counters belong to the engine (see :meth:`EnginePool.engine_stats`).
+    JOB_KEYS = ("engine-batches", "pages", "zero-pages", "cpu-fallback-pages")
+
     def stats(self) -> dict[str, Any]:
         shared = self._shared.engine.stats()
         return {
@@ -167,6 +171,16 @@ class EnginePool:
 
     def _release(self, shared: _Shared, lease: EngineLease) -> None:
         shared.leases.discard(lease)
+
+    def engine_stats(self) -> list[dict[str, Any]]:
+        """The counters of each shared engine that no job counts as its own
+        (timeouts, errors, quarantines...): a daemon's metrics add these once,
+        whatever the number of jobs that used the engine."""
+        out = []
+        for shared in self._shared.values():
+            stats = shared.engine.stats()
+            out.append({k: v for k, v in stats.items() if k not in EngineLease.JOB_KEYS})
+        return out
 
     @property
     def open_engines(self) -> int:

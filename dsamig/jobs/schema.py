@@ -313,11 +313,12 @@ def size(lo: int = 0, hi: int = 2**62) -> Converter:
 
 
 def rate() -> Converter:
-    """Bytes per second: a number, or ``10Gbit``, ``800Mbit``, ``500MB``, ``1GiB``."""
+    """Bytes per second: a number, or bits (``10Gbit/s``, ``800Mbps``) or bytes
+    (``500MB/s``, ``1GiB``); the rules are in :func:`dsamig.units.parse_rate`."""
 
     def convert(value: Any, where: Where) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            where.fail(f"must be a bandwidth such as 10Gbit or 500MB, not {show(value)}")
+            where.fail(f"must be a bandwidth such as 10Gbit/s or 500MB/s, not {show(value)}")
         try:
             bytes_per_s = parse_rate(value)
         except ConfigError as exc:

@@ -26,8 +26,14 @@ class JobCounters:
     normal_bytes: int = 0
     #: Payload bytes sent (or received) a second time after a broken session.
     retransmitted_bytes: int = 0
-    #: Packets the receiver already held when the job (re)started.
+    #: Packets the receiver already held when the job (re)started, and the
+    #: share of zero_pages, normal_pages and done_bytes they make up: the
+    #: job's figures cover the whole image, a daemon's counters only what it
+    #: moved itself.
     resumed_packets: int = 0
+    reused_zero_pages: int = 0
+    reused_normal_pages: int = 0
+    reused_bytes: int = 0
     #: Sessions the job opened: 1, plus one per reconnect.
     sessions: int = 0
 

@@ -176,8 +176,12 @@ class ReceiveJobCore:
             return None, "another image layout"
         self.tracker.restore(progress)
         self._checkpointed_packets = progress.received_packets
-        self.counters.resumed_packets = progress.received_packets
-        self._window_bytes = self.counters.done_bytes
+        counters = self.counters
+        counters.resumed_packets = progress.received_packets
+        counters.reused_zero_pages = counters.zero_pages
+        counters.reused_normal_pages = counters.normal_pages
+        counters.reused_bytes = counters.done_bytes
+        self._window_bytes = counters.done_bytes
         ranges = [self.manifest.range_bytes(first, count)
                   for first, count in self.tracker.not_done_runs()]
         return ranges, None
@@ -185,8 +189,10 @@ class ReceiveJobCore:
     def forget_restored(self) -> None:
         """The restored checkpoint cannot be used after all (the partial file
         could not be cleared): start from nothing."""
-        self.counters.zero_pages = self.counters.normal_pages = 0
-        self.counters.done_bytes = self.counters.resumed_packets = 0
+        counters = self.counters
+        counters.zero_pages = counters.normal_pages = counters.done_bytes = 0
+        counters.resumed_packets = counters.reused_bytes = 0
+        counters.reused_zero_pages = counters.reused_normal_pages = 0
         self.tracker = self._new_tracker()
         self._checkpointed_packets = 0
         self._window_bytes = 0

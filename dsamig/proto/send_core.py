@@ -104,7 +104,8 @@ class SendJobCore:
         self.recorded = bytearray(self.manifest.packet_count)
         counters = self.counters
         counters.zero_pages = counters.normal_pages = counters.normal_bytes = 0
-        counters.done_bytes = counters.resumed_packets = 0
+        counters.done_bytes = counters.resumed_packets = counters.retransmitted_bytes = 0
+        counters.reused_zero_pages = counters.reused_normal_pages = counters.reused_bytes = 0
 
     def _new_session_state(self) -> None:
         count = self.manifest.packet_count
@@ -240,16 +241,20 @@ class SendJobCore:
         counters = self.counters
         end = first + count
         new = self.recorded.count(0, first, end)
-        if new == count:
+        if new == count and not self.skip.count(1, first, end):
             self.digest.record_zero_range(first, count)
             counters.zero_pages += manifest.range_pages(first, count)
             counters.done_bytes += manifest.range_bytes(first, count)[1]
-        else:
+        else:  # some counted before, or held by the receiver: packet by packet
             for n in range(first, end):
                 if not self.recorded[n]:
                     self.digest.record_zero_range(n, 1)
-                    counters.zero_pages += manifest.range_pages(n, 1)
-                    counters.done_bytes += manifest.range_bytes(n, 1)[1]
+                    pages, span = manifest.range_pages(n, 1), manifest.range_bytes(n, 1)[1]
+                    counters.zero_pages += pages
+                    counters.done_bytes += span
+                    if self.skip[n]:
+                        counters.reused_zero_pages += pages
+                        counters.reused_bytes += span
                 elif self.digest.record(n) != self.digest.zero_record(n):
                     raise ImageChangedError(f"packet {n} of the image changed during the job")
         self.recorded[first:end] = b"\x01" * count
@@ -266,10 +271,16 @@ class SendJobCore:
             self.recorded[number] = 1
             self.digest.record_packet(number, bitmap, payload_crc)
             zero_pages = int.from_bytes(bitmap, "little").bit_count()
+            normal_pages = self.manifest.pages_in_packet(number) - zero_pages
+            span = self.manifest.range_bytes(number, 1)[1]
             counters.zero_pages += zero_pages
-            counters.normal_pages += self.manifest.pages_in_packet(number) - zero_pages
-            counters.done_bytes += self.manifest.range_bytes(number, 1)[1]
-            if not self.skip[number]:
+            counters.normal_pages += normal_pages
+            counters.done_bytes += span
+            if self.skip[number]:
+                counters.reused_zero_pages += zero_pages
+                counters.reused_normal_pages += normal_pages
+                counters.reused_bytes += span
+            else:
                 counters.normal_bytes += payload_length
         elif self.digest.record(number) != packet_record(bitmap, payload_crc):
             raise ImageChangedError(f"packet {number} of the image changed during the job")

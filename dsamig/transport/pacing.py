@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: How long a waiting acquire sleeps at most before it looks at the rate
 #: again, so a rate change (a job started or finished) applies quickly.
@@ -26,13 +26,18 @@ class TokenBucket:
     at most ``burst_s`` seconds' worth of tokens, so a transfer of ``B``
     bytes can never finish much before ``B / rate`` seconds.  Waiters are
     served in order (one lock), so a job's channels share its rate evenly.
+    An acquire that is cancelled (its job stopped, its session ended) gives
+    its tokens back: bytes never sent leave no debt for the next session.
+    ``clock`` is the time source (tests inject their own).
     """
 
-    def __init__(self, rate: float | None = None, burst_s: float = 0.05) -> None:
+    def __init__(self, rate: float | None = None, burst_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = rate
         self.burst_s = burst_s
+        self._clock = clock
         self._tokens = 0.0
-        self._stamp = time.monotonic()
+        self._stamp = clock()
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time acquirers slept: how much the limit bit
 
@@ -46,12 +51,19 @@ class TokenBucket:
         self._refill()
         self._rate = rate
 
+    @property
+    def tokens(self) -> float:
+        """Bytes that may go at once, as of the last look (negative: in debt)."""
+        return self._tokens
+
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._rate is not None:
-            cap = self._rate * self.burst_s
-            self._tokens = min(self._tokens + (now - self._stamp) * self._rate, cap)
+            self._tokens = min(self._tokens + (now - self._stamp) * self._rate, self._cap())
         self._stamp = now
+
+    def _cap(self) -> float:
+        return float("inf") if self._rate is None else self._rate * self.burst_s
 
     async def acquire(self, nbytes: int) -> None:
         """Return once ``nbytes`` more bytes may be sent."""
@@ -60,11 +72,18 @@ class TokenBucket:
         async with self._lock:
             self._refill()
             self._tokens -= nbytes
-            started = time.monotonic()
-            while self._rate is not None and self._tokens < 0:
-                await asyncio.sleep(min(-self._tokens / self._rate, RECHECK_S))
+            started = self._clock()
+            try:
+                while self._rate is not None and self._tokens < 0:
+                    await asyncio.sleep(min(-self._tokens / self._rate, RECHECK_S))
+                    self._refill()
+            except asyncio.CancelledError:
+                # The bytes will not be sent: give their tokens back.
                 self._refill()
-            self.waited_s += time.monotonic() - started
+                self._tokens = min(self._tokens + nbytes, self._cap())
+                raise
+            finally:
+                self.waited_s += self._clock() - started
 
 
 def fair_shares(total: float | None, caps: Sequence[float | None]) -> list[float | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -176,7 +177,7 @@ def test_second_sigint_skips_the_drain(directory: str, image_factory, tmp_path) 
         assert sender.stop(signal.SIGINT) == 0
         assert time.monotonic() - began < 5
         finished = [e for e in sender.log_events() if e.get("event") == "job finished"]
-        assert finished[0]["status"] == "cancelled" and "forced" in finished[0]["error-desc"]
+        assert finished[0]["status"] == "cancelled" and "forced" in finished[0]["reason"]
         assert receiver.wait_job(job["id"])["status"] == "cancelled"
         assert os.listdir(storage) == []
     finally:
@@ -197,14 +198,15 @@ def test_start_wait_interrupted_cancels_the_job(directory: str, image_factory,
             [sys.executable, "-m", "dsamig", "start", job_file, "--socket", sender.socket,
              "--wait", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert waiting.stdout is not None
-        job_id = waiting.stdout.readline().strip()
+        # --json: stdout carries only the final JSON object, so find the job by name.
+        job_id = wait_for(lambda: next((j["id"] for j in ok(sender.socket, "job-list")
+                                        if j["name"] == "watched"), None), what="the job")
         sender.wait_job(job_id, ("active",))
         waiting.send_signal(signal.SIGTERM)  # what `systemctl stop dsamig-job@...` does
         out, err = waiting.communicate(timeout=30)
         assert waiting.returncode == 5, err
         assert "cancelling the job" in err
-        assert '"status": "cancelled"' in out
+        assert json.loads(out)["status"] == "cancelled"  # one object, nothing else
         assert sender.job(job_id)["status"] == "cancelled"
         assert receiver.wait_job(job_id)["status"] == "cancelled"
     finally:

@@ -87,6 +87,10 @@ class Daemon:
         """Write ``config`` (``control_socket`` defaults to ``<directory>/<role>.sock``),
         start the daemon and, with ``wait``, return once its control socket answers."""
         config = {"control_socket": os.path.join(directory, f"{role}.sock"), **config}
+        if role == "sender":
+            # A sender must list where jobs may send from; the tests' images
+            # live in pytest's temporary directories.
+            config = {"source_dirs": [tempfile.gettempdir()], **config}
         config_path = os.path.join(directory, f"{role}.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f)

@@ -66,15 +66,72 @@ def test_human_summary(tmp_path, image_factory) -> None:
 def test_demo_runs_with_no_arguments_needed() -> None:
     result = dsamig("demo", "--size", "16MiB", "--json")
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(result.stdout)  # one document, nothing else
     assert summary["identical"] is True
     assert summary["receiver"]["status"] == "completed"
+    assert summary["sender"]["status"] == "completed"
+    assert summary["sender"]["normal"] == summary["receiver"]["normal"] == summary[
+        "normal-pages"]
+    assert summary["image"] is None  # nothing kept without --workdir
+
+
+def test_demo_workdir_keeps_the_image(tmp_path) -> None:
+    workdir = tmp_path / "demo"
+    result = dsamig("demo", "--size", "4MiB", "--workdir", str(workdir), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    image, copy = workdir / "dsamig-demo.img", workdir / "dsamig-demo.received.img"
+    assert (summary["image"], summary["copy"]) == (str(image), str(copy))
+    assert image.read_bytes() == copy.read_bytes() and image.stat().st_size == 4 * 1024 * 1024
+    again = dsamig("demo", "--size", "1MiB", "--workdir", str(workdir))
+    assert again.returncode == 0, again.stderr
+    assert f"kept: {image}" in again.stdout and image.stat().st_size == 1024 * 1024
+    # Only the demo's own files are replaced, and only files.
+    blocked = tmp_path / "blocked"
+    (blocked / "dsamig-demo.img").mkdir(parents=True)
+    refused = dsamig("demo", "--size", "1MiB", "--workdir", str(blocked))
+    assert refused.returncode == 3 and "cannot replace" in refused.stderr
+    assert (blocked / "dsamig-demo.img").is_dir()
+
+
+def test_make_image(tmp_path) -> None:
+    path = tmp_path / "guest.ram"
+    made = dsamig("make-image", str(path), "--size", "8MiB", "--zero-ratio", "0.75",
+                  "--seed", "3", "--json")
+    assert made.returncode == 0, made.stderr
+    figures = json.loads(made.stdout)
+    assert figures["zero-pages"] + figures["normal-pages"] == 2048
+    assert 0.6 < figures["zero-pages"] / 2048 < 0.9
+    data = path.read_bytes()
+    zero_pages = sum(1 for i in range(0, len(data), 4096) if not any(data[i:i + 4096]))
+    assert zero_pages == figures["zero-pages"]
+    # The same seed gives the same image; an existing file is kept unless --force.
+    kept = dsamig("make-image", str(path), "--size", "8MiB", "--seed", "4")
+    assert kept.returncode == 3 and "exists (--force replaces it)" in kept.stderr
+    assert path.read_bytes() == data
+    other = tmp_path / "again.ram"
+    assert dsamig("make-image", str(other), "--size", "8MiB", "--zero-ratio", "0.75",
+                  "--seed", "3").returncode == 0
+    assert other.read_bytes() == data
+    none = dsamig("make-image", str(path), "--size", "1MiB", "--zero-ratio", "0", "--force",
+                  "--json")
+    assert json.loads(none.stdout)["zero-pages"] == 0
+    bad = dsamig("make-image", str(path), "--zero-ratio", "1.5")
+    assert bad.returncode == 2 and "not between 0 and 1" in bad.stderr
 
 
 def test_version_and_help() -> None:
     assert dsamig("--version").stdout.startswith("dsamig ")
     helped = dsamig("send", "--help")
     assert helped.returncode == 0 and "--channels" in helped.stdout
+
+
+def test_ambiguous_bandwidth_is_refused_with_both_readings(tmp_path) -> None:
+    refused = dsamig("send", str(tmp_path / "x"), "--to", "127.0.0.1:1", "--max-bandwidth",
+                     "100mb")
+    assert refused.returncode == 2
+    assert "is ambiguous" in refused.stderr
+    assert "100Mbit/s for 100 megabits per second, or 100MB/s" in refused.stderr
 
 
 def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
@@ -89,7 +146,7 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dsamig", "send", image, "--to",
-             f"127.0.0.1:{receiver.port}", "--max-bandwidth", "8MiB"],
+             f"127.0.0.1:{receiver.port}", "--max-bandwidth", "64Mbit/s"],
             stdout=terminal, stderr=terminal, close_fds=True,
         )
         os.close(terminal)
@@ -108,5 +165,7 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
         os.close(controller)
         receiver.kill()
     text = seen.decode(errors="replace")
-    assert "] " in text and "/s" in text and "ETA" in text  # [#####    ] 3.0 MiB / 6.0 MiB ...
+    assert "] " in text and "ETA" in text  # [#####    ] 3.0 MiB / 6.0 MiB ...
+    # The rate is shown in the unit of the cap, with the cap beside it.
+    assert "Mbit/s (cap 64.0 Mbit/s)" in text
     assert "dsamig sender" in text and "completed" in text

@@ -87,8 +87,9 @@ def test_start_status_stop_through_the_cli(pair: Pair, image_factory, tmp_path) 
     job_file = write_job(str(tmp_path), "cli-job", image, pair.receiver.port, channels=3)
     started = dsamig("start", job_file, "--socket", pair.sender.socket, "--wait", "--json")
     assert started.returncode == 0, started.stderr
-    job_id, final = started.stdout.splitlines()[0], json.loads(started.stdout.splitlines()[-1])
-    assert final["id"] == job_id and final["status"] == "completed"
+    final = json.loads(started.stdout)  # one JSON object and nothing else
+    job_id = final["id"]
+    assert final["status"] == "completed" and final["name"] == "cli-job"
     assert (final["duplicate"], final["normal"]) == (zero, normal)
     assert read_bytes(os.path.join(pair.storage, "cli-job")) == read_bytes(image)
 
@@ -114,6 +115,61 @@ def test_start_status_stop_through_the_cli(pair: Pair, image_factory, tmp_path) 
     assert "already completed" in stopped.stderr
     missing = dsamig("status", "no-such-job", "--socket", pair.sender.socket)
     assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+
+def test_json_means_pure_json(pair: Pair, image_factory, tmp_path) -> None:
+    """start --json prints one object; status --json has the daemon's state too."""
+    image, _, _ = image_factory(MiB, seed=12)
+    job_file = write_job(str(tmp_path), "json-only", image, pair.receiver.port)
+    started = dsamig("start", job_file, "--socket", pair.sender.socket, "--json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)
+    assert job["name"] == "json-only" and job["id"] and "created" in job
+    pair.sender.wait_job(job["id"])
+    status = dsamig("status", "--socket", pair.sender.socket, "--json")
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert set(state) == {"daemon", "jobs"}
+    daemon = state["daemon"]
+    assert daemon["role"] == "sender" and daemon["state"] == "running"
+    for key in ("rate-bytes-per-second", "limits", "queued", "running", "job-rates"):
+        assert key in daemon, key
+    assert job["id"] in {j["id"] for j in state["jobs"]}
+    assert all("total-time" in j for j in state["jobs"])  # the full job objects
+
+
+def test_jobs_never_cuts_a_name(pair: Pair, image_factory, tmp_path) -> None:
+    image, _, _ = image_factory(MiB, seed=13)
+    name = "vm-" + "0123456789abcdef" * 4 + "-memory-snapshot"
+    job = ok(pair.sender.socket, "job-start", job_document(name, image, pair.receiver.port))
+    pair.sender.wait_job(job["id"])
+    listing = dsamig("jobs", "--socket", pair.sender.socket)
+    assert listing.returncode == 0, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if job["id"] in line)
+    assert f"  {name}  " in line
+    header = listing.stdout.splitlines()[0]
+    # The columns stay aligned: STATUS starts where the status of every row starts.
+    assert line.index("completed") == header.index("STATUS")
+    # What the user copies from the listing names the job.
+    assert dsamig("status", name, "--socket", pair.sender.socket).returncode == 0
+
+
+def test_a_closed_pipe_ends_quietly(pair: Pair) -> None:
+    """`dsamig jobs | head -0`: the reader is gone before we write; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    for command in (["jobs", "--socket", pair.sender.socket],
+                    ["status", "--socket", pair.sender.socket, "--json"],
+                    ["--help"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([sys.executable, "-m", "dsamig", *command], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (0, ""), command
 
 
 async def test_many_concurrent_jobs(pair: Pair, image_factory) -> None:
@@ -316,9 +372,11 @@ def test_metrics_endpoint(pair: Pair) -> None:
     assert samples['dsamig_info{role="receiver",version="0.1.0"}'] == 1
     assert samples["dsamig_image_bytes_total"] >= 0
     for name in ("dsamig_transferred_bytes_total", "dsamig_zero_pages_total",
-                 "dsamig_normal_pages_total", "dsamig_image_rate_bytes_per_second",
-                 'dsamig_jobs{state="active"}', 'dsamig_jobs_finished_total{state="completed"}'):
+                 "dsamig_normal_pages_total", "dsamig_reconnects_total",
+                 'dsamig_jobs{state="active"}', 'dsamig_jobs_finished_total{state="completed"}',
+                 "dsamig_channels_in_use"):
         assert name in samples, name
+    assert 0 < time.time() - samples["process_start_time_seconds"] < 3600
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{address}/other", timeout=5)
     assert info.value.code == 404
@@ -384,7 +442,7 @@ def test_sigterm_during_a_job(image_factory, tmp_path) -> None:
             assert not os.path.exists(sender.socket)
             finished = [e for e in sender.log_events() if e.get("event") == "job finished"]
             assert finished[0]["status"] == "cancelled"
-            assert "shutting down" in finished[0]["error-desc"]
+            assert "shutting down" in finished[0]["reason"]
             assert receiver.wait_job(job["id"])["status"] == "cancelled"
             assert os.listdir(storage) == []
 
@@ -465,7 +523,7 @@ def test_sighup_reloads_limits_and_log_level(tmp_path) -> None:
 
 async def test_one_canonical_log_line_per_job_in_process(image_factory) -> None:
     """Both daemons in this process, their logs captured: one "job finished" line
-    per side, with the job's id and name bound and its full figures."""
+    per side, with the job's id and name bound and its key figures."""
     image, zero, normal = image_factory(MiB + 4096, seed=40)
     with short_dir() as directory:
         storage = os.path.join(directory, "images")
@@ -499,10 +557,10 @@ async def test_one_canonical_log_line_per_job_in_process(image_factory) -> None:
     finished = [e for e in logs if e["event"] == "job finished"]
     assert sorted(e["role"] for e in finished) == ["receiver", "sender"]
     for entry in finished:
-        assert entry["job"] == entry["id"] == job["id"] and entry["name"] == "logged"
+        assert entry["job"] == job["id"] and entry["name"] == "logged"
         assert entry["status"] == "completed" and entry["log_level"] == "info"
-        assert (entry["duplicate"], entry["normal"]) == (zero, normal)
-        assert len(entry["channel-stats"]) == 2
+        assert (entry["zero_pages"], entry["normal_pages"]) == (zero, normal)
+        assert entry["channels"] == 2 and entry["image_bytes"] == MiB + 4096
     # The transport's own lines carry the job too.
     assert any(e["event"] == "engine selected" and e["job"] == job["id"] for e in logs)
     assert any(e["event"] == "daemon stopped" for e in logs)

@@ -1,7 +1,7 @@
 """The shipped systemd units, and the daemon's side of the notify protocol.
 
 ``systemd-analyze verify`` exits 0 on unknown keys and bad values, so these
-tests fail on any line it prints.  The units name /usr/local/bin/dsamig,
+tests fail on any line it prints.  The units name /opt/dsamig/bin/dsamig,
 which must exist for verify: the tests verify copies whose ExecStart points
 at this environment's dsamig.
 """
@@ -26,7 +26,7 @@ from tests.integration.daemon_helpers import Daemon, ok, short_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
-SHIPPED_DSAMIG = "/usr/local/bin/dsamig"
+SHIPPED_DSAMIG = "/opt/dsamig/bin/dsamig"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
                                    "(.ci/run installs it: apt-get install systemd)")
@@ -120,6 +120,20 @@ def test_daemon_units_follow_the_conventions(name: str) -> None:
         assert service["AmbientCapabilities"] == "CAP_SYS_RAWIO"
     else:
         assert "/var/lib/dsamig" in service["ReadWritePaths"]
+
+
+def test_units_run_the_dsamig_the_install_recipe_makes() -> None:
+    """Every command line of every unit starts the venv docs/operations.md creates."""
+    recipe = (ROOT / "docs" / "operations.md").read_text()
+    venv = SHIPPED_DSAMIG.removesuffix("/bin/dsamig")
+    assert f"sudo python3 -m venv {venv}\n" in recipe
+    assert f"sudo {venv}/bin/pip install " in recipe
+    assert "\nsudo pip install" not in recipe  # refused on Debian 12: externally managed
+    for unit in UNITS:
+        service = read_unit(unit)["Service"]
+        for key in ("ExecStartPre", "ExecStart"):
+            if key in service:
+                assert service[key].startswith(SHIPPED_DSAMIG + " "), (unit.name, key)
 
 
 def test_job_template_waits_for_the_job() -> None:

@@ -58,3 +58,44 @@ async def test_channels_share_a_bucket_and_rate_changes_apply_to_waiters() -> No
     await asyncio.gather(*tasks)
     assert max(got) - began < 0.5
     assert bucket.waited_s > 0.1
+
+
+class FrozenClock:
+    """Time that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_cancelled_acquire_leaves_no_debt() -> None:
+    clock = FrozenClock()
+    # Binary fractions throughout, so the sums are exact.
+    bucket = TokenBucket(1024.0, burst_s=0.0625, clock=clock)
+    waiting = asyncio.ensure_future(bucket.acquire(500))
+    while bucket.tokens == 0:  # bounded: the acquire takes its tokens on its first step
+        await asyncio.sleep(0)
+    assert bucket.tokens == -500
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert bucket.tokens == 0  # no time passed: exactly what it had before
+    # The next acquire owes nothing for the bytes that were never sent.
+    clock.now += 0.0625
+    await asyncio.wait_for(bucket.acquire(64), 1.0)
+    assert bucket.tokens == 0
+
+
+async def test_a_refund_never_exceeds_the_burst() -> None:
+    clock = FrozenClock()
+    bucket = TokenBucket(1000.0, burst_s=0.05, clock=clock)
+    waiting = asyncio.ensure_future(bucket.acquire(500))
+    while bucket.tokens == 0:
+        await asyncio.sleep(0)
+    clock.now += 10.0  # long enough to earn far more than the burst
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert bucket.tokens == 50  # 0.05 s at 1000 B/s
