@@ -31,11 +31,6 @@ LEVELS = ("debug", "info", "warning", "error")
 #: syslog priorities (sd-daemon(3)) of our levels.
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
-#: Events the transport logs at a job's end that the daemon's canonical
-#: ``job finished`` line (or a one-shot command's summary) restates: they are
-#: shown at debug level only, so each fact is logged once at info.
-RESTATED = frozenset({"job completed", "job failed"})
-
 _HANDLER_MARK = "_dsamig_handler"
 
 
@@ -73,7 +68,6 @@ def configure(level: str = "warning", *, json: bool | None = None, stream: Any =
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            _demote_restated(threshold),
             timestamper,
             structlog.processors.format_exc_info,
             render,
@@ -105,17 +99,6 @@ def render_line(*, json: bool, journal: bool) -> Callable[[Any, str, Any], str]:
         return f"<{priority}>{inner(logger, method, event_dict)}"
 
     return with_priority
-
-
-def _demote_restated(threshold: int) -> Callable[[Any, str, Any], Any]:
-    def demote(logger: Any, method: str, event_dict: Any) -> Any:
-        if event_dict.get("event") in RESTATED and "component" not in event_dict:
-            if threshold > logging.DEBUG:
-                raise structlog.DropEvent
-            event_dict["level"] = "debug"
-        return event_dict
-
-    return demote
 
 
 def _route_stdlib(stream: Any, threshold: int, render: Callable[[Any, str, Any], str],

@@ -317,7 +317,9 @@ class ReceiverJob:
                 ) from None
             self.channels[0].send_frame(Commit(digest=digest))
             self.stats.finish("completed")
-            self.log.info("job completed", path=self.sink.path, **self.stats.to_dict())
+            # At debug: the daemon's "job finished" line (or the one-shot
+            # command's summary) is the one canonical report of a job.
+            self.log.debug("job completed", path=self.sink.path)
             self._end()
             for channel in list(self.channels.values()):
                 channel.close()
@@ -338,7 +340,8 @@ class ReceiverJob:
         resumable = isinstance(exc, JobFailedError) and exc.resumable and self.acks
         self.sink.abort(keep_for_resume=resumable)
         self.stats.finish(status, str(exc))
-        self.log.warning("job failed", error=str(exc), **self.stats.to_dict())
+        self.log.debug("job cancelled" if status == "cancelled" else "job failed",
+                       error=str(exc))
         self._end()
         for channel in list(self.channels.values()):
             channel.send_error(code, str(exc))

@@ -410,7 +410,9 @@ class Sender:
             self.log.info("engine selected", reason=reason)
             await self._run_sessions()
             self._finish("completed")
-            self.log.info("job completed", **self.stats.to_dict())
+            # At debug: the daemon's "job finished" line (or the one-shot
+            # command's summary) is the one canonical report of a job.
+            self.log.debug("job completed")
             return self.stats
         except (DsamigError, OSError, EngineClosedError) as exc:
             # A page of the mapped image that cannot be read (EFAULT from the
@@ -419,13 +421,14 @@ class Sender:
             if error is None and not isinstance(exc, DsamigError):
                 error = SourceError(f"cannot read image {self.source.path!r}: {exc}")
             self._finish("failed", str(error or exc))
-            self.log.warning("job failed", error=str(error or exc))
+            self.log.debug("job failed", error=str(error or exc))
             if error is not None:
                 self._tell_receiver(str(error))  # nothing to resume from a shrunk image
                 raise error from None
             raise
         except asyncio.CancelledError:
             self._finish("cancelled", "cancelled")
+            self.log.debug("job cancelled")
             raise
         finally:
             await self._close_channels(final=True)
@@ -518,7 +521,14 @@ class Sender:
         """Await ``awaitable`` unless a channel fails first."""
         task = asyncio.ensure_future(awaitable)
         waiters: list[asyncio.Future[Any]] = [task, self._failure]
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The job is cancelled: so is what it waited for, and its result
+            # is retrieved, so that nothing reports it as never retrieved.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         if task in done:
             if task.exception() is not None and self._failure.done():
                 # Both ended in the same pass: the channel's failure (say, the

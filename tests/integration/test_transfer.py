@@ -108,3 +108,16 @@ async def test_stats_use_query_migrate_names(tmp_path, image_factory) -> None:
         assert d["remaining"] == 0
     assert sent.transferred == received.transferred
     assert sent.transferred > normal * PAGE  # payload plus headers
+
+
+async def test_the_transport_reports_a_job_end_at_debug_only(tmp_path, image_factory) -> None:
+    """The daemon's "job finished" line (or the one-shot summary) is the one
+    canonical report; the transport's own end-of-job events stay at debug."""
+    from structlog.testing import capture_logs
+
+    image, _, _ = image_factory(1024 * 1024, seed=9)
+    with capture_logs() as logs:
+        await transfer_in_process(image, str(tmp_path / "out.img"), channels=2)
+    ends = [(e["event"], e["log_level"]) for e in logs
+            if e["event"] in ("job completed", "job failed", "job cancelled")]
+    assert ends == [("job completed", "debug"), ("job completed", "debug")]

@@ -94,20 +94,6 @@ def test_the_journal_is_recognised_by_device_and_inode(tmp_path, monkeypatch) ->
         assert not stream_is_journal(stream)
 
 
-def test_the_transport_end_of_job_lines_are_debug_only() -> None:
-    out = io.StringIO()
-    configure("info", json=True, stream=out)
-    transport = get_logger(job="j1", role="sender")
-    transport.info("job completed", total=1)
-    transport.warning("job failed", error="cancelled")
-    get_logger(component="daemon").info("job failed")  # not the transport's: kept
-    assert [json.loads(line)["event"] for line in lines(out)] == ["job failed"]
-    debug = io.StringIO()
-    configure("debug", json=True, stream=debug)
-    get_logger(job="j1").warning("job failed", error="x")
-    assert json.loads(debug.getvalue())["level"] == "debug"
-
-
 def test_stdlib_logging_warnings_and_threads_become_events() -> None:
     out = io.StringIO()
     configure("info", json=True, stream=out)
