@@ -104,6 +104,9 @@ class JobStats:
     cpu_end: float | None = None
     threads_start: dict[str, float] = field(default_factory=thread_cpu_seconds)
     threads: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds of this job's threads that ended before the job did (a
+    #: channel's pump): /proc no longer shows them when the job finishes.
+    ended_threads: dict[str, float] = field(default_factory=dict)
     earlier_transferred: int = 0  # bytes of connections closed before a reconnect
     extra: dict[str, Any] = field(default_factory=dict)  # more figures for to_dict
 
@@ -114,6 +117,11 @@ class JobStats:
     def mark_setup_done(self) -> None:
         self.setup_done = time.monotonic()
 
+    def add_thread_cpu(self, name: str, seconds: float) -> None:
+        """Count the CPU time of a thread of this job that has ended."""
+        if self.finished is None:
+            self.ended_threads[name] = self.ended_threads.get(name, 0.0) + seconds
+
     def finish(self, status: str, error: str | None = None) -> None:
         """Freeze the clock and the CPU figures."""
         if self.finished is not None:
@@ -123,11 +131,14 @@ class JobStats:
         self.error = error
         self.cpu_end = time.process_time()
         now = thread_cpu_seconds()
-        self.threads = {
-            name: round(seconds - self.threads_start.get(name, 0.0), 3)
-            for name, seconds in sorted(now.items())
+        threads = {
+            name: seconds - self.threads_start.get(name, 0.0)
+            for name, seconds in now.items()
             if seconds - self.threads_start.get(name, 0.0) > 0 or name.startswith("dsamig")
         }
+        for name, seconds in self.ended_threads.items():
+            threads[name] = threads.get(name, 0.0) + seconds
+        self.threads = {name: round(seconds, 3) for name, seconds in sorted(threads.items())}
 
     @property
     def elapsed_s(self) -> float:

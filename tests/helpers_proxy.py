@@ -42,6 +42,7 @@ class Fault:
     delay_s: float = 0.0  # before forwarding each chunk read in ``direction``
     corrupt_at: int | None = None  # XOR the byte at this offset with ``corrupt_xor``
     corrupt_xor: int = 0x01
+    also_corrupt: tuple[tuple[int, int], ...] = ()  # more (offset, xor) pairs
     cut_after: int | None = None  # forward this many bytes, then reset both sides
     stall_after: int | None = None  # forward this many bytes, then forward nothing more
 
@@ -244,9 +245,14 @@ class FaultProxy:
     def _apply(fault: Fault, log: ConnectionLog, data: bytes, offset: int) -> tuple[bytes, int]:
         """The part of a chunk to forward, after the fault; sets ``log.cut`` / ``stalled``."""
         start, end = offset, offset + len(data)
-        if fault.corrupt_at is not None and start <= fault.corrupt_at < end:
+        flips = list(fault.also_corrupt)
+        if fault.corrupt_at is not None:
+            flips.append((fault.corrupt_at, fault.corrupt_xor))
+        hits = [(at, xor) for at, xor in flips if start <= at < end]
+        if hits:
             buf = bytearray(data)
-            buf[fault.corrupt_at - start] ^= fault.corrupt_xor
+            for at, xor in hits:
+                buf[at - start] ^= xor
             data = bytes(buf)
             log.corrupted = True
         if fault.stall_after is not None and end >= fault.stall_after:

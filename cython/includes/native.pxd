@@ -1,5 +1,5 @@
 # C declarations of cython/src, declared once and shared by every .pyx.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "crc32c.h" nogil:
@@ -70,3 +70,120 @@ cdef extern from "sigbus_guard.h" nogil:
     int dsamig_zero_bitmap_guarded(const uint8_t *buf, size_t len, size_t page_size,
                                    size_t group_pages, uint8_t *bitmap, size_t *zero_pages)
     int dsamig_crc32c_guarded(uint32_t crc, const void *buf, size_t len, uint32_t *out)
+
+
+cdef extern from "pump.h" nogil:
+    ctypedef struct dsamig_event:
+        dsamig_event *next
+        int kind
+
+    ctypedef struct dsamig_evq:
+        int efd
+        uint64_t posted
+        uint64_t wakeups
+
+    int dsamig_evq_init(dsamig_evq *q)
+    void dsamig_evq_destroy(dsamig_evq *q)
+    dsamig_event *dsamig_evq_drain(dsamig_evq *q)
+
+    enum:
+        DSAMIG_RX_PWRITE
+        DSAMIG_RX_MMAP
+        DSAMIG_RXE_PACKET
+        DSAMIG_RXE_FRAME
+        DSAMIG_RXE_CORRUPT
+        DSAMIG_RXE_EOF
+        DSAMIG_RXE_ERROR
+        DSAMIG_RXE_STOPPED
+        DSAMIG_TX_FRAME
+        DSAMIG_TX_PACKET
+        DSAMIG_TX_VERIFY
+        DSAMIG_TXE_DONE
+        DSAMIG_TXE_STOPPED
+
+    ctypedef struct dsamig_rx_job:
+        uint64_t image_size
+        uint64_t packet_count
+        uint32_t page_size
+        uint32_t packet_pages
+        uint8_t *status
+        int tolerant
+        int fd
+        int mode
+        uint8_t *map
+
+    ctypedef struct dsamig_rx_event:
+        dsamig_event base
+        uint64_t packet
+        uint32_t payload_length
+        uint32_t crc
+        uint32_t header_crc
+        int again
+        int err
+        int what
+        uint16_t bitmap_len
+        uint8_t bitmap[512]
+        uint32_t frame_len
+        uint8_t frame[1]
+
+    ctypedef struct dsamig_rx_channel:
+        dsamig_rx_job *job
+        int sock
+        int ctl
+        int index
+        int stop
+        int started
+        dsamig_evq q
+        uint8_t *buf
+        size_t buf_len
+        uint8_t *prefix
+        size_t prefix_len
+        size_t prefix_off
+        int raw_only
+        uint64_t bytes
+        uint64_t packets
+        uint64_t payload_bytes
+        uint64_t cpu_ns
+
+    int dsamig_rx_start(dsamig_rx_channel *c)
+    void dsamig_rx_stop(dsamig_rx_channel *c)
+
+    ctypedef struct dsamig_tx_op:
+        int kind
+        const uint8_t *frame
+        uint32_t frame_len
+        uint64_t packet
+        uint64_t first_page
+        uint32_t page_count
+        const uint8_t *data
+        uint64_t span
+        uint16_t bitmap_len
+        uint8_t bitmap[512]
+        uint32_t payload_length
+        uint32_t crc
+
+    ctypedef struct dsamig_tx_item:
+        dsamig_event base
+        dsamig_tx_item *next_work
+        uint64_t token
+        uint32_t nops
+        int status
+        uint32_t page_size
+        dsamig_tx_op *ops
+
+    ctypedef struct dsamig_tx_channel:
+        int sock
+        int ctl
+        int index
+        int stop
+        int started
+        dsamig_evq q
+        dsamig_tx_item stopped
+        int abandoned
+        uint64_t bytes
+        uint64_t packets
+        uint64_t cpu_ns
+
+    int dsamig_tx_start(dsamig_tx_channel *c)
+    void dsamig_tx_submit(dsamig_tx_channel *c, dsamig_tx_item *item)
+    void dsamig_tx_stop(dsamig_tx_channel *c)

@@ -199,6 +199,12 @@ class PageSink:
 
     # --- checkpoints ------------------------------------------------------------------
 
+    def fileno(self) -> int:
+        """The partial file's descriptor (while open)."""
+        if self._fd < 0:
+            raise SinkError(f"{self.partial_path!r} is not open")
+        return self._fd
+
     def discard(self, ranges: Iterable[tuple[int, int]]) -> bool:
         """Make byte ranges ``(offset, length)`` of the partial file read as
         zeros again, freeing their blocks (holes).

@@ -166,6 +166,14 @@ class FrameDecoder:
         if self._error is None:
             self._buffer += data
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes buffered but not decoded yet (a shell that moves
+        the connection to another reader passes them on); the buffer empties."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._header_checked = False
+        return data
+
     @property
     def buffered(self) -> int:
         """Bytes held in the internal buffer, not yet turned into events."""

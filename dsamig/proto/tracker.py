@@ -374,6 +374,12 @@ class PacketTracker:
         return frames
 
     @property
+    def status_array(self) -> bytearray:
+        """The status byte of every packet (FREE 0, CLAIMED 1, DONE 2, ZERO 3),
+        for native receiving threads that claim packets in it atomically."""
+        return self._status
+
+    @property
     def zero_pages(self) -> int:
         """Zero pages of the done packets."""
         return self.counters.zero_pages

@@ -1,23 +1,32 @@
 """The receiving side: a listener that routes channels to jobs, and the jobs.
 
 Every decision of a job is its :class:`ReceiveJobCore`'s (``dsamig.proto``);
-this module moves the bytes and runs the timers. Payload bytes go from the
-socket straight into a per-channel buffer sized for one packet (``recv_into``
-through ``asyncio.BufferedProtocol``), are verified against their CRC32C there
-and written to the sink with one ``pwrite`` per run of normal pages. Headers
-are read with exact-size reads so payload bytes never pass through the
-decoder's buffer.
+this module runs the timers and moves the bytes, on one of two data paths:
+
+* **native** (the default where the extension loaded): once a channel's HELLO
+  is accepted, a native thread per channel (``dsamig-recv-N``, see
+  ``cython/src/pump.h``) reads its frames with the GIL released, lands each
+  payload in the destination (through a buffer and ``pwrite``, or straight
+  into a shared mapping of the partial file) and verifies its CRC32C; the loop
+  gets one completion per packet and every other frame as bytes to decode.
+* **loop** (TLS channels, the pure-Python twin, or when asked): payload bytes
+  go from the socket into a per-channel buffer sized for one packet
+  (``recv_into`` through ``asyncio.BufferedProtocol``), are verified there and
+  written with one ``pwrite`` per run of normal pages. Headers are read with
+  exact-size reads so payload bytes never pass through the decoder's buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import time
 import uuid
 from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from dsamig.errors import DsamigError, NetworkError, SinkError, TransferError
 from dsamig.logs import get_logger
@@ -65,6 +74,22 @@ from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
 SinkFactory = Callable[[Hello], PageSink]
 Clock = Callable[[], float]
 
+#: Receive paths of the native data path: "pwrite" lands payloads in a
+#: per-channel buffer and writes them; "mmap" receives them straight into a
+#: shared mapping of the partial file. "auto" picks per file system
+#: (see receive_path_for and docs/performance.md).
+RECEIVE_PATHS = ("auto", "pwrite", "mmap")
+#: statfs f_type of tmpfs.
+_TMPFS_MAGIC = 0x01021994
+#: How long closing a channel waits for its native thread (it ends within one
+#: system call: a packet's pwrite at worst).
+PUMP_STOP_S = 5.0
+
+
+def native_receiving() -> bool:
+    """Whether native receiving threads are available (not with the twin)."""
+    return hasattr(impl, "RecvPump")
+
 
 class JobFailedError(TransferError):
     """A receiving job failed; ``code`` is what the sender is told.
@@ -90,11 +115,17 @@ class JobFailedError(TransferError):
 
 
 class CorruptPacketError(JobFailedError):
-    """A payload failed its CRC32C: nothing of it was stored.  With
-    acknowledgements the channel is dropped and the packet comes again."""
+    """A payload failed its CRC32C: nothing of it counts (where it landed in
+    the destination, its pages were cleared).  With acknowledgements the
+    channel is dropped and the packet comes again."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, ErrorCode.INTEGRITY)
+
+    @classmethod
+    def of_packet(cls, packet: int, crc: int, announced: int) -> CorruptPacketError:
+        return cls(f"packet {packet}: payload CRC32C {crc:#010x} != {announced:#010x} "
+                   "(corrupted in transit)")
 
 
 class ReceiverJob:
@@ -123,6 +154,41 @@ class ReceiverJob:
         self._commit_task: asyncio.Task[None] | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Future[None] | None = None
+        # Native receiving: what the job's threads share, and how many run.
+        self._native: Any = None
+        self._pumps = 0
+        self.stats.extra["data-path"] = "loop"
+
+    def native_shared(self) -> Any:
+        """What this job's native receiving threads share (made for the first);
+        call :meth:`pump_stopped` when each thread has ended."""
+        if self._native is None:
+            manifest = self.manifest
+            mode = self.server.receive_path_for(self.sink.path)
+            fd = os.dup(self.sink.fileno())
+            try:
+                self._native = impl.RecvJobShared(
+                    self.tracker.status_array, manifest.image_size, manifest.packet_count,
+                    manifest.page_size, manifest.packet_pages, self.acks, fd, mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.stats.extra["data-path"] = "native"
+            self.stats.extra["receive-path"] = mode
+        self._pumps += 1
+        return self._native
+
+    def pump_stopped(self, index: int, cpu_s: float) -> None:
+        """A native receiving thread of this job ended."""
+        self.stats.add_thread_cpu(f"dsamig-recv-{index}", cpu_s)
+        self._pumps -= 1
+        self._release_native()
+
+    def _release_native(self) -> None:
+        """Unmap and unpin once the job is over and its threads have ended."""
+        if self._native is not None and self._pumps == 0 and self.done.done():
+            self._native.close()
+            self._native = None
 
     @property
     def tracker(self) -> PacketTracker:
@@ -209,17 +275,15 @@ class ReceiverJob:
     def packet_received(
         self, index: int, header: PacketHeader, payload: memoryview, again: bool
     ) -> None:
-        """Verify and store one packet whose payload is complete in ``payload``.
+        """Verify and store one packet whose payload is complete in ``payload``
+        (the loop path).
 
         ``again``: the packet is already stored (a retransmission after a
         broken channel); it is only compared, not written.
         """
         crc = impl.crc32c(payload)
         if crc != header.payload_crc:
-            raise CorruptPacketError(
-                f"packet {header.packet_number}: payload CRC32C {crc:#010x} "
-                f"!= {header.payload_crc:#010x} (corrupted in transit)"
-            )
+            raise CorruptPacketError.of_packet(header.packet_number, crc, header.payload_crc)
         if not again:
             offset, span = self.manifest.range_bytes(header.packet_number, 1)
             try:
@@ -228,6 +292,10 @@ class ReceiverJob:
             except SinkError as exc:
                 # Keep what is stored: once space is freed the sender can resume.
                 raise JobFailedError(str(exc), ErrorCode.IO, resumable=self.acks) from None
+        self.packet_stored(index, header, crc, again)
+
+    def packet_stored(self, index: int, header: PacketHeader, crc: int, again: bool) -> None:
+        """A packet is verified and stored (or, ``again``, compared): record it."""
         self.core.packet_stored(index, header, crc, again, self.clock())
         self.checkpoint(urgent=False)
 
@@ -326,6 +394,7 @@ class ReceiverJob:
             self._release()
             if not self.done.done():
                 self.done.set_result(self.stats)
+            self._release_native()
             self.server.job_finished(self)
         except JobFailedError as exc:
             self.fail(exc)
@@ -349,6 +418,7 @@ class ReceiverJob:
         self._release()
         self.done.set_exception(exc)
         self.done.exception()  # retrieved: whoever awaits it still gets it
+        self._release_native()
         self.server.job_finished(self)
 
     def _end(self) -> None:
@@ -403,6 +473,10 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.discarding = False  # after an ERROR: read and drop until the peer closes
         self.again = False  # the current packet is already stored (retransmission)
         self.unauthenticated = False  # counted by the server's gate until HELLO
+        self.pump: Any = None  # the native thread reading this connection, if any
+        self._pump_job: ReceiverJob | None = None
+        self._bytes_before_pump = 0
+        self._pump_unfinished: int | None = None  # from the thread's last event
 
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -482,6 +556,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             return  # refused at connection_made: nothing was set up
         self._hello_timer.cancel()
         self._authenticated()
+        self._stop_pump()
         self.server.channel_closed(self)
         job = self.job
         if job is None or job.finished:
@@ -500,6 +575,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         and the packet buffer is let go."""
         job = self.job
         self.payload = None
+        self._stop_pump()
         if job is None:
             return
         job.detach(self)
@@ -554,18 +630,163 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.generation = job.attach(self, hello)  # ChannelRefusedError: this channel only
         self.job = job
         self._authenticated()
-        # Bounded by the receiver's max_packet_bytes, checked when the job opened.
-        self.payload = memoryview(bytearray(job.packet_bytes))
         features = hello.features & (FEATURE_ACKS | FEATURE_RESUME) if job.acks else 0
         self.send_frame(Welcome(job_id=hello.job_id, features=features))
         if features & FEATURE_RESUME:
             # What we hold: the sender skips (and checks) these packets.
             for frame in job.core.resume_frames():
                 self.send_frame(frame)
+        if self.server.native and native_receiving() and not self._tls():
+            self._go_native(job)
+        else:
+            # Bounded by the receiver's max_packet_bytes, checked when the job opened.
+            self.payload = memoryview(bytearray(job.packet_bytes))
+
+    def _tls(self) -> bool:
+        # Seam for kernel TLS: a connection whose keys the kernel holds (TLS_RX)
+        # could be read natively too, but Python's ssl module does not hand
+        # them over, so TLS connections stay on the loop path.
+        return self.transport is None or bool(self.transport.get_extra_info("ssl_object"))
+
+    # native data path
+    def _go_native(self, job: ReceiverJob) -> None:
+        """From here on a native thread reads this connection; the loop keeps
+        writing to it (ACK, COMMIT, ERROR) through the transport."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        try:
+            pump = impl.RecvPump(job.native_shared(), fd, self.index,
+                                 self.decoder.take_buffered(), job.packet_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        # Frames the thread passes on arrive whole: decoded afresh.
+        self.decoder = FrameDecoder(expect_preamble=False, max_body=RECEIVER_MAX_BODY)
+        self.pump = pump
+        self._pump_job = job
+        self._bytes_before_pump = self.stats.transferred
+        job_loop = asyncio.get_running_loop()
+        job_loop.add_reader(pump.fileno(), self._pump_events)
+        pump.start()
+
+    def _pump_events(self) -> None:
+        pump = self.pump
+        if pump is None:
+            return
+        events = pump.collect()
+        self.stats.transferred = self._bytes_before_pump + pump.stats()["bytes"]
+        for event in events:
+            if event[0] == "stopped":
+                self._pump_unfinished = event[1]  # in case handling stops it first
+        for event in events:
+            if event[0] == "stopped":
+                self._pump_ended(event[1])
+                return
+            if self.job is None or self.discarding:
+                continue  # left its job: what the thread still says is moot
+            try:
+                self._pump_event(event)
+            except (ProtocolError, DsamigError) as exc:
+                self._fail(exc)
+            if self.pump is None:
+                return  # stopped while handling the event
+
+    def _pump_event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        job = self._job()
+        if kind == "packet":
+            _, number, length, crc, again, bitmap = event
+            manifest = job.manifest
+            header = PacketHeader(number, number * manifest.packet_pages,
+                                  manifest.pages_in_packet(number), length, crc, bitmap)
+            self.state.on_frame(header)
+            job.packet_stored(self.index, header, crc, again)
+        elif kind == "frame":
+            self.decoder.receive_data(event[1])
+            self._process()
+        elif kind == "corrupt":
+            _, number, crc, announced = event
+            exc = CorruptPacketError.of_packet(number, crc, announced)
+            if not job.acks:
+                raise exc
+            job.log.warning("corrupted packet, dropping channel", channel=self.index,
+                            error=str(exc))
+            self.detach()
+            self.close()
+        elif kind == "eof":
+            if job.acks and not job.finished and self.state.state in (
+                ReceiverState.STREAMING, ReceiverState.HANDSHAKE
+            ):
+                self.close()  # like a reset: the sender may come back
+                return
+            if event[1]:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            self.decoder.receive_data(b"")
+            self._process()
+            self.close()
+        elif kind == "error":
+            _, err, in_file, _number = event
+            if not in_file:
+                self._lose(OSError(err, os.strerror(err)))
+                return
+            what = {errno.ENOSPC: "no space left on device",
+                    errno.EDQUOT: "disk quota exceeded"}.get(err)
+            message = (f"{what} writing {job.sink.partial_path!r}" if what else
+                       f"cannot write {job.sink.partial_path!r}: {os.strerror(err)}")
+            # Keep what is stored: once space is freed the sender can resume.
+            raise JobFailedError(message, ErrorCode.IO, resumable=job.acks)
+
+    def _lose(self, exc: Exception) -> None:
+        """The connection broke under the native thread: as connection_lost."""
+        transport = self.transport
+        if transport is not None:
+            transport.abort()  # connection_lost follows, with the same judgement
+        self._stop_pump()
+
+    def _stop_pump(self) -> None:
+        """Stop the native thread and wait for it (it ends within one system
+        call), so that nothing of this connection happens after this."""
+        pump = self.pump
+        if pump is None:
+            return
+        asyncio.get_running_loop().remove_reader(pump.fileno())
+        job = self._pump_job
+        for event in pump.close(PUMP_STOP_S):
+            if event[0] == "stopped":
+                self._pump_unfinished = event[1]
+            elif event[0] == "packet" and not event[4] and job is not None and not job.finished:
+                # Stored but never recorded: it is not acknowledged, so it comes again.
+                job.tracker.unclaim(event[1])
+        if pump.is_stopped:
+            self._pump_ended(self._pump_unfinished)
+        else:  # it did not stop in time (a hung file system): its claim stays
+            self.pump = self._pump_job = None
+
+    def _pump_ended(self, unfinished: int | None) -> None:
+        """The native thread's last event: release what it held."""
+        pump, job = self.pump, self._pump_job
+        self.pump = self._pump_job = None
+        with contextlib.suppress(ValueError):  # closed already
+            asyncio.get_running_loop().remove_reader(pump.fileno())
+        pump.close(PUMP_STOP_S)  # frees it (it has ended)
+        final = pump.stats()
+        cpu_s = final.get("cpu-s", 0.0)
+        self.stats.transferred = self._bytes_before_pump + final.get("bytes", 0)
+        if job is None:
+            return
+        if unfinished is not None and not job.finished:
+            job.tracker.unclaim(unfinished)  # it will come again
+        job.pump_stopped(self.index, cpu_s)
 
     def _packet_header(self, header: PacketHeader) -> None:
         job = self._job()
         self.again = job.core.packet_header(header)
+        if self.pump is not None:
+            # A header the native checks refused but the Python ones accept.
+            raise JobFailedError(
+                f"PACKET {header.packet_number}: the native and Python checks disagree",
+                ErrorCode.INTERNAL)
         self.current = header
         self.filled = 0
         if header.payload_length == 0:
@@ -609,6 +830,7 @@ class ReceiverChannel(asyncio.BufferedProtocol):
             self.send_frame(Error(code=code, message=message))
 
     def close(self) -> None:
+        self._stop_pump()
         if self.transport is not None:
             self.transport.close()
 
@@ -624,6 +846,10 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing() or self.discarding:
             return
         self.discarding = True
+        if self.pump is not None:
+            # The thread owns reading: stop it, and let the loop drain instead.
+            self._stop_pump()
+            transport.resume_reading()
         try:
             transport.write_eof()
         except (OSError, RuntimeError):
@@ -708,7 +934,9 @@ class ReceiverServer:
     (TLS, pre-shared key) guards every connection, and ``on_refused`` gets one
     line for each connection turned away before it joined a job (failed TLS
     handshake, failed authentication, garbage, too many connections).
-    ``clock`` is the time every job rule is measured with.
+    ``clock`` is the time every job rule is measured with. ``native`` lets
+    channels move to native receiving threads, which land payloads by
+    ``receive_path`` (see :data:`RECEIVE_PATHS`).
     """
 
     def __init__(
@@ -725,6 +953,8 @@ class ReceiverServer:
         security: SecurityConfig | None = None,
         on_refused: Callable[[str], None] | None = None,
         clock: Clock = time.monotonic,
+        native: bool | None = None,
+        receive_path: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -738,10 +968,27 @@ class ReceiverServer:
         self.psk = psk_of(security)
         self.on_refused = on_refused  # told about every connection refused before a job
         self.clock = clock
+        #: Whether channels may move to the native data path (else the loop's);
+        #: DSAMIG_DATA_PATH=loop keeps them on the loop (a knob for tests and
+        #: for comparing the paths), DSAMIG_RECEIVE_PATH picks how payloads land.
+        if native is None:
+            native = os.environ.get("DSAMIG_DATA_PATH", "auto") != "loop"
+        self.native = native
+        if receive_path is None:
+            receive_path = os.environ.get("DSAMIG_RECEIVE_PATH", "auto")
+        if receive_path not in RECEIVE_PATHS:
+            raise ValueError(f"receive path {receive_path!r}: one of {', '.join(RECEIVE_PATHS)}")
+        self.receive_path = receive_path
         self.jobs: dict[uuid.UUID, ReceiverJob] = {}
         self.channels: set[ReceiverChannel] = set()
         self._server: asyncio.base_events.Server | TlsListener | None = None
         self.log = get_logger(role="receiver")
+
+    def receive_path_for(self, path: str) -> str:
+        """How native threads land payloads in the file at ``path``."""
+        if self.receive_path != "auto":
+            return self.receive_path
+        return "pwrite"
 
     @property
     def limits(self) -> ReceiverLimits:

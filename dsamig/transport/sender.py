@@ -6,8 +6,16 @@ all, the records, the counts, the resume checks, the COMMIT_REQUEST. This
 module connects, moves the bytes, runs the timers and reconnects.
 
 Per-page work never happens here.  Python handles *chunks* (a few packets, one
-engine batch) and *packets* (one header, a handful of zero-copy slices of the
-mapped image); the engine and ``impl.packet_payload`` handle pages and bytes.
+engine batch); the bytes move on one of two data paths:
+
+* **native** (the default where the extension loaded): each channel's data
+  phase runs on its own thread (``dsamig-send-N``, ``cython/src/pump.h``):
+  the loop hands it each scanned chunk as the core laid it out, and the thread
+  checksums every packet and writes header + mapped slices in one ``sendmsg``,
+  with the GIL released; the loop records the CRCs it reports.
+* **loop** (TLS channels, the pure-Python twin, or when asked): the loop
+  computes each packet's CRC and zero-copy slices (``impl.packet_payload``)
+  and writes them with one ``writelines``.
 
 A job runs in *sessions*.  The first connects every channel and streams the
 plan.  When a channel breaks (reset, timeout, a receiver that restarted),
@@ -20,6 +28,7 @@ session.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import ssl
 import time
@@ -27,6 +36,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, TypeVar, cast
 
 from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_engine
@@ -82,10 +92,19 @@ DEFAULT_CHANNELS = 4
 DEFAULT_PACKET_SIZE = 512 * 1024
 DEFAULT_PAGE_SIZE = 4096
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
+PUMP_DEPTH = 2  # chunks queued on a channel's native thread
+#: How long stopping a channel's native thread may take (it ends within one
+#: system call, or at once when the socket is full).
+PUMP_STOP_S = 5.0
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
 
 T = TypeVar("T")
+#: What a native sending thread reports for a work item: its status (0 or an
+#: errno value) and ``(payload_length, crc)`` of each packet it handled.
+PumpResult = tuple[int, list[tuple[int, int]]]
+#: Chunks on the engine, in plan order (None: nothing to scan).
+Pending = deque[tuple[Chunk, "asyncio.Future[Detection] | None"]]
 # States in which a receiver that hangs up refused us rather than failed.
 _HANDSHAKING = frozenset({SenderState.AWAIT_CHALLENGE, SenderState.AWAIT_WELCOME})
 
@@ -116,6 +135,8 @@ class SendOptions:
     resume: bool = False  # continue from what the receiver already holds
     retry_for_s: float = RETRY_FOR_S  # reconnect a broken job for this long
     security: SecurityConfig | None = None  # TLS and/or pre-shared key
+    #: Native sending threads where possible (None: unless DSAMIG_DATA_PATH=loop).
+    native: bool | None = None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -130,6 +151,15 @@ class SendOptions:
             )
         if self.retry_for_s < 0:
             raise ConfigError(f"retry time must not be negative, not {self.retry_for_s}")
+
+
+def native_sending(options: SendOptions) -> bool:
+    """Whether this job's channels may use native sending threads."""
+    if not hasattr(impl, "SendPump"):
+        return False  # the pure-Python twin
+    if options.native is not None:
+        return options.native
+    return os.environ.get("DSAMIG_DATA_PATH", "auto") != "loop"
 
 
 class ChannelLostError(TransferError):
@@ -166,6 +196,11 @@ class SenderChannel(asyncio.Protocol):
         self.unacked: deque[tuple[int, int]] = deque()
         self.unacked_bytes = 0
         self.acked = asyncio.Event()
+        # The native thread writing this connection's data phase, if any.
+        self.pump: Any = None
+        self._pump_waiters: dict[int, asyncio.Future[PumpResult]] = {}
+        self._pump_tokens = 0
+        self._bytes_before_pump = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -278,25 +313,29 @@ class SenderChannel(asyncio.Protocol):
         self.state.on_send(frame)
         self._write([PREAMBLE, encode(frame)] if preamble else [encode(frame)])
         if isinstance(frame, ZeroRange):
-            self._data_frame(0)
+            self.count_data_frame(0)
 
     def send_packet(self, header: bytes, views: list[memoryview], payload_bytes: int) -> None:
         """Queue one PACKET (encoded header, zero-copy payload slices): the hot path."""
         self.state.on_send_data(1, 1, payload_bytes)
         self._write([header, *views])
-        self._data_frame(payload_bytes)
+        self.count_data_frame(payload_bytes)
 
     def send_error(self, code: ErrorCode, message: str) -> None:
         """Report a failure to the receiver, if this channel still may. Every
-        write so far was whole frames, so the ERROR lands on a frame boundary."""
+        write so far was whole frames, so the ERROR lands on a frame boundary
+        (a native thread is stopped first; if it had to abandon a frame half
+        written, the connection can only be closed)."""
+        abandoned = self.stop_pump()
         if (
-            self.state.can_send_error
+            not abandoned
+            and self.state.can_send_error
             and self.transport is not None
             and not self.transport.is_closing()
         ):
             self.send_frame(Error(code=code, message=message))
 
-    def _data_frame(self, payload_bytes: int) -> None:
+    def count_data_frame(self, payload_bytes: int) -> None:
         """Count a PACKET or ZERO_RANGE for the window of unacknowledged data."""
         if self.job.acks:
             self.unacked.append((self.state.data_frames, payload_bytes))
@@ -351,8 +390,81 @@ class SenderChannel(asyncio.Protocol):
                 raise ChannelLostError(f"receiver closed channel {self.index}")
 
     def close(self) -> None:
+        self.stop_pump()
         if self.transport is not None:
             self.transport.close()
+
+    # native data path
+    def go_native(self) -> bool:
+        """Hand the data phase to a native thread; False where the channel stays
+        on the loop (TLS, or bytes still queued in the transport)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        # Seam for kernel TLS: with the keys in the kernel (TLS_TX) a thread
+        # could write a TLS connection too; Python's ssl module does not hand
+        # them over, so TLS connections stay on the loop path.
+        if transport.get_extra_info("ssl_object") or transport.get_write_buffer_size():
+            return False
+        fd = os.dup(transport.get_extra_info("socket").fileno())
+        try:
+            pump = impl.SendPump(fd, self.index)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.pump = pump
+        self._bytes_before_pump = self.stats.transferred
+        asyncio.get_running_loop().add_reader(pump.fileno(), self._pump_events)
+        pump.start()
+        return True
+
+    def pump_submit(self, image: memoryview, page_size: int,
+                    ops: list[tuple[Any, ...]]) -> asyncio.Future[PumpResult]:
+        """Queue a work item on the native thread: its ``(status, [(payload_length,
+        crc), ...])`` once written."""
+        self._pump_tokens += 1
+        token = self._pump_tokens
+        future: asyncio.Future[PumpResult] = asyncio.get_running_loop().create_future()
+        self.pump.submit(token, image, page_size, ops)
+        self._pump_waiters[token] = future
+        return future
+
+    def _pump_events(self) -> None:
+        pump = self.pump
+        if pump is None:
+            return
+        self._settle(pump.collect())
+
+    def _settle(self, events: list[tuple[Any, ...]]) -> None:
+        """Resolve the waiters of finished work items."""
+        pump = self.pump
+        if pump is not None:
+            self.stats.transferred = self._bytes_before_pump + pump.stats().get("bytes", 0)
+        for event in events:
+            if event[0] != "done":
+                continue
+            _, token, status, results = event
+            future = self._pump_waiters.pop(token, None)
+            if future is not None and not future.done():
+                future.set_result((status, results))
+
+    def stop_pump(self) -> bool:
+        """Stop the native thread and wait for it (bounded: it ends within one
+        system call); True if it had to abandon a frame half written."""
+        pump = self.pump
+        if pump is None:
+            return False
+        asyncio.get_running_loop().remove_reader(pump.fileno())
+        self._settle(pump.close(PUMP_STOP_S))
+        self.pump = None
+        for future in self._pump_waiters.values():
+            if not future.done():
+                future.set_result((errno.ECANCELED, []))
+        self._pump_waiters.clear()
+        final = pump.stats()
+        self.stats.transferred = self._bytes_before_pump + final.get("bytes", 0)
+        self.job.stats.add_thread_cpu(f"dsamig-send-{self.index}", final.get("cpu-s", 0.0))
+        return bool(pump.abandoned)
 
 
 class Sender:
@@ -393,7 +505,7 @@ class Sender:
         self.channels = []
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def channel_failed(self, exc: DsamigError) -> None:
+    def channel_failed(self, exc: DsamigError | ImageChangedError) -> None:
         """First failure of any channel ends the session (later ones, and closes
         after the job ended, are ignored)."""
         if not self._failure.done() and self.stats.finished is None:
@@ -468,6 +580,9 @@ class Sender:
                 resume = False
                 self.options.job_id = uuid.uuid4()
                 self.core.restart_clean()
+                # Recovering: the receiver may still hold the old session's
+                # channels for a moment ("busy"); that is worth waiting out.
+                retry_until = time.monotonic() + self.options.retry_for_s
                 continue
             except (ChannelLostError, NetworkError, ReceiverBusyError) as exc:
                 # Reconnect only a job that got going and talks to a receiver
@@ -490,7 +605,9 @@ class Sender:
                 await self._close_channels()
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
-                resume = True
+                # What the receiver holds of this job is worth keeping once a
+                # session of it got going; a refusal at the door changes nothing.
+                resume = resume or not isinstance(exc, ReceiverBusyError)
                 continue
 
     async def _session(self, resume: bool) -> None:
@@ -611,9 +728,14 @@ class Sender:
 
     async def _pump(self, channel: SenderChannel, chunks: Iterator[Chunk]) -> None:
         """Take chunks from the shared plan until it is empty; then END."""
-        pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]] = deque()
+        pending: Pending = deque()
         try:
-            await self._pump_chunks(channel, chunks, pending)
+            if native_sending(self.options) and channel.go_native():
+                self.stats.extra["data-path"] = "native"
+                await self._pump_native(channel, chunks, pending)
+            else:
+                self.stats.extra.setdefault("data-path", "loop")
+                await self._pump_chunks(channel, chunks, pending)
         finally:
             # A pump that stops early (a failure, a new session) leaves batches
             # on the engine: nobody will read their results.
@@ -625,31 +747,16 @@ class Sender:
         self,
         channel: SenderChannel,
         chunks: Iterator[Chunk],
-        pending: deque[tuple[Chunk, asyncio.Future[Detection] | None]],
+        pending: Pending,
     ) -> None:
-        assert self.engine is not None
-        core = self.core
         manifest = self.manifest
         packet_bytes = manifest.page_size * manifest.packet_pages
-        view = self.source.view
         # Mapped ranges already queued, with the channel's byte count at their end.
         unreleased: deque[tuple[int, int, int]] = deque()
         idle_s = self.options.timeouts.idle_s
         while True:
             self.source.check_size()  # a shrunk image fails here, before its pages are touched
-            while len(pending) < PIPELINE_DEPTH:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                future = None
-                if core.needs_scan(chunk):
-                    start = chunk.first_packet * packet_bytes
-                    stop = min((chunk.first_packet + chunk.packets) * packet_bytes,
-                               manifest.image_size)
-                    future = self.engine.submit(
-                        view[start:stop], manifest.page_size, manifest.packet_pages
-                    )
-                pending.append((chunk, future))
+            self._next_chunk(chunks, pending)
             if not pending:
                 break
             chunk, future = pending.popleft()
@@ -680,6 +787,155 @@ class Sender:
         if self.acks:
             # Done only when the receiver holds everything this channel sent.
             await channel.wait_acknowledged(idle_s)
+
+    def _next_chunk(self, chunks: Iterator[Chunk], pending: Pending) -> None:
+        """Keep PIPELINE_DEPTH chunks on the engine (those that need scanning)."""
+        assert self.engine is not None
+        manifest = self.manifest
+        packet_bytes = manifest.page_size * manifest.packet_pages
+        while len(pending) < PIPELINE_DEPTH:
+            chunk = next(chunks, None)
+            if chunk is None:
+                return
+            future = None
+            if self.core.needs_scan(chunk):
+                start = chunk.first_packet * packet_bytes
+                stop = min((chunk.first_packet + chunk.packets) * packet_bytes,
+                           manifest.image_size)
+                future = self.engine.submit(
+                    self.source.view[start:stop], manifest.page_size, manifest.packet_pages
+                )
+            pending.append((chunk, future))
+
+    async def _pump_native(
+        self,
+        channel: SenderChannel,
+        chunks: Iterator[Chunk],
+        pending: Pending,
+    ) -> None:
+        """The data phase of a channel on its native thread: the loop lays each
+        chunk out (the core decides), the thread checksums and writes it."""
+        manifest = self.manifest
+        packet_bytes = manifest.page_size * manifest.packet_pages
+        idle_s = self.options.timeouts.idle_s
+        view = self.source.view
+        # Work items on the thread: what to record when each comes back.
+        queued: deque[tuple[asyncio.Future[PumpResult], list[tuple[int, bytes, bool, int]],
+                            tuple[int, int] | None]] = deque()
+        while True:
+            self.source.check_size()  # a shrunk image fails here, before its pages are touched
+            self._next_chunk(chunks, pending)
+            if pending:
+                chunk, future = pending.popleft()
+                ops: list[tuple[Any, ...]] = []
+                packets: list[tuple[int, bytes, bool, int]] = []
+                span: tuple[int, int] | None = None
+                if future is None:
+                    if chunk.hole:
+                        self._zero_ops(channel, chunk.first_packet, chunk.packets, ops)
+                else:
+                    detection = await future
+                    if self.options.pacer is not None:
+                        span_bytes = manifest.range_bytes(chunk.first_packet, chunk.packets)[1]
+                        await self.options.pacer.acquire(
+                            max(span_bytes - detection.zero_pages * manifest.page_size, 0)
+                        )
+                    self._chunk_ops(channel, chunk, detection, ops, packets)
+                    start = chunk.first_packet * packet_bytes
+                    span = (start, start + chunk.packets * packet_bytes)
+                if ops:
+                    done = channel.pump_submit(view, manifest.page_size, ops)
+                    # Recorded as soon as it is written (progress stays live
+                    # while this coroutine waits for the pacer or the window).
+                    done.add_done_callback(partial(self._pump_recorded, packets))
+                    queued.append((done, packets, span))
+                elif span is not None:
+                    self.source.release(*span)
+            if not pending and not queued:
+                break
+            while queued and (len(queued) >= PUMP_DEPTH or not pending):
+                done, packets, span = queued.popleft()
+                await self._pump_done(channel, done, idle_s)
+                if span is not None:
+                    self.source.release(*span)  # written: the page cache keeps the data
+            if channel.unacked_bytes > self.window_bytes:
+                await channel.wait_window(idle_s)
+        end = End(packets=channel.state.packets, payload_bytes=channel.state.payload_bytes)
+        channel.state.on_send(end)
+        await self._pump_done(channel, channel.pump_submit(view, manifest.page_size,
+                                                          [(impl.TX_FRAME, encode(end))]),
+                              idle_s)
+        channel.stop_pump()  # the rest of the channel (ACKs, COMMIT) is the loop's
+        if self.acks:
+            # Done only when the receiver holds everything this channel sent.
+            await channel.wait_acknowledged(idle_s)
+
+    def _zero_ops(self, channel: SenderChannel, first: int, count: int,
+                  ops: list[tuple[Any, ...]]) -> None:
+        """ZERO_RANGE frames for all-zero packets the receiver does not hold."""
+        for run_first, run_count in self.core.zero_runs(first, count):
+            frame = ZeroRange(first_packet=run_first, packet_count=run_count)
+            channel.state.on_send(frame)
+            channel.count_data_frame(0)
+            ops.append((impl.TX_FRAME, encode(frame)))
+
+    def _chunk_ops(self, channel: SenderChannel, chunk: Chunk, detection: Detection,
+                   ops: list[tuple[Any, ...]], packets: list[tuple[int, bytes, bool, int]]) -> None:
+        """A scanned chunk as the core lays it out, for the native thread: frames
+        counted now (their payload lengths follow from the bitmaps)."""
+        core = self.core
+        manifest = self.manifest
+        for kind, first, what in core.chunk_items(chunk, detection.bitmaps):
+            if kind == ZERO:
+                self._zero_ops(channel, first, cast(int, what), ops)
+                continue
+            bitmap = cast(bytes, what)
+            offset, span = manifest.range_bytes(first, 1)
+            length = manifest.payload_length(first, bitmap)
+            send = not core.skip[first]
+            if send:
+                channel.state.on_send_data(1, 1, length)
+                channel.count_data_frame(length)
+            ops.append((impl.TX_PACKET if send else impl.TX_VERIFY, first,
+                        first * manifest.packet_pages, manifest.pages_in_packet(first),
+                        offset, span, bitmap))
+            packets.append((first, bitmap, send, length))
+
+    async def _pump_done(
+        self, channel: SenderChannel, done: asyncio.Future[PumpResult], idle_s: float
+    ) -> None:
+        """Wait (bounded) for a work item to be written; raise what stopped it."""
+        try:
+            status, _ = await asyncio.wait_for(asyncio.shield(done), idle_s)
+        except TimeoutError:
+            raise NetworkError(
+                f"channel {channel.index}: receiver stopped reading for {idle_s:g} s"
+            ) from None
+        if status == errno.EFAULT:
+            self.source.check_size()  # the image shrank under the mapping
+            raise SourceError(f"cannot read image {self.source.path!r}: bad address")
+        if status:
+            raise ChannelLostError(
+                f"receiver closed channel {channel.index}: {os.strerror(status)}")
+
+    def _pump_recorded(
+        self, packets: list[tuple[int, bytes, bool, int]], done: asyncio.Future[PumpResult]
+    ) -> None:
+        """A work item came back: record what the thread measured of each packet
+        (the core checks it against what it knew); a problem ends the session."""
+        if done.cancelled():
+            return
+        status, results = done.result()
+        if status:
+            return  # _pump_done raises it
+        try:
+            for (number, bitmap, sent, length), (measured, crc) in zip(packets, results,
+                                                                       strict=True):
+                if measured != length or self.core.packet(number, bitmap, measured, crc) != sent:
+                    raise TransferError(
+                        f"packet {number}: the native sender and the job core disagree")
+        except (DsamigError, ImageChangedError) as exc:
+            self.channel_failed(exc)
 
     def _release_sent(
         self, channel: SenderChannel, unreleased: deque[tuple[int, int, int]]

@@ -40,13 +40,22 @@ def first_packet_offset() -> int:
     return len(PREAMBLE) + len(encode(hello))
 
 
-def start_receiver(output: str, *extra: str) -> Receiver:
+#: The receiver's data paths: the loop's, and native threads landing payloads
+#: through a buffer (pwrite) or straight into a mapping of the file (mmap).
+DATA_PATHS = {
+    "loop": {"DSAMIG_DATA_PATH": "loop"},
+    "native-pwrite": {"DSAMIG_RECEIVE_PATH": "pwrite"},
+    "native-mmap": {"DSAMIG_RECEIVE_PATH": "mmap"},
+}
+
+
+def start_receiver(output: str, *extra: str, env: dict[str, str] | None = None) -> Receiver:
     """``dsamig receive`` logging warnings too (the self-healing path only logs)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsamig", "--log-level", "warning", "receive", "--listen",
          "127.0.0.1:0", "--output", output, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()
@@ -78,10 +87,11 @@ def test_through_a_slow_link(tmp_path, image_factory) -> None:
     assert sum(c.up_bytes for c in proxy.connections) > (normal - 1) * 4096
 
 
-def test_bit_flip_in_a_payload(tmp_path, image_factory) -> None:
+@pytest.mark.parametrize("path", DATA_PATHS)
+def test_bit_flip_in_a_payload(tmp_path, image_factory, path: str) -> None:
     image, _, _ = image_factory(4 * MiB, seed=12, zero_every=0)
     output = str(tmp_path / "dest.img")
-    receiver = start_receiver(output, "--once", "--idle-timeout", "5")
+    receiver = start_receiver(output, "--once", "--idle-timeout", "5", env=DATA_PATHS[path])
     # Only the first connection is corrupted: a sender that reconnects gets a clean link.
     flip = [Fault(corrupt_at=first_packet_offset() + PACKET_HEADER + 5000, corrupt_xor=0x10)]
     try:
@@ -106,6 +116,34 @@ def test_bit_flip_in_a_payload(tmp_path, image_factory) -> None:
         assert code == EXIT_TRANSFER
         assert not os.path.exists(output)
         assert not os.path.exists(output + ".partial")
+
+
+@pytest.mark.parametrize("path", DATA_PATHS)
+def test_corrupted_header_heals_and_leaves_nothing(tmp_path, image_factory, path: str) -> None:
+    """A PACKET header whose zero bitmap and CRC were both damaged in transit:
+    the payload lands on the wrong pages (straight into the mapped file on the
+    mmap path) and fails its CRC. Every page it touched must be cleared, or a
+    zero page of the retransmitted packet would keep the stray bytes."""
+    image, _, _ = image_factory(4 * MiB, seed=15, zero_every=2)  # even pages are zero
+    output = str(tmp_path / "dest.img")
+    receiver = start_receiver(output, "--once", "--idle-timeout", "20", env=DATA_PATHS[path])
+    header = first_packet_offset()
+    # Pages 0 and 1 swap roles (the payload length stays right) and the CRC
+    # field is off by one bit: the first run of data lands on page 0.
+    fault = Fault(corrupt_at=header + 8 + 32, corrupt_xor=0x03,
+                  also_corrupt=((header + 8 + 24, 0x01),))
+    try:
+        with ThreadedProxy(receiver.port, [fault]) as proxy:
+            result = dsamig("send", image, "--to", f"127.0.0.1:{proxy.port}", "--channels", "1",
+                            "--name", NAME, "--retry-for", "30", "--idle-timeout", "20")
+        code, _, err = receiver.finish()
+    finally:
+        receiver.kill()
+    assert proxy.connections[0].corrupted
+    assert "corrupted in transit" in err, err + result.stderr
+    assert result.returncode == EXIT_OK, result.stderr
+    assert code == EXIT_OK
+    assert read_bytes(output) == read_bytes(image)
 
 
 def test_bit_flip_in_a_header(tmp_path, image_factory) -> None:

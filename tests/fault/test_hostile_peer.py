@@ -94,12 +94,14 @@ async def test_packet_buffers_are_released_when_the_job_ends(tmp_path) -> None:
         assert isinstance(await channels[0].hello(job.hello(0)), Welcome)
         assert isinstance(await channels[1].hello(job.hello(1)), Welcome)
         held = list(job_of(server).channels.values())
-        assert [len(c.payload) for c in held if c.payload is not None] == [512 * 1024] * 2
+        # One packet buffer per channel: in Python (loop path) or in its thread.
+        assert [len(c.payload) if c.payload is not None else c.pump is not None
+                for c in held] in ([512 * 1024] * 2, [True, True])
         assert isinstance(await job.send_all_zero(channels), Commit)
         for channel in channels:
             channel.close()
         assert server.jobs == {}
-        assert [c.payload for c in held] == [None, None]
+        assert [(c.payload, c.pump) for c in held] == [(None, None), (None, None)]
         assert [c.job for c in held] == [None, None]
     assert read_bytes(str(tmp_path / "freed")) == bytes(manifest.image_size)
 
@@ -400,3 +402,78 @@ def test_a_daemon_whose_limits_exceed_its_descriptors_refuses_to_start() -> None
     assert proc.returncode != 0
     assert "need up to 4672 file descriptors" in proc.stdout + proc.stderr
     assert "raise LimitNOFILE=" in proc.stdout + proc.stderr
+
+
+# --- the native receiving thread judges PACKET headers as the Python checks do ------------
+
+def _packet(n: int, *, first_page: int | None = None, page_count: int = 128,
+            payload_length: int | None = None, crc: int = 0, region: int = 0,
+            reserved: int = 0, flags: int = 0, bitmap: bytes | None = None,
+            body_length: int | None = None) -> bytes:
+    """A PACKET frame header and body, any field as a test wants it."""
+    import struct
+
+    bitmap = bitmap if bitmap is not None else b"\xff" * ((page_count + 7) // 8)
+    body = struct.pack("<QQIIIHH", n, n * 128 if first_page is None else first_page,
+                       page_count, 0 if payload_length is None else payload_length, crc,
+                       region, reserved) + bitmap
+    length = len(body) if body_length is None else body_length
+    return struct.pack("<BBHI", 0x10, flags, 0, length) + body
+
+
+MUTATED_HEADERS = {
+    "page list flag": _packet(0, flags=1),
+    "region": _packet(0, region=1),
+    "reserved": _packet(0, reserved=2),
+    "page count zero": _packet(0, page_count=0, bitmap=b"\x00"),
+    "page count wrong": _packet(0, page_count=64),
+    "body length": _packet(0, body_length=40),
+    "payload too long": _packet(0, payload_length=129 << 20),
+    "payload for bitmap": _packet(0, payload_length=4096),
+    "bitmap padding": _packet(7, page_count=4, bitmap=b"\xff", first_page=7 * 128),
+    "packet out of range": _packet(99),
+    "first page": _packet(1, first_page=5),
+    "body too large": b"\x10\x00\x00\x00" + (5000).to_bytes(4, "little"),
+}
+
+
+@pytest.mark.parametrize("case", MUTATED_HEADERS)
+async def test_native_and_loop_receivers_refuse_a_header_alike(tmp_path, case: str) -> None:
+    from dsamig.native import impl
+
+    if not hasattr(impl, "RecvPump"):
+        pytest.skip("native pumps need the extension")
+    manifest = Manifest(image_size=7 * 128 * 4096 + 4 * 4096, page_size=4096, packet_pages=128)
+    answers = []
+    for native in (True, False):
+        async with receiver(tmp_path / str(native), native=native) as server:
+            os.makedirs(tmp_path / str(native), exist_ok=True)
+            channel = await RawChannel.open(server.port)
+            job = RawJob(manifest, name="judged")
+            assert isinstance(await channel.hello(job.hello(0)), Welcome)
+            channel.send(MUTATED_HEADERS[case])
+            error = await channel.error()
+            channel.close()
+            assert error.code == ErrorCode.PROTOCOL
+            answers.append(error.message.split(": ", 1)[1])  # without "channel 0 from ..."
+    assert answers[0] == answers[1]
+
+
+async def test_a_packet_twice_is_refused_alike_on_both_paths(tmp_path) -> None:
+    from dsamig.native import impl
+
+    if not hasattr(impl, "RecvPump"):
+        pytest.skip("native pumps need the extension")
+    manifest = Manifest(image_size=4 * 128 * 4096, page_size=4096, packet_pages=128)
+    zero = _packet(1, bitmap=b"\xff" * 16)  # an all-zero packet: no payload
+    answers = []
+    for native in (True, False):
+        async with receiver(tmp_path, native=native) as server:
+            channel = await RawChannel.open(server.port)
+            job = RawJob(manifest, name=f"twice-{native}")
+            assert isinstance(await channel.hello(job.hello(0)), Welcome)
+            channel.send(zero, zero)
+            error = await channel.error()
+            channel.close()
+            answers.append(error.message.split(": ", 1)[1])
+    assert answers == ["PACKET packet_number 1 received twice"] * 2

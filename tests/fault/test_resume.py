@@ -63,7 +63,8 @@ async def test_channel_reset_heals(tmp_path, image_factory, which: str) -> None:
 
 async def test_corrupted_payload_is_resent(tmp_path, image_factory) -> None:
     """A payload that fails its CRC is never stored: the channel is dropped and
-    the packet comes again."""
+    the packet comes again. (The loop path, whose buffer this test can reach;
+    tests/fault/test_fault_matrix.py corrupts payloads on the wire for both.)"""
     image, zero, normal = image_factory(16 * MiB, seed=12, zero_every=5)
     output = str(tmp_path / "out.img")
     flipped = []
@@ -82,7 +83,8 @@ async def test_corrupted_payload_is_resent(tmp_path, image_factory) -> None:
 
         channel._packet_complete = flip_once  # type: ignore[method-assign]
 
-    sent, received = await transfer_in_process(image, output, corrupt, channels=2)
+    sent, received = await transfer_in_process(image, output, corrupt,
+                                                receiver={"native": False}, channels=2)
     assert flipped, "no packet was corrupted"
     assert read_bytes(output) == read_bytes(image)
     assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)

@@ -132,9 +132,11 @@ def test_sigbus_outside_a_guard_still_kills(tmp_path, faulthandler: bool) -> Non
 # -- the sender ----------------------------------------------------------------------
 
 
-async def _send_truncated(tmp_path, monkeypatch, engine: str) -> tuple[Exception, ReceiverJob]:
+async def _send_truncated(tmp_path, monkeypatch, engine: str,
+                          native: bool | None = None) -> tuple[Exception, ReceiverJob]:
     """Send an image cut to 1 MiB after it was mapped; the size check between
-    chunks is disabled so that the layer under test is the one that notices."""
+    chunks is disabled so that the layer under test is the one that notices.
+    ``native``: the data path (None: the default)."""
     image = tmp_path / "image.img"
     image.write_bytes(os.urandom(8 * MiB))
     output = str(tmp_path / "dest.img")
@@ -154,7 +156,7 @@ async def _send_truncated(tmp_path, monkeypatch, engine: str) -> tuple[Exception
     os.truncate(image, MiB)
     try:
         sender = Sender(source, SendOptions(host="127.0.0.1", port=port, channels=2,
-                                            engine=engine, retry_for_s=0))
+                                            engine=engine, retry_for_s=0, native=native))
         with pytest.raises(SourceError) as info:
             await asyncio.wait_for(sender.run(), TIMEOUT_S)
         job = await asyncio.wait_for(finished, TIMEOUT_S)
@@ -212,9 +214,17 @@ def test_kernel_efault_becomes_a_source_error(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(SenderChannel, "connection_lost", record)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        error, _job = runner.run(_send_truncated(tmp_path, monkeypatch, "none"))
+        error, _job = runner.run(_send_truncated(tmp_path, monkeypatch, "none", native=False))
     assert "was truncated while being sent" in str(error)
     assert any(isinstance(exc, OSError) and exc.errno == errno.EFAULT for exc in lost), lost
+
+
+async def test_a_native_sender_reports_a_truncated_image(tmp_path, monkeypatch) -> None:
+    # On the native path the sending thread reads the pages under the SIGBUS
+    # guard: the vanished page comes back as EFAULT, and the job says why.
+    error, job = await _send_truncated(tmp_path, monkeypatch, "none", native=True)
+    assert "was truncated while being sent" in str(error)
+    assert job.stats.extra["data-path"] == "native"
 
 
 def test_image_truncated_mid_transfer(tmp_path, image_factory) -> None:

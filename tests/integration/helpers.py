@@ -23,12 +23,14 @@ TIMEOUT_S = 60
 
 async def transfer_in_process(
     image: str, output: str, during: Callable[[ReceiverServer], Awaitable[None]] | None = None,
-    **options: Any,
+    receiver: dict[str, Any] | None = None, **options: Any,
 ) -> tuple[JobStats, JobStats]:
     """Send ``image`` to a receiver in the same loop; return (sender, receiver) stats.
 
     ``during(server)``, if given, runs beside the transfer: fault tests use
-    it to break channels or corrupt packets mid-way.
+    it to break channels or corrupt packets mid-way. ``receiver`` holds more
+    ReceiverServer arguments (``native``, ``receive_path``); ``options`` are
+    the SendOptions.
     """
     finished: asyncio.Future[ReceiverJob] = asyncio.get_running_loop().create_future()
 
@@ -39,6 +41,7 @@ async def transfer_in_process(
     server = ReceiverServer(
         "127.0.0.1", 0, sink, timeouts=Timeouts(idle_s=20),
         on_job_finished=lambda job: finished.done() or finished.set_result(job),
+        **(receiver or {}),
     )
     _, port = await server.start()
     source = PageSource(image)
