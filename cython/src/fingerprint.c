@@ -48,8 +48,15 @@
 
 typedef unsigned __int128 u128;
 
+/* Prefetch this far ahead of the loads: measured from memory on the
+ * development VMs, it lifts the rescan from about 0.75x to about 1x the
+ * memcpy rate (a prefetch past the end of a mapping does not fault). */
+#define PREFETCH_BYTES 2048
+
 /* Keep a loaded value in its register: the compiler may not load it again
- * from the source (which a writer may change) for the store or the hash. */
+ * from the source (which a writer may change) for the store or for the other
+ * NH pass, so both passes and the copy see the same bytes; it also saves the
+ * second load. */
 #if defined(__GNUC__)
 #define PIN(x) __asm__ volatile("" : "+r"(x))
 #define PIN_VEC(x) __asm__ volatile("" : "+x"(x))
@@ -141,11 +148,13 @@ nh_sse2_body(uint8_t *dst, const uint8_t *p, size_t len, const uint8_t *k0, cons
     __m128i a0 = _mm_setzero_si128(), a1 = a0, b0 = a0, b1 = a0;
     size_t i = 0;
     for (; i + 32 <= len; i += 32) {
-        __m128i m = _mm_loadu_si128((const __m128i *)(p + i));
-        __m128i n = _mm_loadu_si128((const __m128i *)(p + i + 16));
+        __m128i m, n;
+        __builtin_prefetch(p + i + PREFETCH_BYTES);
+        m = _mm_loadu_si128((const __m128i *)(p + i));
+        n = _mm_loadu_si128((const __m128i *)(p + i + 16));
+        PIN_VEC(m);
+        PIN_VEC(n);
         if (copy) {
-            PIN_VEC(m);
-            PIN_VEC(n);
             _mm_storeu_si128((__m128i *)(dst + i), m);
             _mm_storeu_si128((__m128i *)(dst + i + 16), n);
         }
@@ -195,11 +204,13 @@ nh_avx2_body(uint8_t *dst, const uint8_t *p, size_t len, const uint8_t *k0, cons
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
     size_t i = 0;
     for (; i + 64 <= len; i += 64) {
-        __m256i m = _mm256_loadu_si256((const __m256i *)(p + i));
-        __m256i n = _mm256_loadu_si256((const __m256i *)(p + i + 32));
+        __m256i m, n;
+        __builtin_prefetch(p + i + PREFETCH_BYTES);
+        m = _mm256_loadu_si256((const __m256i *)(p + i));
+        n = _mm256_loadu_si256((const __m256i *)(p + i + 32));
+        PIN_VEC(m);
+        PIN_VEC(n);
         if (copy) {
-            PIN_VEC(m);
-            PIN_VEC(n);
             _mm256_storeu_si256((__m256i *)(dst + i), m);
             _mm256_storeu_si256((__m256i *)(dst + i + 32), n);
         }
@@ -229,17 +240,23 @@ __attribute__((target("avx2"))) static size_t nh_avx2_copy(uint8_t *dst, const u
 }
 #endif
 
-static inline uint64_t finish(uint64_t h0, uint64_t h1, const uint8_t *fk)
+struct fp_key {
+    const uint8_t *k0, *k1; /* the NH keys */
+    u128 a0, a1, b;         /* the final stage */
+};
+
+static struct fp_key parse_key(const uint8_t *key, size_t page_size)
 {
-    u128 r = le128(fk) * h0 + le128(fk + 16) * h1 + le128(fk + 32);
-    return (uint64_t)(r >> 64);
+    struct fp_key k = {key, key + page_size, le128(key + 2 * page_size),
+                       le128(key + 2 * page_size + 16), le128(key + 2 * page_size + 32)};
+    return k;
 }
 
 /* Fingerprint of one page of plen bytes, copied to dst first unless NULL. */
-static uint64_t fp_page(uint8_t *dst, const uint8_t *p, size_t plen, size_t page_size,
-                        const uint8_t *key, enum dsamig_simd level)
+static uint64_t fp_page(uint8_t *dst, const uint8_t *p, size_t plen, const struct fp_key *key,
+                        enum dsamig_simd level)
 {
-    const uint8_t *k0 = key, *k1 = key + page_size;
+    const uint8_t *k0 = key->k0, *k1 = key->k1;
     uint64_t h0 = 0, h1 = 0;
     size_t done = 0;
 #if defined(__x86_64__)
@@ -252,7 +269,7 @@ static uint64_t fp_page(uint8_t *dst, const uint8_t *p, size_t plen, size_t page
 #endif
     (void)level;
     nh_generic(dst ? dst + done : NULL, p + done, plen - done, k0 + done, k1 + done, &h0, &h1);
-    return finish(h0, h1, key + 2 * page_size);
+    return (uint64_t)((key->a0 * h0 + key->a1 * h1 + key->b) >> 64);
 }
 
 static inline void store64(uint64_t *out, size_t i, uint64_t v)
@@ -269,10 +286,11 @@ void dsamig_fp_pages(const uint8_t *buf, size_t len, size_t page_size, const uin
                      uint64_t *out)
 {
     enum dsamig_simd level = dsamig_simd_level();
+    struct fp_key k = parse_key(key, page_size);
     size_t i = 0;
     for (size_t off = 0; off < len; off += page_size, i++) {
         size_t plen = len - off < page_size ? len - off : page_size;
-        store64(out, i, fp_page(NULL, buf + off, plen, page_size, key, level));
+        store64(out, i, fp_page(NULL, buf + off, plen, &k, level));
     }
 }
 
@@ -280,10 +298,11 @@ void dsamig_fp_copy_pages(uint8_t *dst, const uint8_t *src, size_t len, size_t p
                           const uint8_t *key, uint64_t *out)
 {
     enum dsamig_simd level = dsamig_simd_level();
+    struct fp_key k = parse_key(key, page_size);
     size_t i = 0;
     for (size_t off = 0; off < len; off += page_size, i++) {
         size_t plen = len - off < page_size ? len - off : page_size;
-        store64(out, i, fp_page(dst + off, src + off, plen, page_size, key, level));
+        store64(out, i, fp_page(dst + off, src + off, plen, &k, level));
     }
 }
 
@@ -291,6 +310,7 @@ size_t dsamig_fp_changes(const uint8_t *buf, size_t len, size_t page_size, size_
                          const uint8_t *key, const uint64_t *previous, uint8_t *bitmap)
 {
     enum dsamig_simd level = dsamig_simd_level();
+    struct fp_key k = parse_key(key, page_size);
     size_t pages = (len + page_size - 1) / page_size;
     size_t changed = 0, out = 0;
     memset(bitmap, 0, dsamig_bitmap_bytes(len, page_size, group_pages));
@@ -301,7 +321,7 @@ size_t dsamig_fp_changes(const uint8_t *buf, size_t len, size_t page_size, size_
             size_t plen = len - off < page_size ? len - off : page_size;
             uint64_t was;
             memcpy(&was, (const uint8_t *)previous + (first + i) * 8, 8);
-            if (fp_page(NULL, buf + off, plen, page_size, key, level) != was) {
+            if (fp_page(NULL, buf + off, plen, &k, level) != was) {
                 bitmap[out + i / 8] |= (uint8_t)(1u << (i % 8));
                 changed++;
             }
