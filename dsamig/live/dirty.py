@@ -35,8 +35,8 @@ each scan fingerprints the whole image again and compares.  Its cost is a
 full read of the image per round, about ``image_bytes / rate`` with the
 rate in docs/performance.md; the final round, with the writer stopped,
 must rescan everything too, so the downtime can never be shorter than one
-full scan: with one core at 10 GB/s, a 300 ms budget stops being reachable
-near 3 GB of image.
+full scan: at about 9 GB/s per scanning core, a 300 ms budget stops being
+reachable near 2.7 GB of image per core.
 
 A kernel dirty-tracking source would implement the same protocol, with
 ``begin_round`` clearing the tracking and ``dirty_packets`` reading it, and
@@ -183,19 +183,25 @@ class ContentDirtySource:
         The scan reads the image while the writer writes: a page written
         after it was scanned is reported by the next scan.
         """
-        view = memoryview(image).cast("B")
-        if len(view) != self.image_size:
-            raise ValueError(f"the image is {len(view)} bytes, not the {self.image_size} "
-                             f"bytes this source tracks")
+        with memoryview(image) as raw, raw.cast("B") as view:
+            if len(view) != self.image_size:
+                raise ValueError(f"the image is {len(view)} bytes, not the {self.image_size} "
+                                 f"bytes this source tracks")
+            # The views are released however the caller leaves the loop, so
+            # that the image's mapping can be closed.
+            yield from self._scan(view)
+
+    def _scan(self, view: memoryview) -> Iterator[DirtyPacket]:
         stats = self.last_scan = ScanStats()
         pp, ps = self.packet_pages, self.page_size
+        group_bytes = (pp + 7) // 8
         step = pp * self.scan_packets
         for chunk_first in range(0, self.page_count, step):
             chunk_pages = min(step, self.page_count - chunk_first)
             start = chunk_first * ps
-            chunk = view[start : min(start + chunk_pages * ps, self.image_size)]
-            bitmap, changed = impl.fingerprint_changes(chunk, ps, self.key, self.fingerprints,
-                                                       chunk_first, pp)
+            with view[start : min(start + chunk_pages * ps, self.image_size)] as chunk:
+                bitmap, changed = impl.fingerprint_changes(chunk, ps, self.key, self.fingerprints,
+                                                           chunk_first, pp)
             packets = -(-chunk_pages // pp)
             stats.pages += chunk_pages
             stats.packets += packets
@@ -205,7 +211,7 @@ class ContentDirtySource:
             for k in range(packets):
                 first = chunk_first + k * pp
                 count = min(pp, self.page_count - first)
-                bits = bitmap[k * ((pp + 7) // 8) : k * ((pp + 7) // 8) + (count + 7) // 8]
+                bits = bitmap[k * group_bytes : k * group_bytes + (count + 7) // 8]
                 if any(bits):
                     stats.dirty_packets += 1
                     yield DirtyPacket(first, count, bits,

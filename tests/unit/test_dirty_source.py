@@ -168,3 +168,18 @@ def test_large_image_scan_in_chunks() -> None:
         image[page * PAGE + 9] ^= 0xFF
     assert dirty_pages(list(source.dirty_packets(image))) == [0, 127, 128, 1000, 2047]
     assert source.last_scan.packets == 16 and source.last_scan.dirty_packets == 4
+
+
+def test_leaving_a_scan_early_lets_the_mapping_close(impl, tmp_path) -> None:
+    import mmap
+
+    path = tmp_path / "image"
+    path.write_bytes(make_image(16, zero=set()))
+    source = ContentDirtySource(16 * PAGE, PAGE, 4, seed=SEED)
+    with open(path, "rb") as f:
+        image = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        scan = source.dirty_packets(image)
+        assert next(scan).first_page == 0
+        scan.close()
+        image.close()  # BufferError if the scan still held a view
+        assert image.closed
