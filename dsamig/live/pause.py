@@ -41,9 +41,6 @@ from dsamig.logs import get_logger
 
 #: Bytes of a command's output kept for its error message (the end of it).
 OUTPUT_KEPT_BYTES = 4096
-#: How long a finished command's output may still be read (a background child
-#: may hold the pipe open).
-OUTPUT_GRACE_S = 0.5
 
 
 class WriterControlError(DsamigError):
@@ -133,42 +130,58 @@ async def run_command(command: str, *, what: str, timeout_s: float) -> str:
     """Run ``command`` through the shell, bounded by ``timeout_s``; return its output.
 
     A non-zero exit, a signal or the timeout raises :class:`WriterControlError`
-    naming ``what`` and the command, with the end of its output.
+    naming ``what`` and the command, with the end of its output.  The command
+    is done when its shell exits: a background child that keeps the output
+    pipe open does not hold us (we read the pipe ourselves, without waiting
+    for its end), and the end of the output is kept, OUTPUT_KEPT_BYTES of it.
     """
-    try:
-        proc = await asyncio.create_subprocess_shell(
-            command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    except OSError as exc:
-        raise WriterControlError(f"{what} {command!r}: cannot start the shell: "
-                                 f"{exc.strerror or exc}") from None
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_fd, False)  # ours only: the command writes as usual
     output = bytearray()
 
-    async def collect() -> None:
-        assert proc.stdout is not None
-        while chunk := await proc.stdout.read(65536):
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(read_fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                loop.remove_reader(read_fd)
+                return
             output.extend(chunk)
             del output[:-OUTPUT_KEPT_BYTES]
 
-    reader = asyncio.ensure_future(collect())
     try:
+        try:
+            proc = await asyncio.create_subprocess_shell(
+                command, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            raise WriterControlError(f"{what} {command!r}: cannot start the shell: "
+                                     f"{exc.strerror or exc}") from None
+        finally:
+            os.close(write_fd)
+        loop.add_reader(read_fd, drain)
         try:
             async with asyncio.timeout(timeout_s):
                 status = await proc.wait()
         except TimeoutError:
             _kill_group(proc.pid)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(OUTPUT_GRACE_S + 5):
+                async with asyncio.timeout(5):
                     await proc.wait()
-            await _settle(reader)
+            drain()
             raise WriterControlError(f"{what} {command!r} did not finish within "
                                      f"{timeout_s:g} s and was killed{_tail(output)}") from None
-        await _settle(reader)
-    except BaseException:
-        # Cancelled: the command must not outlive the decision to give up on it.
-        _kill_group(proc.pid)
-        reader.cancel()
-        raise
+        except BaseException:
+            # Cancelled: the command must not outlive the decision to give up on it.
+            _kill_group(proc.pid)
+            raise
+        drain()  # what the command wrote before it exited
+    finally:
+        loop.remove_reader(read_fd)
+        os.close(read_fd)
     if status < 0:
         raise WriterControlError(f"{what} {command!r} was killed by signal "
                                  f"{signal.Signals(-status).name}{_tail(output)}")
@@ -176,16 +189,6 @@ async def run_command(command: str, *, what: str, timeout_s: float) -> str:
         raise WriterControlError(f"{what} {command!r} exited with status {status}"
                                  f"{_tail(output)}")
     return output.decode(errors="replace")
-
-
-async def _settle(reader: asyncio.Future[None]) -> None:
-    """Let the output reader finish, bounded: a background child may keep the pipe."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(OUTPUT_GRACE_S):
-            await asyncio.shield(reader)
-    reader.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reader
 
 
 def _kill_group(pid: int) -> None:
