@@ -8,9 +8,9 @@
                              # is built from it) and run ``dsamig demo`` from there
 
 Needs only Python 3.11+, pip and a C compiler: everything else (Cython, uvloop,
-pytest, ...) is installed into ``.venv`` from the package index, and the two
-system tools some tests run (systemd-analyze, openssl) with apt-get when they
-are missing and we may.
+pytest, ...) is installed into ``.venv`` from the package index, and the
+system tools some tests run (systemd-analyze, openssl, qemu-system-x86_64)
+with apt-get when they are missing and we may.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def setup(extras: str) -> None:
 
 # Commands some tests run that pip cannot install, with their Debian package:
 # systemd-analyze verifies the unit files (no PID 1 needed); openssl makes
-# throwaway certificates for the TLS tests.
-SYSTEM_TOOLS = (("systemd-analyze", "systemd"), ("openssl", "openssl"))
+# throwaway certificates for the TLS tests; QEMU (TCG, no KVM needed) runs the
+# guest of the live-migration tests.
+SYSTEM_TOOLS = (("systemd-analyze", "systemd"), ("openssl", "openssl"),
+                ("qemu-system-x86_64", "qemu-system-x86"))
 
 
 def system_tools() -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import mmap
 import os
+import sys
 import threading
 import time
+from array import array
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
@@ -293,3 +296,158 @@ class CpuEngineCore:
         for token, view, page_size, group_pages in left:
             self._post((token, b"\0" * bitmap_bytes(len(view), page_size, group_pages), 0,
                         125, 0))
+
+
+# Page fingerprints (cython/fingerprint.pyx, cython/src/fingerprint.c).
+#
+# The readable specification: for a page of L bytes, zero-padded to n 32-bit
+# little-endian words m_0 .. m_{n-1}, and a key made of two NH keys k, k'
+# (page_size bytes each, as 32-bit words) and three 128-bit constants a0, a1, b:
+#
+#   h  = sum_i ((m_2i + k_2i) mod 2^32) * ((m_2i+1 + k_2i+1) mod 2^32)  mod 2^64
+#   h' = the same with k'
+#   fingerprint = ((a0 * h + a1 * h' + b) mod 2^128) >> 64
+#
+# fingerprint.c says why a change then goes unseen with probability <= 2^-63.
+
+FINGERPRINT_SEED_BYTES = 16
+_FP_DOMAIN = b"dsamig page fingerprint v1\0"
+_M32 = (1 << 32) - 1
+_M64 = (1 << 64) - 1
+_M128 = (1 << 128) - 1
+
+
+def _fp_check_page_size(page_size: int) -> None:
+    if page_size <= 0 or page_size % 8:
+        raise ValueError(f"page_size must be a positive multiple of 8, not {page_size}")
+
+
+def _fp_key_bytes(page_size: int) -> int:
+    return 2 * page_size + 48
+
+
+def _le_words(data: bytes) -> array:
+    words = array("I", data)
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words
+
+
+class _FpKey:
+    """A key split into the NH word arrays and the final-stage constants."""
+
+    def __init__(self, key: Buffer, page_size: int) -> None:
+        raw = bytes(key)
+        need = _fp_key_bytes(page_size)
+        if len(raw) != need:
+            raise ValueError(f"the key is {len(raw)} bytes; pages of {page_size} bytes need a "
+                             f"key of {need} (see fingerprint_key)")
+        self.k0 = _le_words(raw[:page_size])
+        self.k1 = _le_words(raw[page_size : 2 * page_size])
+        final = raw[2 * page_size :]
+        self.a0 = int.from_bytes(final[0:16], "little")
+        self.a1 = int.from_bytes(final[16:32], "little")
+        self.b = int.from_bytes(final[32:48], "little")
+
+    def page(self, page: bytes) -> int:
+        """The fingerprint of one page (at most page_size bytes)."""
+        words = _le_words(page + bytes(-len(page) % 8))
+        k0, k1 = self.k0, self.k1
+        h0 = h1 = 0
+        for i in range(0, len(words), 2):
+            m0, m1 = words[i], words[i + 1]
+            h0 += ((m0 + k0[i]) & _M32) * ((m1 + k0[i + 1]) & _M32)
+            h1 += ((m0 + k1[i]) & _M32) * ((m1 + k1[i + 1]) & _M32)
+        return ((self.a0 * (h0 & _M64) + self.a1 * (h1 & _M64) + self.b) & _M128) >> 64
+
+
+def _fp_slots(buffer: Buffer, what: str, index: int, pages: int, *, write: bool) -> memoryview:
+    view = memoryview(buffer)
+    if write and view.readonly:
+        raise BufferError(f"{what} is not writable")
+    view = view.cast("B")
+    if index < 0:
+        raise ValueError(f"index must not be negative, not {index}")
+    if len(view) // 8 < index + pages:
+        raise ValueError(f"{what} holds {len(view) // 8} fingerprints; pages {index}.."
+                         f"{index + pages - 1} do not fit")
+    return view
+
+
+def fingerprint_key(seed: Buffer, page_size: int) -> bytes:
+    """The key of the page fingerprints for pages of ``page_size`` bytes (SHAKE-128 of
+    ``seed``, at least FINGERPRINT_SEED_BYTES random bytes drawn once per job)."""
+    _fp_check_page_size(page_size)
+    raw = bytes(seed)
+    if len(raw) < FINGERPRINT_SEED_BYTES:
+        raise ValueError(f"the seed must be at least {FINGERPRINT_SEED_BYTES} bytes, "
+                         f"not {len(raw)}")
+    material = _FP_DOMAIN + page_size.to_bytes(8, "little") + raw
+    return hashlib.shake_128(material).digest(_fp_key_bytes(page_size))
+
+
+def _fp_each(data: bytes, page_size: int, fp: _FpKey) -> list[int]:
+    return [fp.page(data[off : off + page_size]) for off in range(0, len(data), page_size)]
+
+
+def _fp_store(view: memoryview, index: int, values: list[int]) -> None:
+    for i, value in enumerate(values):
+        view[(index + i) * 8 : (index + i + 1) * 8] = value.to_bytes(8, sys.byteorder)
+
+
+def fingerprint_pages(data: Buffer, page_size: int, key: Buffer, out: Buffer,
+                      index: int = 0) -> int:
+    """Fingerprint ``data`` page by page into ``out[index:]`` (native-endian u64
+    slots); the last page may be short.  Returns the number of pages."""
+    _fp_check_page_size(page_size)
+    fp = _FpKey(key, page_size)
+    raw = bytes(data)
+    pages = -(-len(raw) // page_size)
+    _fp_store(_fp_slots(out, "out", index, pages, write=True), index,
+              _fp_each(raw, page_size, fp))
+    return pages
+
+
+def copy_fingerprint(dst: Buffer, src: Buffer, page_size: int, key: Buffer, out: Buffer,
+                     index: int = 0) -> int:
+    """Copy ``src`` into ``dst`` and fingerprint what was copied into ``out[index:]``."""
+    _fp_check_page_size(page_size)
+    target = memoryview(dst)
+    if target.readonly:
+        raise BufferError("dst is not writable")
+    target = target.cast("B")
+    raw = bytes(src)  # read once: what is hashed is what is written
+    if len(target) < len(raw):
+        raise ValueError(f"dst is {len(target)} bytes, shorter than src ({len(raw)} bytes)")
+    fp = _FpKey(key, page_size)
+    pages = -(-len(raw) // page_size)
+    slots = _fp_slots(out, "out", index, pages, write=True)
+    target[: len(raw)] = raw
+    _fp_store(slots, index, _fp_each(raw, page_size, fp))
+    return pages
+
+
+def fingerprint_changes(data: Buffer, page_size: int, key: Buffer, previous: Buffer,
+                        index: int = 0, group_pages: int = 0) -> tuple[bytes, int]:
+    """Pages of ``data`` whose fingerprint differs from ``previous[index:]``:
+    ``(bitmap, changed_pages)``, grouped as zero_bitmap() groups its bits."""
+    _fp_check_page_size(page_size)
+    fp = _FpKey(key, page_size)
+    raw = bytes(data)
+    pages = -(-len(raw) // page_size)
+    slots = _fp_slots(previous, "previous", index, pages, write=False)
+    group_pages = group_pages or max(1, pages)
+    out = bytearray(_group_bitmap_bytes(pages, group_pages))
+    changed = 0
+    byte_base = 0
+    now = _fp_each(raw, page_size, fp)
+    for first in range(0, pages, group_pages):
+        count = min(group_pages, pages - first)
+        for i in range(count):
+            slot = (index + first + i) * 8
+            was = int.from_bytes(slots[slot : slot + 8], sys.byteorder)
+            if now[first + i] != was:
+                out[byte_base + i // 8] |= 1 << (i % 8)
+                changed += 1
+        byte_base += (count + 7) // 8
+    return bytes(out), changed
