@@ -64,7 +64,9 @@ def system_tools() -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(*sudo, "apt-get", "update", "-qq", env=env)
-    run(*sudo, "apt-get", "install", "-y", "-qq", *missing, env=env, stdout=subprocess.DEVNULL)
+    # Without recommends: qemu-system-x86 alone would pull in some 170 packages.
+    run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, env=env,
+        stdout=subprocess.DEVNULL)
 
 
 # Sources the sdist must carry: everything under these directories with these
