@@ -57,7 +57,7 @@ cdef class RecvJobShared:
 
     def __cinit__(self, status, unsigned long long image_size, unsigned long long packet_count,
                   unsigned int page_size, unsigned int packet_pages, bint tolerant, int fd,
-                  str mode):
+                  str mode, bint live=False):
         cdef void *m
         self.job.fd = -1
         if mode not in (RX_PWRITE, RX_MMAP):
@@ -72,6 +72,7 @@ cdef class RecvJobShared:
         self.job.packet_pages = packet_pages
         self.job.status = <uint8_t *>self.status_view.buf
         self.job.tolerant = tolerant
+        self.job.live = live
         self.job.fd = fd
         self.job.mode = DSAMIG_RX_MMAP if mode == RX_MMAP else DSAMIG_RX_PWRITE
         self.job.map = NULL

@@ -48,6 +48,64 @@ def crc32c(data: Buffer, crc: int = 0) -> int:
     return value ^ 0xFFFFFFFF
 
 
+_POLY = 0x82F63B78
+
+
+def _mult_mod_p(a: int, b: int) -> int:
+    """a * b modulo the reflected CRC32C polynomial (x^0 in the top bit)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _crc32c_op(length: int) -> int:
+    """x^(8 * length) mod P: what appending ``length`` bytes multiplies a CRC by."""
+    p, x = 1 << 31, 1 << 30  # x^0, x^1
+    bits = length * 8
+    while bits:
+        if bits & 1:
+            p = _mult_mod_p(x, p)
+        x = _mult_mod_p(x, x)
+        bits >>= 1
+    return p
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C of A||B from the CRC32Cs of A and of B, and B's length."""
+    return _mult_mod_p(_crc32c_op(len_b), crc_a) ^ crc_b
+
+
+def page_crcs(data: Buffer, page_size: int, out: array[int], index: int = 0) -> int:
+    """The CRC32C of each page of ``data`` into ``out[index:]``; the pages."""
+    view = memoryview(data).cast("B")
+    pages = -(-len(view) // page_size)
+    if page_size <= 0 or index + pages > len(out):
+        raise ValueError("out is too short for the pages of data")
+    for i in range(pages):
+        out[index + i] = crc32c(view[i * page_size : (i + 1) * page_size])
+    return pages
+
+
+def packet_crc(crcs: array[int], first_page: int, page_count: int, zero_bitmap: Buffer,
+               page_size: int, last_length: int) -> int:
+    """The payload CRC32C of a packet from the CRC32Cs of its pages."""
+    bits = bytes(zero_bitmap)
+    if first_page + page_count > len(crcs) or len(bits) * 8 < page_count:
+        raise ValueError("crcs or zero_bitmap do not hold these pages")
+    crc = 0
+    for i in range(page_count):
+        if bits[i >> 3] >> (i & 7) & 1:
+            continue
+        length = last_length if i == page_count - 1 else page_size
+        crc = crc32c_combine(crc, crcs[first_page + i], length)
+    return crc
+
+
 def crc32c_impl() -> str:
     """Which CRC32C implementation runs."""
     return "python"

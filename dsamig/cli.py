@@ -34,9 +34,10 @@ from dsamig.transport.sender import (
     DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
     RETRY_FOR_S,
+    LiveOptions,
     SendOptions,
 )
-from dsamig.units import parse_rate, parse_size
+from dsamig.units import parse_duration, parse_rate, parse_size
 
 ENGINE_CHOICES = ("auto", "cpu", "dsa", "none")
 
@@ -49,6 +50,13 @@ def _rate(text: str) -> float:
     if not rate > 0:
         raise argparse.ArgumentTypeError(f"bandwidth {text!r} must be more than 0")
     return rate
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DsamigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -134,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
                            "bytes (100MB/s, 1GiB) per second; progress is shown in its unit")
     send.add_argument("--json", action="store_true",
                       help="print the job's stats as one JSON object (no progress bar)")
+    live = send.add_argument_group(
+        "live", "move a running guest's memory in rounds (docs/integrations.md)")
+    live.add_argument("--live", action="store_true",
+                      help="send the image while its writer runs, then only what changed, "
+                           "until a final round with the writer paused fits --max-downtime")
+    live.add_argument("--max-downtime", type=_duration, default=0.3, metavar="DURATION",
+                      help="pause the writer once the final round is predicted to take no "
+                           "longer (default 300ms)")
+    live.add_argument("--max-rounds", type=int, default=30, metavar="N",
+                      help="rounds before the final one at most (default 30)")
+    live.add_argument("--pause-cmd", metavar="CMD",
+                      help="shell command that pauses the writer (needs --resume-cmd)")
+    live.add_argument("--resume-cmd", metavar="CMD",
+                      help="shell command that resumes the writer after a failure")
+    live.add_argument("--qmp", metavar="SOCKET",
+                      help="pause and resume a QEMU guest through its QMP socket")
+    live.add_argument("--resume-writer", action="store_true",
+                      help="resume the writer after the commit too (a consistent copy of a "
+                           "guest that keeps running; default: it stays paused)")
     _add_security_args(send, "sender")
 
     receive = _command(sub, "receive", "receive images into a file", _examples(
@@ -384,6 +411,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             timeouts=Timeouts(connect_s=args.connect_timeout, idle_s=args.idle_timeout),
             pacer=TokenBucket(args.max_bandwidth) if args.max_bandwidth else None,
             security=_security(args),
+            live=LiveOptions(
+                max_downtime_s=args.max_downtime, max_rounds=args.max_rounds,
+                pause_cmd=args.pause_cmd, resume_cmd=args.resume_cmd, qmp=args.qmp,
+                keep_paused=not args.resume_writer,
+            ) if args.live else None,
         )
         options.validate()
         return SendCommand(args.image, options, as_json=args.json).run()

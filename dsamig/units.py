@@ -166,3 +166,18 @@ def format_bytes(n: float) -> str:
 def format_rate(bytes_per_s: float, unit: RateUnit = BYTES) -> str:
     """A rate in ``unit`` (bits or bytes, decimal or binary prefixes)."""
     return unit.format(bytes_per_s)
+
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str | float, what: str = "duration") -> float:
+    """``30``, ``500ms``, ``30s``, ``5m``, ``1h`` → seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a duration (examples: 30, 500ms, 30s, 5m, 1h)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+

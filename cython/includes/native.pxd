@@ -4,6 +4,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "crc32c.h" nogil:
     uint32_t dsamig_crc32c(uint32_t crc, const void *buf, size_t len)
+    uint32_t dsamig_crc32c_op(uint64_t len)
+    uint32_t dsamig_crc32c_extend(uint32_t op, uint32_t crc_a, uint32_t crc_b)
+    uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     void dsamig_crc32c_force_portable(int on)
     const char *dsamig_crc32c_impl()
 
@@ -108,6 +111,7 @@ cdef extern from "pump.h" nogil:
         uint32_t packet_pages
         uint8_t *status
         int tolerant
+        int live
         int fd
         int mode
         uint8_t *map

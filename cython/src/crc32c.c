@@ -136,6 +136,57 @@ uint32_t dsamig_crc32c(uint32_t crc, const void *buf, size_t len)
     return ~crc_table(s, (const uint8_t *)buf, len);
 }
 
+/* Multiplication modulo the (reflected) polynomial: a and b are polynomials
+ * with x^0 in the top bit, as the reflected CRC holds them. */
+static uint32_t mult_mod_p(uint32_t a, uint32_t b)
+{
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0)
+                break;
+        }
+        m >>= 1;
+        b = (b & 1) ? (b >> 1) ^ POLY : b >> 1;
+    }
+    return p;
+}
+
+/* x^(2^k) mod P for k = 0..63, built once by squaring. */
+static uint32_t x2k[64];
+static pthread_once_t x2k_once = PTHREAD_ONCE_INIT;
+
+static void init_x2k(void)
+{
+    uint32_t p = 1u << 30; /* x^1 */
+    for (int k = 0; k < 64; k++) {
+        x2k[k] = p;
+        p = mult_mod_p(p, p);
+    }
+}
+
+uint32_t dsamig_crc32c_op(uint64_t len)
+{
+    pthread_once(&x2k_once, init_x2k);
+    uint32_t p = 1u << 31; /* x^0 */
+    uint64_t bits = len * 8; /* x^(8 len): one factor per set bit of the exponent */
+    for (int k = 0; bits && k < 64; k++, bits >>= 1)
+        if (bits & 1)
+            p = mult_mod_p(x2k[k], p);
+    return p;
+}
+
+uint32_t dsamig_crc32c_extend(uint32_t op, uint32_t crc_a, uint32_t crc_b)
+{
+    return mult_mod_p(op, crc_a) ^ crc_b;
+}
+
+uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    return dsamig_crc32c_extend(dsamig_crc32c_op(len_b), crc_a, crc_b);
+}
+
 void dsamig_crc32c_force_portable(int on)
 {
     pthread_once(&init_once, init_tables);

@@ -65,6 +65,7 @@ typedef struct dsamig_rx_job {
     uint32_t packet_pages;
     uint8_t *status;          /* one byte per packet (the tracker's bytearray) */
     int tolerant;             /* packets may arrive again (acknowledgements) */
+    int live;                 /* PAGE_LIST packets (live rounds) go to the loop with their payload */
     int fd;                   /* the partial file */
     int mode;                 /* DSAMIG_RX_PWRITE or DSAMIG_RX_MMAP */
     uint8_t *map;             /* DSAMIG_RX_MMAP: the partial file, MAP_SHARED */

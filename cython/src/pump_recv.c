@@ -22,6 +22,7 @@
 #define FRAME_HEADER 8
 #define T_PACKET 0x10
 #define T_END 0x12
+#define PAGE_LIST 0x01
 #define PACKET_FIXED 32
 #define MAX_PACKET_PAGES 4096
 #define MAX_PAGE_SIZE (1u << 20)
@@ -407,6 +408,40 @@ static int receive_packet(dsamig_rx_channel *c, packet_t *pk, int *claimed)
     return 0;
 }
 
+/* Post a PAGE_LIST frame with its payload for the loop; 0 when the thread
+ * must end (the event saying why is posted). */
+static int forward_page_list(dsamig_rx_channel *c, const uint8_t *hdr, const uint8_t *body,
+                             uint32_t body_len)
+{
+    uint32_t payload = le32(body + 20);
+    size_t got = 0;
+    int err = 0;
+    if ((uint64_t)payload > (uint64_t)c->job->packet_pages * c->job->page_size) {
+        post_frame(c, hdr, body, body_len); /* the loop names the bad length */
+        return 0;
+    }
+    dsamig_rx_event *e = calloc(1, sizeof(*e) + FRAME_HEADER + body_len + payload);
+    if (!e) {
+        post_simple(c, DSAMIG_RXE_ERROR, ENOMEM, 0, 0, 0);
+        return 0;
+    }
+    e->base.kind = DSAMIG_RXE_FRAME;
+    e->frame_len = (uint32_t)(FRAME_HEADER + body_len + payload);
+    memcpy(e->frame, hdr, FRAME_HEADER);
+    memcpy(e->frame + FRAME_HEADER, body, body_len);
+    int rc = read_exact(c, e->frame + FRAME_HEADER + body_len, payload, &got, &err);
+    if (rc != RD_OK) {
+        free(e);
+        if (rc == RD_EOF)
+            post_simple(c, DSAMIG_RXE_EOF, 0, 1, 0, 0);
+        else if (rc == RD_ERROR)
+            post_simple(c, DSAMIG_RXE_ERROR, err, 0, 0, 0);
+        return 0;
+    }
+    dsamig_evq_post(&c->q, &e->base);
+    return 1;
+}
+
 static void *rx_main(void *arg)
 {
     dsamig_rx_channel *c = arg;
@@ -445,6 +480,16 @@ static void *rx_main(void *arg)
             post_simple(c, DSAMIG_RXE_ERROR, err, 0, 0, 0);
         if (rc != RD_OK)
             break;
+        if (hdr[0] == T_PACKET && hdr[1] == PAGE_LIST && c->job->live && !c->raw_only) {
+            /* A live round's PAGE_LIST: the loop applies it, payload and all. */
+            if (body_len < PACKET_FIXED) {
+                post_frame(c, hdr, body, body_len); /* the decoder names the problem */
+                break;
+            }
+            if (!forward_page_list(c, hdr, body, body_len))
+                break;
+            continue;
+        }
         if (hdr[0] != T_PACKET || c->raw_only) {
             post_frame(c, hdr, body, body_len);
             if (hdr[0] == T_PACKET)

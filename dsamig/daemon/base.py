@@ -211,6 +211,11 @@ class Daemon(ABC):
                 "remaining": max(stats.total - stats.counters.done_bytes, 0),
                 "channels": len(stats.channels), "reconnects": reconnects_of(stats),
             }
+            if "round" in stats.extra:  # a live job (sender side)
+                fields["live_round"] = stats.extra["round"]
+                fields["dirty_pages_rate"] = stats.extra.get("dirty-pages-rate")
+                expected = stats.extra.get("expected-downtime")
+                fields["expected_downtime_s"] = None if expected is None else expected / 1000
             fields.update(self.job_series_extra(record))
             out.append(JobSeries(**fields))
         return out

@@ -111,6 +111,10 @@ class JobSeries:
     channels: int
     reconnects: int = 0
     bandwidth_limit: float | None = None  # this job's current share of the cap
+    # A live job's pre-copy figures (absent for other jobs).
+    live_round: int | None = None
+    dirty_pages_rate: float | None = None
+    expected_downtime_s: float | None = None
 
 
 @dataclass
@@ -237,6 +241,14 @@ def _render_jobs(metric: Callable[..., None], jobs: list[JobSeries]) -> None:
     metric("job_bandwidth_limit_bytes_per_second", "gauge",
            "A running job's share of the bandwidth caps (absent: unlimited).",
            each(lambda j: j.bandwidth_limit))
+    metric("job_live_round", "gauge", "The round a live job is in (0: the whole image).",
+           each(lambda j: j.live_round))
+    metric("job_dirty_pages_per_second", "gauge",
+           "Pages a live job's writer changed per second, as the last scan found.",
+           each(lambda j: j.dirty_pages_rate))
+    metric("job_expected_downtime_seconds", "gauge",
+           "A live job's predicted pause for its final round.",
+           each(lambda j: j.expected_downtime_s))
 
 
 class MetricsServer:

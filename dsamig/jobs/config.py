@@ -377,6 +377,20 @@ JOB_TIMEOUT_KEYS = (
     Key("commit", duration(0.1, 86400), default=Timeouts.commit_s,
         help="bound on the receiver making the image durable"),
 )
+LIVE_KEYS = (
+    Key("max_downtime", duration(0.001, 3600), default=0.3,
+        help="pause the writer once the final round is predicted to fit this"),
+    Key("max_rounds", integer(1, 1000), default=30,
+        help="the final round is this round at the latest (round 0: the whole image)"),
+    Key("pause_cmd", optional(string(max_length=4096)), default=None,
+        help="shell command that pauses the writer (with resume_cmd)"),
+    Key("resume_cmd", optional(string(max_length=4096)), default=None,
+        help="shell command that resumes the writer, also run after any failure"),
+    Key("qmp", optional(path()), default=None,
+        help="a QEMU's QMP socket: the writer is paused with stop, resumed with cont"),
+    Key("resume_writer", boolean(), default=False,
+        help="resume the writer after the commit too (a copy of a running guest)"),
+)
 JOB_SCHEMA = mapping((
     Key("name", job_name(), required=True,
         help="job name; also the image's file name in the receiver's storage_dir"),
@@ -398,7 +412,34 @@ JOB_SCHEMA = mapping((
         help="keep reconnecting a broken transfer this long (0: fail at once)"),
     Key("security", mapping(SECURITY_KEYS), default=None,
         help="TLS and/or pre-shared key of the data path"),
+    Key("live", mapping(LIVE_KEYS), default=None,
+        help="move the image while its writer runs, in rounds (see docs/integrations.md)"),
 ))
+
+
+@dataclass(frozen=True)
+class LiveSpec:
+    """The ``live:`` mapping of a job: pre-copy rounds, and how the writer pauses."""
+
+    max_downtime_s: float = 0.3
+    max_rounds: int = 30
+    pause_cmd: str | None = None
+    resume_cmd: str | None = None
+    qmp: str | None = None
+    resume_writer: bool = False
+
+    def options(self) -> Any:
+        """The transport's :class:`LiveOptions`."""
+        from dsamig.transport.sender import LiveOptions
+
+        return LiveOptions(max_downtime_s=self.max_downtime_s, max_rounds=self.max_rounds,
+                           pause_cmd=self.pause_cmd, resume_cmd=self.resume_cmd, qmp=self.qmp,
+                           keep_paused=not self.resume_writer)
+
+    def to_document(self) -> dict[str, Any]:
+        return {"max_downtime": self.max_downtime_s, "max_rounds": self.max_rounds,
+                "pause_cmd": self.pause_cmd, "resume_cmd": self.resume_cmd, "qmp": self.qmp,
+                "resume_writer": self.resume_writer}
 
 
 @dataclass(frozen=True)
@@ -434,6 +475,7 @@ class JobSpec:
     resume: bool = False
     retry_for_s: float = RETRY_FOR_S
     security: SecurityConfig | None = None
+    live: LiveSpec | None = None
 
     @classmethod
     def from_document(cls, doc: Document) -> JobSpec:
@@ -458,8 +500,21 @@ class JobSpec:
             resume=values["resume"],
             retry_for_s=values["retry_for"],
             security=security_from(values["security"]),
+            live=None if values["live"] is None else LiveSpec(
+                max_downtime_s=values["live"]["max_downtime"],
+                max_rounds=values["live"]["max_rounds"],
+                pause_cmd=values["live"]["pause_cmd"], resume_cmd=values["live"]["resume_cmd"],
+                qmp=values["live"]["qmp"], resume_writer=values["live"]["resume_writer"]),
         )
         # Cross-key rules the transport enforces, reported here with the file.
+        live = spec.live
+        if live is not None:
+            if (live.qmp is None) == (live.pause_cmd is None):
+                doc.root.child("live").fail("pauses its writer with qmp, or with pause_cmd and "
+                                            "resume_cmd: one of them")
+            if live.pause_cmd is not None and not live.resume_cmd:
+                doc.root.child("live").fail("pause_cmd needs resume_cmd: a guest must never "
+                                            "stay paused after a failure")
         ps = spec.page_size
         if ps & (ps - 1):
             doc.root.child("page_size").fail(f"must be a power of two, not {ps}")
@@ -480,7 +535,7 @@ class JobSpec:
 
     def to_document(self) -> dict[str, Any]:
         """The job as a JSON-able document that :meth:`from_object` accepts."""
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "source": self.source,
             "destination": {"host": self.host, "port": self.port},
@@ -501,6 +556,9 @@ class JobSpec:
                 "psk_file": self.security.psk_file,
             },
         }
+        if self.live is not None:  # absent, not null: a null mapping means its defaults
+            doc["live"] = self.live.to_document()
+        return doc
 
     def send_options(self, job_id: uuid.UUID, pacer: Any = None) -> Any:
         """The transport's :class:`SendOptions` for running this job as ``job_id``."""
@@ -512,6 +570,7 @@ class JobSpec:
             engine=self.engine.kind, engine_threads=self.engine.threads, dsa=self.engine.dsa,
             name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
             resume=self.resume, retry_for_s=self.retry_for_s, security=self.security,
+            live=None if self.live is None else self.live.options(),
         )
 
 

@@ -15,6 +15,7 @@ called.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any, NoReturn
 import yaml
 
 from dsamig.errors import ConfigError
-from dsamig.units import parse_rate, parse_size
+from dsamig.units import parse_duration, parse_rate, parse_size
 
 #: Configuration files are short; a bigger one is a mistake (or an attack on
 #: the YAML parser), refused before parsing.
@@ -330,19 +331,14 @@ def rate() -> Converter:
     return convert
 
 
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
 def duration(lo: float = 0.0, hi: float = 7 * 86400.0) -> Converter:
     """Seconds: a number, or a string with a unit (``500ms``, ``30s``, ``5m``, ``1h``)."""
 
     def convert(value: Any, where: Where) -> float:
         seconds: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        elif isinstance(value, str) and (match := _DURATION.match(value)):
-            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            with contextlib.suppress(ConfigError):
+                seconds = parse_duration(value)
         if seconds is None or not math.isfinite(seconds):
             where.fail(f"must be a duration such as 30, 500ms, 30s, 5m or 1h, not {show(value)}")
         if not lo <= seconds <= hi:

@@ -312,6 +312,38 @@ class PageSink:
                 raise SinkError(f"{what} writing {self.partial_path!r}") from None
             raise SinkError(f"cannot write {self.partial_path!r}: {exc.strerror}") from None
 
+    def read(self, offset: int, length: int) -> bytearray:
+        """The partial file's bytes at ``offset`` (holes read as zeros)."""
+        data = bytearray(length)
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise SinkError(f"{self.partial_path!r} is shorter than the image")
+                done += n
+        except OSError as exc:
+            raise SinkError(f"cannot read {self.partial_path!r}: {exc.strerror}") from None
+        finally:
+            view.release()
+        return data
+
+    def zero_pages(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Make byte ranges read as zeros: punched out where the file system can,
+        written as zeros where it cannot."""
+        ranges = list(ranges)
+        if self.discard(ranges):
+            return
+        try:
+            for offset, length in ranges:
+                zeros = bytes(length)
+                done = 0
+                while done < length:
+                    done += os.pwrite(self._fd, zeros[done:], offset + done)
+        except OSError as exc:
+            raise SinkError(f"cannot write {self.partial_path!r}: {exc.strerror}") from None
+
     # --- the end ----------------------------------------------------------------------------
 
     def commit(self) -> None:

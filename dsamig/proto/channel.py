@@ -39,6 +39,7 @@ from dsamig.proto.frames import (
     FrameType,
     Hello,
     PacketHeader,
+    Round,
     Welcome,
     ZeroRange,
     frame_type,
@@ -121,6 +122,9 @@ RECEIVER_TRANSITIONS: Final[Table] = {
     # With FEATURE_ACKS / FEATURE_RESUME (negotiated in HELLO / WELCOME).
     (_R.STREAMING, SEND, _T.RESUME_STATE): _R.STREAMING,
     (_R.STREAMING, SEND, _T.ACK): _R.STREAMING,
+    # With FEATURE_LIVE (the job core refuses them otherwise).
+    (_R.STREAMING, RECV, _T.ROUND): _R.STREAMING,
+    (_R.STREAMING, SEND, _T.ROUND_DONE): _R.STREAMING,
     (_R.ENDED, SEND, _T.ACK): _R.ENDED,
     (_R.COMMITTING, SEND, _T.ACK): _R.COMMITTING,
     # The peer may report a failure in any state but after its own ERROR; we
@@ -145,6 +149,9 @@ SENDER_TRANSITIONS: Final[Table] = {
     # With FEATURE_ACKS / FEATURE_RESUME (negotiated in HELLO / WELCOME).
     (_S.STREAMING, RECV, _T.RESUME_STATE): _S.STREAMING,
     (_S.STREAMING, RECV, _T.ACK): _S.STREAMING,
+    # With FEATURE_LIVE.
+    (_S.STREAMING, SEND, _T.ROUND): _S.STREAMING,
+    (_S.STREAMING, RECV, _T.ROUND_DONE): _S.STREAMING,
     (_S.ENDED, RECV, _T.ACK): _S.ENDED,
     (_S.AWAIT_COMMIT, RECV, _T.ACK): _S.AWAIT_COMMIT,
     **{(state, RECV, _T.ERROR): _S.ERROR for state in _S if state is not _S.ERROR},
@@ -288,8 +295,8 @@ class ChannelState:
         elif isinstance(frame, Hello):
             self.hello = frame
             self.channel_index = frame.channel_index
-        elif isinstance(frame, End):
-            self._receive_end(frame)
+        elif isinstance(frame, End | Round):
+            self._receive_totals(frame)
         elif isinstance(frame, CommitRequest):
             if self.channel_index != 0:
                 raise RemoteProtocolError(
@@ -375,18 +382,21 @@ class ChannelState:
                 "(only channel 0 has one)"
             )
 
-    def _receive_end(self, frame: End) -> None:
+    def _receive_totals(self, frame: End | Round) -> None:
+        """END and ROUND carry the channel's totals so far: they must match."""
+        name = "END" if isinstance(frame, End) else "ROUND"
         if frame.packets != self.packets:
             raise RemoteProtocolError(
-                f"END packets {frame.packets} does not match the {self.packets} "
+                f"{name} packets {frame.packets} does not match the {self.packets} "
                 f"packets received on channel {self.channel_index}"
             )
         if frame.payload_bytes != self.payload_bytes:
             raise RemoteProtocolError(
-                f"END payload_bytes {frame.payload_bytes} does not match the "
+                f"{name} payload_bytes {frame.payload_bytes} does not match the "
                 f"{self.payload_bytes} payload bytes received on channel {self.channel_index}"
             )
-        self.end = frame
+        if isinstance(frame, End):
+            self.end = frame
 
     def _receive_challenge(self, frame: Challenge) -> None:
         if self.role is Role.RECEIVER:
@@ -459,11 +469,13 @@ class ChannelState:
             self._send_hello(frame)
         elif isinstance(frame, Welcome):
             self._send_welcome(frame)
-        elif isinstance(frame, End):
+        elif isinstance(frame, End | Round):
             if (frame.packets, frame.payload_bytes) != (self.packets, self.payload_bytes):
+                name = "END" if isinstance(frame, End) else "ROUND"
                 raise LocalProtocolError(
-                    f"END packets {frame.packets} payload_bytes {frame.payload_bytes} does not "
-                    f"match the {self.packets} packets and {self.payload_bytes} payload bytes sent"
+                    f"{name} packets {frame.packets} payload_bytes {frame.payload_bytes} does "
+                    f"not match the {self.packets} packets and {self.payload_bytes} payload "
+                    "bytes sent"
                 )
         elif isinstance(frame, CommitRequest):
             if self.channel_index != 0:

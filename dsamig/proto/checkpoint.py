@@ -13,8 +13,13 @@ from typing import Final
 
 from dsamig.proto.frames import Manifest
 
-_PROGRESS_MAGIC: Final = b"DSAMIGP2"
-_PROGRESS_STRUCT: Final = struct.Struct("<8sQIIQQQQQ")
+# P3: P2 and a flags word (FLAG_LIVE).
+_PROGRESS_MAGIC: Final = b"DSAMIGP3"
+_PROGRESS_STRUCT: Final = struct.Struct("<8sQIIQQQQQI")
+#: The job took live rounds: packets it holds may have been rewritten after
+#: this checkpoint was written, so their records must be read again from the
+#: partial file before they are trusted.
+FLAG_LIVE: Final = 1
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Progress:
     Serialised beside the partial file so that a restarted receiver can resume
     (``to_bytes`` / ``from_bytes``; the pages layer does the file I/O).
     ``zero`` marks the done packets that are all zero (a subset of ``done``).
+    ``live``: the job took live rounds (see FLAG_LIVE).
     """
 
     manifest: Manifest
@@ -34,12 +40,14 @@ class Progress:
     zero_pages: int
     normal_pages: int
     payload_bytes: int
+    live: bool = False
 
     def to_bytes(self) -> bytes:
         m = self.manifest
         head = _PROGRESS_STRUCT.pack(
             _PROGRESS_MAGIC, m.image_size, m.page_size, m.packet_pages, m.packet_count,
             self.received_packets, self.zero_pages, self.normal_pages, self.payload_bytes,
+            FLAG_LIVE if self.live else 0,
         )
         return head + self.done + self.zero + self.records
 
@@ -49,9 +57,11 @@ class Progress:
         if len(data) < _PROGRESS_STRUCT.size:
             raise ValueError("checkpoint too short")
         (magic, size, page_size, packet_pages, packet_count, received, zero, normal,
-         payload) = _PROGRESS_STRUCT.unpack_from(data)
+         payload, flags) = _PROGRESS_STRUCT.unpack_from(data)
         if magic != _PROGRESS_MAGIC:
             raise ValueError("not a dsamig checkpoint of this version")
+        if flags & ~FLAG_LIVE:
+            raise ValueError(f"checkpoint has unknown flags 0x{flags:x}")
         manifest = Manifest(image_size=size, page_size=page_size, packet_pages=packet_pages)
         problem = manifest.problem()
         if problem or manifest.packet_count != packet_count:
@@ -68,7 +78,7 @@ class Progress:
         if int.from_bytes(zero_bits, "little") & ~done_int:
             raise ValueError("checkpoint marks packets zero that are not done")
         return cls(manifest, done, zero_bits, data[off + 2 * bits :], received, zero, normal,
-                   payload)
+                   payload, bool(flags & FLAG_LIVE))
 
 
-__all__ = ["Progress"]
+__all__ = ["FLAG_LIVE", "Progress"]

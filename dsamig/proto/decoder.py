@@ -44,9 +44,12 @@ from dsamig.proto.frames import (
     PACKET_FIXED_BODY,
     PACKET_PAGE_LIST,
     PACKET_STRUCT,
+    PAGE_LIST_RECORD,
     PREAMBLE,
     RESUME_LAST,
     RESUME_STRUCT,
+    ROUND_DONE_STRUCT,
+    ROUND_STRUCT,
     WELCOME_STRUCT,
     ZERO_RANGE_STRUCT,
     Ack,
@@ -63,6 +66,8 @@ from dsamig.proto.frames import (
     PacketHeader,
     PayloadChunk,
     ResumeState,
+    Round,
+    RoundDone,
     Welcome,
     ZeroRange,
 )
@@ -76,7 +81,7 @@ _ALLOWED_FLAGS: Final[dict[FrameType, int]] = {
     FrameType.HELLO: HELLO_MANIFEST,
     FrameType.WELCOME: 0,
     FrameType.CHALLENGE: 0,
-    # PAGE_LIST is defined (live rounds) but refused in v1, with its own message.
+    # PAGE_LIST: a live round's packet (the channel state refuses it elsewhere).
     FrameType.PACKET: PACKET_PAGE_LIST,
     FrameType.ZERO_RANGE: 0,
     FrameType.END: 0,
@@ -84,6 +89,8 @@ _ALLOWED_FLAGS: Final[dict[FrameType, int]] = {
     FrameType.COMMIT: 0,
     FrameType.ACK: 0,
     FrameType.RESUME_STATE: RESUME_LAST,
+    FrameType.ROUND: 0,
+    FrameType.ROUND_DONE: 0,
     FrameType.ERROR: 0,
 }
 
@@ -104,8 +111,15 @@ _BODY_BOUNDS: Final[dict[FrameType, tuple[int, int]]] = {
         RESUME_STRUCT.size + 1,
         RESUME_STRUCT.size + MAX_RESUME_PACKETS // 8 + 4 * MAX_RESUME_PACKETS,
     ),
+    FrameType.ROUND: (ROUND_STRUCT.size, ROUND_STRUCT.size),
+    FrameType.ROUND_DONE: (ROUND_DONE_STRUCT.size, ROUND_DONE_STRUCT.size),
     FrameType.ERROR: (ERROR_STRUCT.size, ERROR_STRUCT.size + MAX_ERROR_MESSAGE),
 }
+# A PAGE_LIST PACKET: both bitmaps and the packet's record after the fixed body.
+_PAGE_LIST_BOUNDS: Final = (
+    PACKET_FIXED_BODY + 2 + PAGE_LIST_RECORD.size,
+    PACKET_FIXED_BODY + 2 * (MAX_PACKET_PAGES // 8) + PAGE_LIST_RECORD.size,
+)
 
 
 # Plain module globals: comparing against them skips the enum class lookup.
@@ -346,6 +360,9 @@ class FrameDecoder:
         low, high = _BODY_BOUNDS[ftype]
         if ftype is _HELLO and flags & HELLO_MANIFEST:
             low += MANIFEST_SIZE
+        elif ftype is _PACKET and flags == PACKET_PAGE_LIST:
+            low, high = _PAGE_LIST_BOUNDS
+            flags = 0  # a defined flag: the combined test below is about the rest
         # One combined test on the hot path; the messages are built on failure.
         if flags or reserved or not low <= body_length <= high or body_length > self._max_body:
             self._header_problem(ftype, flags, reserved, body_length, low, high)
@@ -365,10 +382,6 @@ class FrameDecoder:
         name = ftype.name
         if flags & ~_ALLOWED_FLAGS[ftype]:
             raise RemoteProtocolError(f"{name} flags 0x{flags:02x} has undefined bits set")
-        if ftype is _PACKET and flags:
-            raise RemoteProtocolError(
-                f"PACKET flags 0x{flags:02x}: PAGE_LIST is not supported in version 1"
-            )
         if reserved:
             raise RemoteProtocolError(f"{name} header reserved 0x{reserved:04x} must be 0")
         if body_length > MAX_BODY:
@@ -422,6 +435,16 @@ class FrameDecoder:
             return Ack(frames, packets)
         if ftype is FrameType.RESUME_STATE:
             return self._decode_resume_state(body_length)
+        if ftype is FrameType.ROUND:
+            number, reserved, packets, payload_bytes = ROUND_STRUCT.unpack_from(buffer, off)
+            if reserved:
+                raise RemoteProtocolError(f"ROUND reserved 0x{reserved:08x} must be 0")
+            return Round(number, packets, payload_bytes)
+        if ftype is FrameType.ROUND_DONE:
+            number, reserved = ROUND_DONE_STRUCT.unpack_from(buffer, off)
+            if reserved:
+                raise RemoteProtocolError(f"ROUND_DONE reserved 0x{reserved:08x} must be 0")
+            return RoundDone(number)
         return self._decode_error(body_length)
 
     def _decode_resume_state(self, body_length: int) -> ResumeState:
@@ -471,10 +494,14 @@ class FrameDecoder:
                 f"PACKET page_count {page_count} out of range (1..{MAX_PACKET_PAGES})"
             )
         bitmap_length = (page_count + 7) >> 3
-        if body_length != PACKET_FIXED_BODY + bitmap_length:
+        page_list = buffer[1] == PACKET_PAGE_LIST
+        expected = PACKET_FIXED_BODY + bitmap_length
+        if page_list:
+            expected += bitmap_length + PAGE_LIST_RECORD.size
+        if body_length != expected:
             raise RemoteProtocolError(
-                f"PACKET body_length {body_length}, expected "
-                f"{PACKET_FIXED_BODY + bitmap_length} for page_count {page_count}"
+                f"PACKET body_length {body_length}, expected {expected} for page_count "
+                f"{page_count}"
             )
         if region:
             raise RemoteProtocolError(f"PACKET region {region} must be 0 in v1")
@@ -492,11 +519,26 @@ class FrameDecoder:
                 f"PACKET zero_bitmap padding bits set in last byte 0x{zero_bitmap[-1]:02x} "
                 f"(page_count {page_count})"
             )
+        present_bitmap = b""
+        record = 0
+        if page_list:
+            start += bitmap_length
+            present_bitmap = bytes(buffer[start : start + bitmap_length])
+            present = int.from_bytes(present_bitmap, "little")
+            if not present or present >> page_count:
+                raise RemoteProtocolError(
+                    "PACKET present_bitmap is empty or has padding bits set "
+                    f"(page_count {page_count})"
+                )
+            if int.from_bytes(zero_bitmap, "little") & ~present:
+                raise RemoteProtocolError("PACKET zero_bitmap marks pages that are not present")
+            (record,) = PAGE_LIST_RECORD.unpack_from(buffer, start + bitmap_length)
         if payload_length:
             self._phase = _Phase.PAYLOAD
             self._payload_remaining = payload_length
         return PacketHeader(
-            packet_number, first_page, page_count, payload_length, payload_crc, zero_bitmap
+            packet_number, first_page, page_count, payload_length, payload_crc, zero_bitmap,
+            0, present_bitmap, record,
         )
 
     def _decode_hello(self, body_length: int) -> Hello:

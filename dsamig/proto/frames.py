@@ -36,7 +36,8 @@ DIGEST_SIZE: Final = 32
 # HELLO / WELCOME feature bits (docs/protocol.md "Acknowledgements and resume")
 FEATURE_ACKS: Final = 0x01  # the receiver ACKs data frames; channels may reconnect
 FEATURE_RESUME: Final = 0x02  # sender: resume if you can; receiver: RESUME_STATE follows
-KNOWN_FEATURES: Final = FEATURE_ACKS | FEATURE_RESUME
+FEATURE_LIVE: Final = 0x04  # rounds: PAGE_LIST packets, ROUND / ROUND_DONE, newest wins
+KNOWN_FEATURES: Final = FEATURE_ACKS | FEATURE_RESUME | FEATURE_LIVE
 # RESUME_STATE flags
 RESUME_LAST: Final = 0x01
 MAX_RESUME_PACKETS: Final = 8192  # per RESUME_STATE frame: 1 KiB bitmap + 32 KiB records
@@ -48,7 +49,7 @@ AUTH_MAC_SIZE: Final = 32
 
 # HELLO flags
 HELLO_MANIFEST: Final = 0x01
-# PACKET flags: reserved for non-contiguous pages (live rounds), rejected in v1.
+# PACKET flags: PAGE_LIST, a live round's packet that carries some of its pages.
 PACKET_PAGE_LIST: Final = 0x01
 
 PACKET_FIXED_BODY: Final = 32
@@ -79,6 +80,8 @@ class FrameType(enum.IntEnum):
     COMMIT = 0x14
     ACK = 0x15
     RESUME_STATE = 0x16
+    ROUND = 0x17
+    ROUND_DONE = 0x18
     ERROR = 0x7F
 
 
@@ -113,6 +116,10 @@ ERROR_STRUCT: Final = struct.Struct("<HH")
 CHALLENGE_STRUCT: Final = struct.Struct("<B3s32s32s")
 ACK_STRUCT: Final = struct.Struct("<QQ")
 RESUME_STRUCT: Final = struct.Struct("<QII")
+ROUND_STRUCT: Final = struct.Struct("<IIQQ")
+ROUND_DONE_STRUCT: Final = struct.Struct("<II")
+#: A PAGE_LIST packet's record of the whole packet, after its zero and present bitmaps.
+PAGE_LIST_RECORD: Final = struct.Struct("<I")
 
 _MANIFEST_RESERVED: Final = bytes(6)
 _T_PACKET: Final = int(FrameType.PACKET)
@@ -223,6 +230,20 @@ class Manifest:
                 length -= self.page_size - self._tail_length
         return length
 
+    def page_list_payload_length(
+        self, packet_number: int, zero_bitmap: bytes, present_bitmap: bytes
+    ) -> int:
+        """Exact payload bytes of a PAGE_LIST packet: its present normal pages."""
+        pages = self.pages_in_packet(packet_number)
+        zero = int.from_bytes(zero_bitmap, "little")
+        normal = int.from_bytes(present_bitmap, "little") & ~zero
+        length = normal.bit_count() * self.page_size
+        last = pages - 1
+        if (packet_number == self._packet_count - 1 and self._tail_length != self.page_size
+                and normal >> last & 1):
+            length -= self.page_size - self._tail_length
+        return length
+
     def full_zero_bitmap(self, packet_number: int) -> bytes:
         """The bitmap of packet ``packet_number`` with every page marked zero."""
         pages = self.pages_in_packet(packet_number)
@@ -297,7 +318,13 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class PacketHeader:
-    """PACKET without its payload; ``payload_length`` payload bytes follow it."""
+    """PACKET without its payload; ``payload_length`` payload bytes follow it.
+
+    With ``present_bitmap`` (flag PAGE_LIST, live jobs only) the packet carries
+    only the pages whose bit is set there: the zero ones (bit set in
+    ``zero_bitmap`` too) and the normal ones, whose bytes are the payload;
+    ``record`` is then the digest record of the whole packet once applied.
+    """
 
     packet_number: int
     first_page: int
@@ -306,6 +333,8 @@ class PacketHeader:
     payload_crc: int
     zero_bitmap: bytes
     region: int = 0
+    present_bitmap: bytes = b""
+    record: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +405,24 @@ class ResumeState:
 
 
 @dataclass(frozen=True, slots=True)
+class Round:
+    """ROUND: this channel has sent all of live round ``round``; its totals so
+    far, as END has them. No data follows before ROUND_DONE."""
+
+    round: int
+    packets: int
+    payload_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDone:
+    """ROUND_DONE (channel 0): every channel ended round ``round`` and all of it
+    was applied; the next round may begin."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class PayloadChunk:
     """Bytes of the payload of the PACKET decoded last."""
 
@@ -384,7 +431,7 @@ class PayloadChunk:
 
 Frame: TypeAlias = (
     Hello | Welcome | Challenge | PacketHeader | ZeroRange | End | CommitRequest | Commit | Ack
-    | ResumeState | Error
+    | ResumeState | Round | RoundDone | Error
 )
 Event: TypeAlias = Frame | PayloadChunk | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
 
@@ -399,6 +446,8 @@ _FRAME_TYPES: Final[dict[type, FrameType]] = {
     Commit: FrameType.COMMIT,
     Ack: FrameType.ACK,
     ResumeState: FrameType.RESUME_STATE,
+    Round: FrameType.ROUND,
+    RoundDone: FrameType.ROUND_DONE,
     Error: FrameType.ERROR,
 }
 
@@ -503,6 +552,34 @@ def encode_packet_header(
     )
 
 
+def encode_page_list_header(
+    packet_number: int,
+    first_page: int,
+    page_count: int,
+    payload_length: int,
+    payload_crc: int,
+    zero_bitmap: bytes,
+    present_bitmap: bytes,
+    record: int,
+) -> bytes:
+    """Encode a PAGE_LIST PACKET's header and body (not its payload)."""
+    problem = _packet_problem(packet_number, first_page, page_count, payload_length, payload_crc,
+                              zero_bitmap)
+    if problem is None and len(present_bitmap) != len(zero_bitmap):
+        problem = "PACKET present_bitmap and zero_bitmap differ in length"
+    if problem is None:
+        present = int.from_bytes(present_bitmap, "little")
+        if not present or present >> page_count:
+            problem = "PACKET present_bitmap is empty or has padding bits set"
+        elif int.from_bytes(zero_bitmap, "little") & ~present:
+            problem = "PACKET zero_bitmap marks pages that are not present"
+    _check(problem, _range_problem("PACKET record", record, 0, _U32))
+    body_length = PACKET_FIXED_BODY + 2 * len(zero_bitmap) + PAGE_LIST_RECORD.size
+    head = PACKET_FRAME_STRUCT.pack(_T_PACKET, PACKET_PAGE_LIST, 0, body_length, packet_number,
+                                    first_page, page_count, payload_length, payload_crc, 0, 0)
+    return head + zero_bitmap + present_bitmap + PAGE_LIST_RECORD.pack(record)
+
+
 def _frame(ftype: FrameType, flags: int, body: bytes) -> bytes:
     if len(body) > MAX_BODY:
         raise LocalProtocolError(
@@ -591,6 +668,12 @@ def encode(frame: Frame) -> bytes:
     """
     if isinstance(frame, PacketHeader):
         _check(_range_problem("PACKET region", frame.region, 0, 0))
+        if frame.present_bitmap:
+            return encode_page_list_header(
+                frame.packet_number, frame.first_page, frame.page_count,
+                frame.payload_length, frame.payload_crc, frame.zero_bitmap,
+                frame.present_bitmap, frame.record,
+            )
         return encode_packet_header(
             frame.packet_number,
             frame.first_page,
@@ -661,6 +744,17 @@ def encode(frame: Frame) -> bytes:
             + frame.records
         )
         return _frame(FrameType.RESUME_STATE, RESUME_LAST if frame.last else 0, body)
+    if isinstance(frame, Round):
+        _check(
+            _range_problem("ROUND round", frame.round, 0, _U32),
+            _range_problem("ROUND packets", frame.packets, 0, _U64),
+            _range_problem("ROUND payload_bytes", frame.payload_bytes, 0, _U64),
+        )
+        body = ROUND_STRUCT.pack(frame.round, 0, frame.packets, frame.payload_bytes)
+        return _frame(FrameType.ROUND, 0, body)
+    if isinstance(frame, RoundDone):
+        _check(_range_problem("ROUND_DONE round", frame.round, 0, _U32))
+        return _frame(FrameType.ROUND_DONE, 0, ROUND_DONE_STRUCT.pack(frame.round, 0))
     if isinstance(frame, Error):
         _check(_range_problem("ERROR code", int(frame.code), 0, _U16))
         message = _truncate_utf8(frame.message, MAX_ERROR_MESSAGE)
@@ -681,6 +775,7 @@ __all__ = [
     "DIGEST_SHA256_RECORDS",
     "DIGEST_SIZE",
     "FEATURE_ACKS",
+    "FEATURE_LIVE",
     "FEATURE_RESUME",
     "FRAME_HEADER_SIZE",
     "HELLO_MANIFEST",
@@ -697,11 +792,14 @@ __all__ = [
     "MIN_PAGE_SIZE",
     "NEED_DATA",
     "PACKET_PAGE_LIST",
+    "PAGE_LIST_RECORD",
     "PREAMBLE",
     "PROTOCOL_VERSION",
     "RECEIVER_MAX_BODY",
     "RESUME_LAST",
     "RESUME_STRUCT",
+    "ROUND_DONE_STRUCT",
+    "ROUND_STRUCT",
     "Ack",
     "Challenge",
     "Commit",
@@ -716,11 +814,14 @@ __all__ = [
     "PacketHeader",
     "PayloadChunk",
     "ResumeState",
+    "Round",
+    "RoundDone",
     "Sentinel",
     "Welcome",
     "ZeroRange",
     "encode",
     "encode_packet_header",
+    "encode_page_list_header",
     "encode_preamble",
     "frame_type",
 ]

@@ -29,12 +29,15 @@ from dsamig.proto.errors import (
 )
 from dsamig.proto.frames import (
     FEATURE_ACKS,
+    FEATURE_LIVE,
     Ack,
     CommitRequest,
     Hello,
     Manifest,
     PacketHeader,
     ResumeState,
+    Round,
+    RoundDone,
     ZeroRange,
 )
 from dsamig.proto.tracker import PacketTracker
@@ -122,6 +125,11 @@ class ReceiveJobCore:
         self.name = hello.name
         self.channel_count = hello.channel_count
         self.acks = bool(hello.features & FEATURE_ACKS)
+        #: Live rounds (docs/protocol.md "Live rounds"): only with acknowledgements.
+        self.live = self.acks and bool(hello.features & FEATURE_LIVE)
+        #: The live round being received, and the channels that ended it.
+        self.round = 0
+        self._round_ended: set[int] = set()
         self.limits = limits
         self.counters = JobCounters(sessions=1)
         self.tracker = self._new_tracker()
@@ -136,7 +144,7 @@ class ReceiveJobCore:
         self._checkpoint_bytes = checkpoint_bytes(self.manifest, self.channel_count)
         record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
         self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
-        self._checkpointed_packets = 0
+        self._checkpointed_changes = 0
         self._last_checkpoint = now
         self._checkpointing = False
         self._checkpoint_again = False
@@ -153,6 +161,7 @@ class ReceiveJobCore:
         tracker = PacketTracker(self.manifest, max_packets=self.limits.max_packets,
                                 counters=self.counters)
         tracker.tolerant = self.acks
+        tracker.live = self.live
         return tracker
 
     # --- resume --------------------------------------------------------------------------
@@ -175,7 +184,7 @@ class ReceiveJobCore:
         if progress.manifest != self.manifest:
             return None, "another image layout"
         self.tracker.restore(progress)
-        self._checkpointed_packets = progress.received_packets
+        self._checkpointed_changes = self.tracker.changes
         counters = self.counters
         counters.resumed_packets = progress.received_packets
         counters.reused_zero_pages = counters.zero_pages
@@ -186,6 +195,21 @@ class ReceiveJobCore:
                   for first, count in self.tracker.not_done_runs()]
         return ranges, None
 
+    @property
+    def needs_reload(self) -> bool:
+        """A restored live job: the records of its done packets must be read
+        back from the partial file (:meth:`reload`) before they are trusted,
+        since a live round may have rewritten them after the checkpoint."""
+        return self.tracker.live and self.counters.resumed_packets > 0
+
+    def reload(self, packets: list[tuple[int, bytes, int]]) -> None:
+        """The done packets as the partial file holds them: ``(number,
+        zero_bitmap, payload_crc)`` of each (see :meth:`needs_reload`)."""
+        self.tracker.reload(packets)
+        counters = self.counters
+        counters.reused_zero_pages = counters.zero_pages
+        counters.reused_normal_pages = counters.normal_pages
+
     def forget_restored(self) -> None:
         """The restored checkpoint cannot be used after all (the partial file
         could not be cleared): start from nothing."""
@@ -194,7 +218,7 @@ class ReceiveJobCore:
         counters.resumed_packets = counters.reused_bytes = 0
         counters.reused_zero_pages = counters.reused_normal_pages = 0
         self.tracker = self._new_tracker()
-        self._checkpointed_packets = 0
+        self._checkpointed_changes = 0
         self._window_bytes = 0
 
     def resume_frames(self) -> list[ResumeState]:
@@ -231,6 +255,7 @@ class ReceiveJobCore:
         self._new_session()
         self._ledgers.clear()
         self.ended.clear()
+        self._round_ended.clear()
         self.last_progress = now
 
     def _new_session(self) -> None:
@@ -257,6 +282,18 @@ class ReceiveJobCore:
 
     # --- data ----------------------------------------------------------------------------
 
+    def _data_allowed(self, index: int) -> None:
+        """Data on channel ``index`` is out of turn after its ROUND, until ROUND_DONE."""
+        if index in self._round_ended:
+            raise RemoteProtocolError(
+                f"data on channel {index} after its ROUND {self.round}, before every channel "
+                "ended that round"
+            )
+
+    def _need_live(self, what: str) -> None:
+        if not self.live:
+            raise RemoteProtocolError(f"{what} in a job without live rounds (feature LIVE)")
+
     def packet_header(self, header: PacketHeader) -> bool:
         """A PACKET header arrived: checked and claimed before its payload lands.
 
@@ -265,12 +302,46 @@ class ReceiveJobCore:
         """
         return self.tracker.check_packet(header)
 
+    def page_list_header(self, index: int, header: PacketHeader) -> None:
+        """A PAGE_LIST packet arrived on channel ``index`` (live rounds): checked
+        before its payload is read."""
+        self._need_live("a PAGE_LIST packet")
+        self._data_allowed(index)
+        self.tracker.check_replace(header)
+
+    def page_list_applied(self, index: int, header: PacketHeader, old_zero_pages: int,
+                          zero_bitmap: bytes, payload_crc: int, now: float) -> None:
+        """A PAGE_LIST was verified and applied: the packet's whole zero bitmap and
+        payload CRC are now these (INTEGRITY unless they give the sender's record)."""
+        self.tracker.replace(header.packet_number, old_zero_pages, zero_bitmap, payload_crc,
+                             header.record)
+        self.counters.normal_bytes += header.payload_length
+        self._uncheckpointed_bytes += header.payload_length
+        self.last_progress = now
+        self._frame_done(index, 1)
+
+    def round_ended(self, index: int, frame: Round, now: float) -> RoundDone | None:
+        """ROUND on channel ``index``; the ROUND_DONE to send on channel 0 once
+        every channel ended the round (all of it applied by then: each
+        channel's frames are handled in order)."""
+        self._need_live("ROUND")
+        if index in self._round_ended:
+            raise RemoteProtocolError(f"ROUND {frame.round} twice on channel {index}")
+        self._round_ended.add(index)
+        self.last_progress = now
+        if len(self._round_ended) < self.channel_count:
+            return None
+        self._round_ended.clear()
+        self.round += 1
+        return RoundDone(frame.round)
+
     def packet_stored(
         self, index: int, header: PacketHeader, payload_crc: int, again: bool, now: float
     ) -> None:
         """The payload of ``header`` arrived with this CRC32C and, unless
         ``again``, was written. RemoteProtocolError (INTEGRITY) if it does not
         match the header or, for a repeat, the first arrival."""
+        self._data_allowed(index)
         before = self.tracker.received_packets
         self.tracker.packet_done(header, payload_crc)
         if self.tracker.received_packets != before:
@@ -281,6 +352,7 @@ class ReceiveJobCore:
 
     def zero_range(self, index: int, frame: ZeroRange, now: float) -> None:
         """A ZERO_RANGE arrived on channel ``index`` (checked and recorded at once)."""
+        self._data_allowed(index)
         before = self.tracker.received_packets
         self.tracker.check_zero_range(frame)
         self.tracker.zero_range_done(frame)
@@ -310,7 +382,7 @@ class ReceiveJobCore:
     @property
     def dirty(self) -> bool:
         """Whether packets were recorded since the last checkpoint was taken."""
-        return self.tracker.received_packets != self._checkpointed_packets
+        return self.tracker.changes != self._checkpointed_changes
 
     def checkpoint(self, now: float, *, urgent: bool) -> Checkpoint:
         """Whether to make what is stored durable now (then ACK it).
@@ -344,7 +416,7 @@ class ReceiveJobCore:
         self._checkpoint_again = False
         self._uncheckpointed_bytes = 0
         self._last_checkpoint = now
-        self._checkpointed_packets = self.tracker.received_packets
+        self._checkpointed_changes = self.tracker.changes
         self._pending_acks = self._snapshot_acks()
         return self.tracker.snapshot().to_bytes()
 

@@ -23,10 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from dsamig.checksum import crc32c
+from dsamig.native import impl
 from dsamig.proto.counters import JobCounters
 from dsamig.proto.digest import JobDigest, packet_record
 from dsamig.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from dsamig.proto.frames import Commit, CommitRequest, Manifest, ResumeState
+from dsamig.proto.frames import Commit, CommitRequest, Manifest, PacketHeader, ResumeState
+
+Buffer = bytes | bytearray | memoryview
 
 #: Packets per chunk (one engine batch): 4 MiB at the default packet size.
 CHUNK_PACKETS: Final = 8
@@ -84,9 +88,12 @@ PACKET: Final = 1
 class SendJobCore:
     """The sending side of one job: plan, records, counts, resume bookkeeping."""
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, *, live: bool = False) -> None:
         self.manifest = manifest
         self.counters = JobCounters()
+        #: Live rounds (docs/protocol.md "Live rounds"): the packets' contents
+        #: may change while the job runs, and later rounds send what changed.
+        self.live = live
         # The all-zero bitmaps: of a full packet, and of the (maybe shorter) last one.
         last = manifest.packet_count - 1
         self._last = last
@@ -106,6 +113,30 @@ class SendJobCore:
         counters.zero_pages = counters.normal_pages = counters.normal_bytes = 0
         counters.done_bytes = counters.resumed_packets = counters.retransmitted_bytes = 0
         counters.reused_zero_pages = counters.reused_normal_pages = counters.reused_bytes = 0
+        if self.live:
+            self._new_live_model()
+
+    def _new_live_model(self) -> None:
+        """What a live job knows of the receiver's copy, page by page: the CRC32C
+        of the bytes last sent for each page, and each packet's zero bitmap (a
+        fresh destination: every page zero). From them the record of a packet
+        changed in part follows without reading its other pages again."""
+        manifest = self.manifest
+        page_size = manifest.page_size
+        pages = manifest.page_count
+        self.page_crcs = array("I", [crc32c(bytes(page_size))]) * pages
+        if pages:
+            tail = manifest.image_size - (pages - 1) * page_size
+            self.page_crcs[-1] = crc32c(bytes(tail))
+        count = manifest.packet_count
+        self._bitmap_len = (manifest.packet_pages + 7) >> 3
+        self.zero_bits = bytearray(self._full_zero * count)
+        if count:
+            self.zero_bits[(count - 1) * self._bitmap_len :] = self._last_zero.ljust(
+                self._bitmap_len, b"\x00")
+        #: Packets the receiver holds in an older version than the last sent:
+        #: the transport marks their pages changed, so a round sends them whole.
+        self.stale: set[int] = set()
 
     def _new_session_state(self) -> None:
         count = self.manifest.packet_count
@@ -157,6 +188,11 @@ class SendJobCore:
 
     def _check_remote(self, packet: int, record: int) -> None:
         if self.remote_records[packet] != record:
+            if self.live:
+                # A live image changes: the receiver's older copy is replaced
+                # in a later round, not a reason to start over.
+                self.stale.add(packet)
+                return
             raise ImageChangedError(
                 f"the receiver's copy of packet {packet} differs from the image: the image "
                 "changed since the interrupted transfer"
@@ -256,8 +292,13 @@ class SendJobCore:
                         counters.reused_zero_pages += pages
                         counters.reused_bytes += span
                 elif self.digest.record(n) != self.digest.zero_record(n):
-                    raise ImageChangedError(f"packet {n} of the image changed during the job")
+                    if not self.live:
+                        raise ImageChangedError(f"packet {n} of the image changed during the job")
+                    self._rerecord(n, self.manifest.full_zero_bitmap(n), 0)
         self.recorded[first:end] = b"\x01" * count
+        if self.live:
+            for n in range(first, end):
+                self._set_zero_bits(n, self.manifest.full_zero_bitmap(n))
 
     def packet(self, number: int, bitmap: bytes, payload_length: int, payload_crc: int) -> bool:
         """Record a packet with data (its payload measured: length and CRC32C);
@@ -283,13 +324,103 @@ class SendJobCore:
             else:
                 counters.normal_bytes += payload_length
         elif self.digest.record(number) != packet_record(bitmap, payload_crc):
-            raise ImageChangedError(f"packet {number} of the image changed during the job")
+            if not self.live:
+                raise ImageChangedError(f"packet {number} of the image changed during the job")
+            self._rerecord(number, bitmap, payload_crc)
         elif not self.skip[number]:
             counters.retransmitted_bytes += payload_length
+        if self.live:
+            self._set_zero_bits(number, bitmap)
         if self.skip[number]:
             self._check_remote(number, self.digest.record(number))
             return False
         return True
+
+    # --- live rounds ---------------------------------------------------------------------
+
+    def _packet_bits(self, number: int) -> bytes:
+        start = number * self._bitmap_len
+        return bytes(self.zero_bits[start : start + (self.manifest.pages_in_packet(number) + 7
+                                                     >> 3)])
+
+    def _set_zero_bits(self, number: int, bitmap: bytes) -> None:
+        start = number * self._bitmap_len
+        self.zero_bits[start : start + len(bitmap)] = bitmap
+
+    def _rerecord(self, number: int, bitmap: bytes, payload_crc: int) -> None:
+        """A recorded packet's new content (live): its record and the page counts."""
+        old = int.from_bytes(self._packet_bits(number), "little").bit_count()
+        new = int.from_bytes(bitmap, "little").bit_count()
+        self.digest.record_packet(number, bitmap, payload_crc)
+        self.counters.zero_pages += new - old
+        self.counters.normal_pages -= new - old
+
+    def live_pages(self, first_page: int, data: Buffer) -> None:
+        """Whole pages about to be sent from ``data`` (round 0, or a packet sent
+        whole): note the CRC32C of each, for the records of later rounds."""
+        impl.page_crcs(data, self.manifest.page_size, self.page_crcs, first_page)
+
+    def page_list(
+        self, number: int, present: bytes, pages: memoryview, zero: bytes
+    ) -> tuple[PacketHeader, list[memoryview]]:
+        """A live round's PAGE_LIST for packet ``number``: the pages whose bit is
+        set in ``present``, their bytes in ``pages`` (in order, as sent) and
+        ``zero`` their zero bitmap (bit k: the k-th present page is zero).
+
+        Updates what the receiver will hold (page CRCs, zero bits, the packet's
+        record and the page counts) and returns the frame with the payload
+        slices to send after it.
+        """
+        manifest = self.manifest
+        page_size = manifest.page_size
+        page_count = manifest.pages_in_packet(number)
+        first_page = number * manifest.packet_pages
+        present_bits = int.from_bytes(present, "little")
+        zero_bits = int.from_bytes(zero, "little")
+        old_bits = int.from_bytes(self._packet_bits(number), "little")
+        new_bits = old_bits
+        packet_zero = 0
+        crcs = array("I", [0]) * present_bits.bit_count()
+        impl.page_crcs(pages, page_size, crcs, 0)
+        payload: list[memoryview] = []
+        payload_length = 0
+        payload_crc = 0
+        k = 0
+        at = 0
+        for i in range(page_count):
+            if not present_bits >> i & 1:
+                continue
+            length = manifest.page_length(first_page + i)
+            self.page_crcs[first_page + i] = crcs[k]
+            if zero_bits >> k & 1:
+                packet_zero |= 1 << i
+                new_bits |= 1 << i
+            else:
+                new_bits &= ~(1 << i)
+                piece = pages[at : at + length]
+                payload.append(piece)
+                payload_crc = impl.crc32c(piece, payload_crc)
+                payload_length += length
+            at += length
+            k += 1
+        nbytes = (page_count + 7) >> 3
+        bitmap = new_bits.to_bytes(nbytes, "little")
+        crc = impl.packet_crc(self.page_crcs, first_page, page_count, bitmap, page_size,
+                              manifest.page_length(first_page + page_count - 1))
+        self._rerecord(number, bitmap, crc)
+        self._set_zero_bits(number, bitmap)
+        self.counters.normal_bytes += payload_length
+        header = PacketHeader(number, first_page, page_count, payload_length, payload_crc,
+                              packet_zero.to_bytes(nbytes, "little"), 0, present,
+                              self.digest.record(number))
+        return header, payload
+
+    def take_stale(self) -> list[int]:
+        """Packets the receiver holds in an older version (live): their pages
+        must be reported changed, so that the next round sends them whole."""
+        stale = sorted(self.stale)
+        self.stale.clear()
+        return stale
 
     # --- commit --------------------------------------------------------------------------
 

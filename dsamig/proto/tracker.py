@@ -81,7 +81,9 @@ class PacketTracker:
     __slots__ = (
         "_digest",
         "_status",
+        "changes",
         "counters",
+        "live",
         "manifest",
         "payload_bytes",
         "received_packets",
@@ -123,6 +125,11 @@ class PacketTracker:
         #: session broke; twice the image is far more than that.
         self.repeated_packets = 0
         self.repeat_budget = 2 * manifest.packet_count + 1024
+        #: Bumped by every change of what is recorded (a checkpoint is due
+        #: when it moved since the last one): new packets and replaced ones.
+        self.changes = 0
+        #: The job took live rounds (sticky across restores; see FLAG_LIVE).
+        self.live = False
 
     def _repeated(self, packets: int) -> None:
         self.repeated_packets += packets
@@ -199,6 +206,7 @@ class PacketTracker:
         self._status[n] = _ZERO if record == self._digest.zero_record(n) else _DONE
         zero = int.from_bytes(hdr.zero_bitmap, "little").bit_count()
         self.received_packets += 1
+        self.changes += 1
         counters = self.counters
         counters.done_bytes += self.manifest.range_bytes(n, 1)[1]
         counters.zero_pages += zero
@@ -279,6 +287,7 @@ class PacketTracker:
         status[first:end] = _B_ZERO * count
         self._digest.record_zero_range(first, count)
         self.received_packets += new
+        self.changes += 1
         self.counters.done_bytes += nbytes
         self.counters.zero_pages += pages
 
@@ -289,6 +298,53 @@ class PacketTracker:
                 f"first time 0x{self._digest.record(n):08x}): the image changed during the job",
                 ErrorCode.INTEGRITY,
             )
+
+    def check_replace(self, hdr: PacketHeader) -> None:
+        """Validate a PAGE_LIST packet (a live round's change to a packet the
+        receiver holds) against the manifest: RemoteProtocolError otherwise."""
+        manifest = self.manifest
+        n = hdr.packet_number
+        if n >= manifest.packet_count:
+            raise RemoteProtocolError(
+                f"PACKET packet_number {n} out of range (packet_count {manifest.packet_count})"
+            )
+        if hdr.first_page != n * manifest.packet_pages:
+            raise RemoteProtocolError(
+                f"PACKET {n} first_page {hdr.first_page}, expected {n * manifest.packet_pages}"
+            )
+        pages = manifest.pages_in_packet(n)
+        if hdr.page_count != pages:
+            raise RemoteProtocolError(f"PACKET {n} page_count {hdr.page_count}, expected {pages}")
+        if self._status[n] < _DONE:
+            raise RemoteProtocolError(
+                f"PAGE_LIST for packet {n}, which this receiver does not hold (send it whole)"
+            )
+        length = manifest.page_list_payload_length(n, hdr.zero_bitmap, hdr.present_bitmap)
+        if hdr.payload_length != length:
+            raise RemoteProtocolError(
+                f"PACKET {n} payload_length {hdr.payload_length}, expected {length} "
+                "for its zero and present bitmaps"
+            )
+
+    def replace(self, n: int, old_zero_pages: int, zero_bitmap: bytes, payload_crc: int,
+                record: int) -> None:
+        """Record a packet's new content after a PAGE_LIST was applied: its whole
+        zero bitmap and payload CRC as now stored, which must give ``record``
+        (the sender's; INTEGRITY otherwise). ``old_zero_pages``: how many of
+        its pages were zero before."""
+        mine = packet_record(zero_bitmap, payload_crc)
+        if mine != record:
+            raise RemoteProtocolError(
+                f"packet {n} after its PAGE_LIST has record 0x{mine:08x}, the sender's is "
+                f"0x{record:08x}: the copy went wrong",
+                ErrorCode.INTEGRITY,
+            )
+        zero = int.from_bytes(zero_bitmap, "little").bit_count()
+        self._digest.set_record(n, record)
+        self._status[n] = _ZERO if record == self._digest.zero_record(n) else _DONE
+        self.counters.zero_pages += zero - old_zero_pages
+        self.counters.normal_pages -= zero - old_zero_pages
+        self.changes += 1
 
     def unclaim(self, packet_number: int) -> None:
         """Forget a claim whose payload will never complete (its channel broke)."""
@@ -330,6 +386,7 @@ class PacketTracker:
             zero_pages=self.counters.zero_pages,
             normal_pages=self.counters.normal_pages,
             payload_bytes=self.payload_bytes,
+            live=self.live,
         )
 
     def restore(self, progress: Progress) -> None:
@@ -341,6 +398,7 @@ class PacketTracker:
         # _DONE for a done packet, plus one more (_ZERO) if it is all zero.
         status = _DONE * _flags(progress.done, count) + _flags(progress.zero, count)
         self._status = bytearray(status.to_bytes(count, "little"))
+        self.changes += 1
         self._digest.load_records(progress.records)
         self.received_packets = progress.received_packets
         manifest = self.manifest
@@ -352,6 +410,32 @@ class PacketTracker:
         counters.zero_pages = progress.zero_pages
         counters.normal_pages = progress.normal_pages
         self.payload_bytes = progress.payload_bytes
+        self.live = self.live or progress.live
+
+    def done_packets(self) -> list[int]:
+        """The packets done (verified and stored), in order."""
+        status = self._status
+        return [n for n in range(len(status)) if status[n] >= _DONE]
+
+    def reload(self, packets: list[tuple[int, bytes, int]]) -> None:
+        """Take the records of every done packet from what the partial file
+        holds now: ``(number, zero_bitmap, payload_crc)`` of each, read back
+        after the restore of a live job, whose packets may have been rewritten
+        after its checkpoint. The page counts follow from the bitmaps."""
+        if [n for n, _, _ in packets] != self.done_packets():
+            raise LocalProtocolError("reload must cover exactly the done packets, in order")
+        manifest = self.manifest
+        zero = normal = 0
+        for n, zero_bitmap, payload_crc in packets:
+            record = packet_record(zero_bitmap, payload_crc)
+            self._digest.set_record(n, record)
+            self._status[n] = _ZERO if record == self._digest.zero_record(n) else _DONE
+            pages = int.from_bytes(zero_bitmap, "little").bit_count()
+            zero += pages
+            normal += manifest.pages_in_packet(n) - pages
+        self.counters.zero_pages = zero
+        self.counters.normal_pages = normal
+        self.changes += 1
 
     def resume_frames(self) -> list[ResumeState]:
         """RESUME_STATE frames describing every done packet, the last one marked.

@@ -36,6 +36,7 @@ from dsamig.proto import (
     AUTH_NONCE_SIZE,
     CLOSED,
     FEATURE_ACKS,
+    FEATURE_LIVE,
     FEATURE_RESUME,
     FRAME_HEADER_SIZE,
     NEED_DATA,
@@ -61,10 +62,12 @@ from dsamig.proto import (
     ReceiveJobCore,
     ReceiverState,
     RemoteProtocolError,
+    Round,
     Welcome,
     ZeroRange,
     encode,
     manifest_problem,
+    packet_record,
 )
 from dsamig.settings import ReceiverLimits
 from dsamig.stats import ChannelStats, JobStats
@@ -169,7 +172,8 @@ class ReceiverJob:
             try:
                 self._native = impl.RecvJobShared(
                     self.tracker.status_array, manifest.image_size, manifest.packet_count,
-                    manifest.page_size, manifest.packet_pages, self.acks, fd, mode)
+                    manifest.page_size, manifest.packet_pages, self.acks, fd, mode,
+                    self.core.live)
             except BaseException:
                 os.close(fd)
                 raise
@@ -211,8 +215,30 @@ class ReceiverJob:
                 self.log.warning("checkpoint ignored", reason=reason)
             self.sink.reset()
             return
+        if self.core.needs_reload:
+            self._reload()
         self.log.info("job resumed", packets_done=self.core.counters.resumed_packets,
                       packets=self.manifest.packet_count)
+
+    def _reload(self) -> None:
+        """Read back every done packet of a restored live job and take its
+        record from what is stored; then make the checkpoint say so (and say
+        "live") before any new round can change a packet again."""
+        manifest = self.manifest
+        page_size = manifest.page_size
+        packets: list[tuple[int, bytes, int]] = []
+        try:
+            for n in self.core.tracker.done_packets():
+                offset, span = manifest.range_bytes(n, 1)
+                data = memoryview(self.sink.read(offset, span))
+                bitmap, _ = impl.zero_bitmap(data, page_size)
+                _, _, crc = impl.packet_payload(data, bitmap, page_size)
+                packets.append((n, bitmap, crc))
+            self.core.reload(packets)
+            self.sink.checkpoint(self.core.tracker.snapshot().to_bytes())
+        except SinkError as exc:
+            raise JobFailedError(str(exc), ErrorCode.IO) from None
+        self.log.info("live job's packets read back", packets=len(packets))
 
     def restart_session(self) -> None:
         """Channel 0 said HELLO again: the sender lost its channels and starts
@@ -293,6 +319,60 @@ class ReceiverJob:
                 # Keep what is stored: once space is freed the sender can resume.
                 raise JobFailedError(str(exc), ErrorCode.IO, resumable=self.acks) from None
         self.packet_stored(index, header, crc, again)
+
+    def page_list_received(self, index: int, header: PacketHeader, payload: memoryview) -> None:
+        """Apply a live round's PAGE_LIST to the packet the receiver holds.
+
+        The packet's current bytes are read, the present pages merged in (the
+        zero ones as zeros), and the whole packet's new record must be the one
+        the sender computed, before anything is written: then the present
+        normal pages are written and the present zero pages punched out.
+        """
+        crc = impl.crc32c(payload)
+        if crc != header.payload_crc:
+            raise CorruptPacketError.of_packet(header.packet_number, crc, header.payload_crc)
+        manifest = self.manifest
+        page_size = manifest.page_size
+        offset, span = manifest.range_bytes(header.packet_number, 1)
+        pages = header.page_count
+        try:
+            packet = self.sink.read(offset, span)
+        except SinkError as exc:
+            raise JobFailedError(str(exc), ErrorCode.IO, resumable=True) from None
+        _, old_zero = impl.zero_bitmap(packet, page_size)
+        present = int.from_bytes(header.present_bitmap, "little")
+        zero = int.from_bytes(header.zero_bitmap, "little")
+        at = 0
+        for page in range(pages):
+            if not present >> page & 1:
+                continue
+            start = page * page_size
+            end = min(start + page_size, span)
+            if zero >> page & 1:
+                packet[start:end] = bytes(end - start)
+            else:
+                packet[start:end] = payload[at : at + end - start]
+                at += end - start
+        bitmap, _ = impl.zero_bitmap(packet, page_size)
+        _, _, new_crc = impl.packet_payload(memoryview(packet), bitmap, page_size)
+        if packet_record(bitmap, new_crc) != header.record:
+            raise JobFailedError(
+                f"packet {header.packet_number} after its PAGE_LIST would have another record "
+                f"than the sender's 0x{header.record:08x}: the copy went wrong",
+                ErrorCode.INTEGRITY)
+        written = ~(present & ~zero) & ((1 << pages) - 1)
+        cleared = [(offset + first * page_size, min(count * page_size, span - first * page_size))
+                   for first, count in impl.normal_runs(
+                       (~(present & zero) & ((1 << pages) - 1)).to_bytes(
+                           len(header.zero_bitmap), "little"), pages)]
+        try:
+            self.sink.write_packet(payload, written.to_bytes(len(header.zero_bitmap), "little"),
+                                   page_size, offset, span)
+            self.sink.zero_pages(cleared)
+        except SinkError as exc:
+            raise JobFailedError(str(exc), ErrorCode.IO, resumable=True) from None
+        self.core.page_list_applied(index, header, old_zero, bitmap, new_crc, self.clock())
+        self.checkpoint(urgent=False)
 
     def packet_stored(self, index: int, header: PacketHeader, crc: int, again: bool) -> None:
         """A packet is verified and stored (or, ``again``, compared): record it."""
@@ -611,6 +691,10 @@ class ReceiverChannel(asyncio.BufferedProtocol):
                 self.send_frame(self.state.answer_challenge(os.urandom(AUTH_NONCE_SIZE)))
             elif isinstance(event, End):
                 self._job().channel_ended(self.index)
+            elif isinstance(event, Round):
+                done = self._job().core.round_ended(self.index, event, self._job().clock())
+                if done is not None:
+                    self._job().channels[0].send_frame(done)
             elif isinstance(event, CommitRequest):
                 self._job().commit_requested(event)
             elif isinstance(event, Error):
@@ -630,7 +714,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.generation = job.attach(self, hello)  # ChannelRefusedError: this channel only
         self.job = job
         self._authenticated()
-        features = hello.features & (FEATURE_ACKS | FEATURE_RESUME) if job.acks else 0
+        offered = FEATURE_ACKS | FEATURE_RESUME | (FEATURE_LIVE if job.core.live else 0)
+        features = hello.features & offered if job.acks else 0
         self.send_frame(Welcome(job_id=hello.job_id, features=features))
         if features & FEATURE_RESUME:
             # What we hold: the sender skips (and checks) these packets.
@@ -781,6 +866,16 @@ class ReceiverChannel(asyncio.BufferedProtocol):
 
     def _packet_header(self, header: PacketHeader) -> None:
         job = self._job()
+        if header.present_bitmap:  # a live round's PAGE_LIST: applied on the loop
+            job.core.page_list_header(self.index, header)
+            self.again = False
+            self.current = header
+            self.filled = 0
+            if self.payload is None:
+                self.payload = memoryview(bytearray(job.packet_bytes))
+            if header.payload_length == 0:
+                self._packet_complete()
+            return
         self.again = job.core.packet_header(header)
         if self.pump is not None:
             # A header the native checks refused but the Python ones accept.
@@ -804,8 +899,11 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         assert header is not None and self.payload is not None
         job = self._job()
         try:
-            job.packet_received(self.index, header, self.payload[: header.payload_length],
-                                self.again)
+            if header.present_bitmap:
+                job.page_list_received(self.index, header, self.payload[: header.payload_length])
+            else:
+                job.packet_received(self.index, header, self.payload[: header.payload_length],
+                                    self.again)
         except CorruptPacketError as exc:
             if job.acks:
                 # Self-healing: drop this connection; the sender reconnects and

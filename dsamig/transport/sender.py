@@ -43,6 +43,8 @@ from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_e
 from dsamig.engine.dsa import DsaConfig
 from dsamig.engine.pool import EngineSource
 from dsamig.errors import ConfigError, DsamigError, NetworkError, SourceError, TransferError
+from dsamig.live.dirty import ContentDirtySource, DirtyPacket
+from dsamig.live.pause import PausedWriter, QmpWriterControl, ShellWriterControl, WriterControl
 from dsamig.logs import get_logger
 from dsamig.native import impl
 from dsamig.pages import PageSource
@@ -50,6 +52,7 @@ from dsamig.proto import (
     AUTH_NONCE_SIZE,
     CLOSED,
     FEATURE_ACKS,
+    FEATURE_LIVE,
     FEATURE_RESUME,
     NEED_DATA,
     PREAMBLE,
@@ -66,10 +69,13 @@ from dsamig.proto import (
     Hello,
     ImageChangedError,
     Manifest,
+    PacketHeader,
     PayloadChunk,
     ProtocolError,
     RemoteProtocolError,
     ResumeState,
+    Round,
+    RoundDone,
     SenderState,
     SendJobCore,
     Welcome,
@@ -78,6 +84,7 @@ from dsamig.proto import (
     encode_packet_header,
     window_bytes,
 )
+from dsamig.proto.live import LivePolicy, RoundFigures
 from dsamig.proto.send_core import ZERO
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Drain, Timeouts, tune_socket
@@ -93,6 +100,8 @@ DEFAULT_PACKET_SIZE = 512 * 1024
 DEFAULT_PAGE_SIZE = 4096
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 PUMP_DEPTH = 2  # chunks queued on a channel's native thread
+#: Changed packets a live round copies, scans and sends at once.
+LIVE_BATCH_PACKETS = 64
 #: How long stopping a channel's native thread may take (it ends within one
 #: system call, or at once when the socket is full).
 PUMP_STOP_S = 5.0
@@ -100,13 +109,50 @@ WRITE_HIGH_WATER = 8 * 1024 * 1024
 RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
 
 T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
 #: What a native sending thread reports for a work item: its status (0 or an
 #: errno value) and ``(payload_length, crc)`` of each packet it handled.
 PumpResult = tuple[int, list[tuple[int, int]]]
-#: Chunks on the engine, in plan order (None: nothing to scan).
-Pending = deque[tuple[Chunk, "asyncio.Future[Detection] | None"]]
+#: Chunks on the engine, in plan order: the chunk, its scan (None: nothing to
+#: scan) and where its bytes are, with the image offset of that buffer's
+#: start (the mapping itself, or for a live job the copy that is sent).
+Pending = deque[tuple[Chunk, "asyncio.Future[Detection] | None", "Buffer", int]]
 # States in which a receiver that hangs up refused us rather than failed.
 _HANDSHAKING = frozenset({SenderState.AWAIT_CHALLENGE, SenderState.AWAIT_WELCOME})
+
+
+@dataclass
+class LiveOptions:
+    """How a live job iterates and pauses its writer (``--live``)."""
+
+    max_downtime_s: float = 0.3
+    max_rounds: int = 30
+    pause_cmd: str | None = None  # with resume_cmd: pause the writer with commands
+    resume_cmd: str | None = None
+    qmp: str | None = None  # or a QEMU's QMP socket: stop / cont
+    #: Leave the writer paused after the commit (the guest lives on at the
+    #: destination); False: resume it (a consistent copy of a running guest).
+    keep_paused: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        if (self.qmp is None) == (self.pause_cmd is None):
+            raise ConfigError("a live job pauses its writer with --qmp SOCKET or with "
+                              "--pause-cmd CMD and --resume-cmd CMD (one of them)")
+        if self.pause_cmd is not None and not self.resume_cmd:
+            raise ConfigError("--pause-cmd needs --resume-cmd: a guest must never stay paused "
+                              "after a failure")
+        if not 0 < self.max_downtime_s <= 3600:
+            raise ConfigError(f"max downtime must be 0..3600 s, not {self.max_downtime_s:g}")
+        if not 1 <= self.max_rounds <= 1000:
+            raise ConfigError(f"max rounds must be 1..1000, not {self.max_rounds}")
+
+    def writer_control(self) -> WriterControl:
+        """What pauses and resumes the writer."""
+        if self.qmp is not None:
+            return QmpWriterControl(self.qmp)
+        assert self.pause_cmd is not None and self.resume_cmd is not None
+        return ShellWriterControl(self.pause_cmd, self.resume_cmd)
 
 
 class Pacer(Protocol):
@@ -137,6 +183,7 @@ class SendOptions:
     security: SecurityConfig | None = None  # TLS and/or pre-shared key
     #: Native sending threads where possible (None: unless DSAMIG_DATA_PATH=loop).
     native: bool | None = None
+    live: LiveOptions | None = None  # move a running guest's memory in rounds
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -151,6 +198,8 @@ class SendOptions:
             )
         if self.retry_for_s < 0:
             raise ConfigError(f"retry time must not be negative, not {self.retry_for_s}")
+        if self.live is not None:
+            self.live.validate()
 
 
 def native_sending(options: SendOptions) -> bool:
@@ -278,6 +327,8 @@ class SenderChannel(asyncio.Protocol):
             elif isinstance(event, Commit):
                 if not self.commit.done():
                     self.commit.set_result(event)
+            elif isinstance(event, RoundDone):
+                self.job.round_done(event.round)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
                 error_class = (
@@ -340,6 +391,33 @@ class SenderChannel(asyncio.Protocol):
         if self.job.acks:
             self.unacked.append((self.state.data_frames, payload_bytes))
             self.unacked_bytes += payload_bytes
+
+    async def send_control(self, frame: Frame, idle_s: float) -> None:
+        """Send END or ROUND after the data before it (through the thread, if
+        one writes this channel); return once it is written."""
+        if self.pump is None:
+            self.send_frame(frame)
+            return
+        self.state.on_send(frame)
+        done = self.pump_submit(memoryview(b""), 1, [(impl.TX_FRAME, encode(frame))])
+        await self.job.pump_written(self, done, idle_s)
+
+    async def send_frames(self, frames: list[tuple[PacketHeader, list[memoryview]]],
+                          idle_s: float) -> None:
+        """Send a live round's PACKETs (header, payload slices); return once
+        written (or, on the loop, once the transport took them)."""
+        ops: list[tuple[Any, ...]] = []
+        for header, payload in frames:
+            self.state.on_send(header)
+            self.count_data_frame(header.payload_length)
+            if self.pump is None:
+                self._write([encode(header), *payload])
+            else:
+                ops.append((impl.TX_FRAME, encode(header) + b"".join(payload)))
+        if ops:
+            await self.job.pump_written(self, self.pump_submit(memoryview(b""), 1, ops), idle_s)
+        elif self.drain.paused:
+            await self.drain.wait(idle_s, f"channel {self.index}")
 
     async def authenticate(self, hello: Hello, timeout_s: float, where: str) -> Hello:
         """Run the CHALLENGE exchange of a pre-shared key; return ``hello`` signed.
@@ -418,7 +496,7 @@ class SenderChannel(asyncio.Protocol):
         pump.start()
         return True
 
-    def pump_submit(self, image: memoryview, page_size: int,
+    def pump_submit(self, image: Buffer, page_size: int,
                     ops: list[tuple[Any, ...]]) -> asyncio.Future[PumpResult]:
         """Queue a work item on the native thread: its ``(status, [(payload_length,
         crc), ...])`` once written."""
@@ -486,7 +564,16 @@ class Sender:
             page_size=options.page_size,
             packet_pages=options.packet_size // options.page_size,
         )
-        self.core = SendJobCore(self.manifest)
+        self.core = SendJobCore(self.manifest, live=options.live is not None)
+        #: A live job's change detection (fingerprints of what was sent) and
+        #: its iteration policy.
+        self.dirty: ContentDirtySource | None = None
+        self.policy: LivePolicy | None = None
+        if options.live is not None:
+            self.dirty = ContentDirtySource(source.size, options.page_size,
+                                            self.manifest.packet_pages)
+            self.policy = LivePolicy(options.live.max_downtime_s, options.live.max_rounds)
+        self._round_waiters: dict[int, asyncio.Future[None]] = {}
         self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size,
                               counters=self.core.counters)
         self.window_bytes = window_bytes(self.manifest, options.channels)
@@ -625,6 +712,9 @@ class Sender:
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+        if self.core.live:
+            await self._race(self._live_rounds())
+            return
         self.stats.status = "completing"
         await self._race(self._commit())
 
@@ -709,9 +799,13 @@ class Sender:
         # Channel 0 first: it carries the manifest that makes the receiver
         # create the job (or resume it) before the other channels join.
         features = FEATURE_ACKS | (FEATURE_RESUME if resume else 0)
+        if self.core.live:
+            features |= FEATURE_LIVE
         first = await self._connect(0, features)
         welcome = first.welcome.result()
         self.acks = bool(welcome.features & FEATURE_ACKS)
+        if self.core.live and not welcome.features & FEATURE_LIVE:
+            raise TransferError("the receiver does not take live rounds (an older dsamig?)")
         if welcome.features & FEATURE_RESUME:
             try:
                 await asyncio.wait_for(asyncio.shield(first.resumed),
@@ -727,7 +821,8 @@ class Sender:
         self.stats.channels = [c.stats for c in self.channels]
 
     async def _pump(self, channel: SenderChannel, chunks: Iterator[Chunk]) -> None:
-        """Take chunks from the shared plan until it is empty; then END."""
+        """Take chunks from the shared plan until it is empty; then END (a live
+        job's rounds go on instead)."""
         pending: Pending = deque()
         try:
             if native_sending(self.options) and channel.go_native():
@@ -736,12 +831,25 @@ class Sender:
             else:
                 self.stats.extra.setdefault("data-path", "loop")
                 await self._pump_chunks(channel, chunks, pending)
+            if not self.core.live:
+                await self._end_channel(channel)
         finally:
             # A pump that stops early (a failure, a new session) leaves batches
             # on the engine: nobody will read their results.
-            for _, future in pending:
+            for _, future, _, _ in pending:
                 if future is not None:
                     future.cancel()
+
+    async def _end_channel(self, channel: SenderChannel) -> None:
+        """END on a channel, its thread stopped; then wait for its last ACKs."""
+        idle_s = self.options.timeouts.idle_s
+        await channel.send_control(
+            End(packets=channel.state.packets, payload_bytes=channel.state.payload_bytes),
+            idle_s)
+        channel.stop_pump()  # the rest of the channel (ACKs, COMMIT) is the loop's
+        if self.acks:
+            # Done only when the receiver holds everything this channel sent.
+            await channel.wait_acknowledged(idle_s)
 
     async def _pump_chunks(
         self,
@@ -759,7 +867,7 @@ class Sender:
             self._next_chunk(chunks, pending)
             if not pending:
                 break
-            chunk, future = pending.popleft()
+            chunk, future, data, base = pending.popleft()
             if future is None:
                 if chunk.hole:
                     self._send_zero_runs(channel, chunk.first_packet, chunk.packets)
@@ -772,7 +880,7 @@ class Sender:
                     await self.options.pacer.acquire(
                         max(span - detection.zero_pages * manifest.page_size, 0)
                     )
-                self._send_chunk(channel, chunk, detection)
+                self._send_chunk(channel, chunk, detection, data, base)
                 start = chunk.first_packet * packet_bytes
                 unreleased.append(
                     (start, start + chunk.packets * packet_bytes, channel.stats.transferred)
@@ -782,11 +890,6 @@ class Sender:
             if channel.unacked_bytes > self.window_bytes:
                 await channel.wait_window(idle_s)
             self._release_sent(channel, unreleased)
-        channel.send_frame(End(packets=channel.state.packets,
-                               payload_bytes=channel.state.payload_bytes))
-        if self.acks:
-            # Done only when the receiver holds everything this channel sent.
-            await channel.wait_acknowledged(idle_s)
 
     def _next_chunk(self, chunks: Iterator[Chunk], pending: Pending) -> None:
         """Keep PIPELINE_DEPTH chunks on the engine (those that need scanning)."""
@@ -798,14 +901,25 @@ class Sender:
             if chunk is None:
                 return
             future = None
+            data: Buffer = self.source.view
+            base = 0
             if self.core.needs_scan(chunk):
                 start = chunk.first_packet * packet_bytes
                 stop = min((chunk.first_packet + chunk.packets) * packet_bytes,
                            manifest.image_size)
-                future = self.engine.submit(
-                    self.source.view[start:stop], manifest.page_size, manifest.packet_pages
-                )
-            pending.append((chunk, future))
+                data = self.source.view[start:stop]
+                base = start
+                if self.dirty is not None:
+                    # A live image changes under us: scan and send a copy, and
+                    # remember exactly what was sent (fingerprints, page CRCs).
+                    copy = bytearray(stop - start)
+                    self.dirty.copy_out(copy, data, chunk.first_packet * manifest.packet_pages)
+                    self.core.live_pages(chunk.first_packet * manifest.packet_pages, copy)
+                    self.source.release(start, stop)
+                    data = copy
+                future = self.engine.submit(memoryview(data), manifest.page_size,
+                                            manifest.packet_pages)
+            pending.append((chunk, future, data, base))
 
     async def _pump_native(
         self,
@@ -818,7 +932,6 @@ class Sender:
         manifest = self.manifest
         packet_bytes = manifest.page_size * manifest.packet_pages
         idle_s = self.options.timeouts.idle_s
-        view = self.source.view
         # Work items on the thread: what to record when each comes back.
         queued: deque[tuple[asyncio.Future[PumpResult], list[tuple[int, bytes, bool, int]],
                             tuple[int, int] | None]] = deque()
@@ -826,7 +939,7 @@ class Sender:
             self.source.check_size()  # a shrunk image fails here, before its pages are touched
             self._next_chunk(chunks, pending)
             if pending:
-                chunk, future = pending.popleft()
+                chunk, future, data, base = pending.popleft()
                 ops: list[tuple[Any, ...]] = []
                 packets: list[tuple[int, bytes, bool, int]] = []
                 span: tuple[int, int] | None = None
@@ -840,11 +953,11 @@ class Sender:
                         await self.options.pacer.acquire(
                             max(span_bytes - detection.zero_pages * manifest.page_size, 0)
                         )
-                    self._chunk_ops(channel, chunk, detection, ops, packets)
+                    self._chunk_ops(channel, chunk, detection, ops, packets, base)
                     start = chunk.first_packet * packet_bytes
                     span = (start, start + chunk.packets * packet_bytes)
                 if ops:
-                    done = channel.pump_submit(view, manifest.page_size, ops)
+                    done = channel.pump_submit(data, manifest.page_size, ops)
                     # Recorded as soon as it is written (progress stays live
                     # while this coroutine waits for the pacer or the window).
                     done.add_done_callback(partial(self._pump_recorded, packets))
@@ -855,20 +968,11 @@ class Sender:
                 break
             while queued and (len(queued) >= PUMP_DEPTH or not pending):
                 done, packets, span = queued.popleft()
-                await self._pump_done(channel, done, idle_s)
+                await self.pump_written(channel, done, idle_s)
                 if span is not None:
                     self.source.release(*span)  # written: the page cache keeps the data
             if channel.unacked_bytes > self.window_bytes:
                 await channel.wait_window(idle_s)
-        end = End(packets=channel.state.packets, payload_bytes=channel.state.payload_bytes)
-        channel.state.on_send(end)
-        await self._pump_done(channel, channel.pump_submit(view, manifest.page_size,
-                                                          [(impl.TX_FRAME, encode(end))]),
-                              idle_s)
-        channel.stop_pump()  # the rest of the channel (ACKs, COMMIT) is the loop's
-        if self.acks:
-            # Done only when the receiver holds everything this channel sent.
-            await channel.wait_acknowledged(idle_s)
 
     def _zero_ops(self, channel: SenderChannel, first: int, count: int,
                   ops: list[tuple[Any, ...]]) -> None:
@@ -880,7 +984,8 @@ class Sender:
             ops.append((impl.TX_FRAME, encode(frame)))
 
     def _chunk_ops(self, channel: SenderChannel, chunk: Chunk, detection: Detection,
-                   ops: list[tuple[Any, ...]], packets: list[tuple[int, bytes, bool, int]]) -> None:
+                   ops: list[tuple[Any, ...]], packets: list[tuple[int, bytes, bool, int]],
+                   base: int) -> None:
         """A scanned chunk as the core lays it out, for the native thread: frames
         counted now (their payload lengths follow from the bitmaps)."""
         core = self.core
@@ -898,10 +1003,10 @@ class Sender:
                 channel.count_data_frame(length)
             ops.append((impl.TX_PACKET if send else impl.TX_VERIFY, first,
                         first * manifest.packet_pages, manifest.pages_in_packet(first),
-                        offset, span, bitmap))
+                        offset - base, span, bitmap))
             packets.append((first, bitmap, send, length))
 
-    async def _pump_done(
+    async def pump_written(
         self, channel: SenderChannel, done: asyncio.Future[PumpResult], idle_s: float
     ) -> None:
         """Wait (bounded) for a work item to be written; raise what stopped it."""
@@ -937,6 +1042,155 @@ class Sender:
         except (DsamigError, ImageChangedError) as exc:
             self.channel_failed(exc)
 
+    # --- live rounds ---------------------------------------------------------------------
+
+    def round_done(self, number: int) -> None:
+        """The receiver applied all of round ``number`` (ROUND_DONE)."""
+        waiter = self._round_waiters.get(number)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _live_rounds(self) -> None:
+        """Round 0 went out; iterate on the changes until the policy says the
+        final round fits (or must run anyway), then pause the writer, send the
+        final round, END and commit. A failure after the pause resumes it."""
+        assert self.dirty is not None and self.policy is not None and self.options.live
+        dirty, policy, live = self.dirty, self.policy, self.options.live
+        manifest = self.manifest
+        for packet in self.core.take_stale():  # held by the receiver in an older version
+            dirty.forget(packet * manifest.packet_pages, manifest.pages_in_packet(packet))
+        # Round 0, or after a reconnect the catch-up of what the receiver
+        # lacked: it must be applied before any change of the next round.
+        round_number = len(policy.rounds)
+        await self._round_barrier(round_number)
+        if round_number == 0:
+            counters = self.core.counters
+            policy.round_sent(RoundFigures(0, counters.normal_pages, 0.0, counters.normal_pages,
+                                           counters.normal_bytes,
+                                           time.monotonic() - self.stats.started))
+        round_number += 1
+        last_scan = time.monotonic()
+        while True:
+            found, scan_s = await self._scan()
+            pages = sum(p.dirty_pages for p in found)
+            decision = policy.decide(round_number, pages, pages * manifest.page_size, scan_s,
+                                     time.monotonic() - last_scan)
+            last_scan = time.monotonic()
+            self._live_figures(round_number)
+            if decision.final:
+                break
+            started = time.monotonic()
+            sent = await self._send_round(found)
+            await self._round_barrier(round_number)
+            policy.round_sent(RoundFigures(round_number, pages, scan_s, pages, sent,
+                                           time.monotonic() - started))
+            round_number += 1
+        self.log.info("pausing the writer", round=round_number, reason=decision.reason,
+                      expected_downtime_ms=round(decision.expected_downtime_s * 1000))
+        paused = PausedWriter(live.writer_control(), keep_paused=live.keep_paused)
+        async with paused:
+            found, scan_s = await self._scan()
+            started = time.monotonic()
+            pages = sum(p.dirty_pages for p in found)
+            sent = await self._send_round(found)
+            self.stats.status = "completing"
+            await asyncio.gather(*(self._end_channel(ch) for ch in self.channels))
+            await self._commit()
+            policy.round_sent(RoundFigures(round_number, pages, scan_s, pages, sent,
+                                           time.monotonic() - started))
+            self._live_figures(round_number)
+            self.stats.extra["downtime"] = round(paused.downtime_s * 1000)
+
+    def _live_figures(self, round_number: int) -> None:
+        assert self.policy is not None
+        self.stats.extra.update(self.policy.to_dict())
+        self.stats.extra["round"] = round_number
+
+    async def _scan(self) -> tuple[list[DirtyPacket], float]:
+        """Fingerprint the whole image again (off the loop: the native scan
+        releases the GIL); the packets with changed pages, and the time taken."""
+        assert self.dirty is not None
+        dirty, view = self.dirty, self.source.view
+        dirty.begin_round()
+        started = time.monotonic()
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: list(dirty.dirty_packets(view)))
+        return found, time.monotonic() - started
+
+    async def _send_round(self, found: list[DirtyPacket]) -> int:
+        """Send what changed: each packet's changed pages as a PAGE_LIST, spread
+        over the channels, in batches that one engine call scans. Returns the
+        payload bytes sent."""
+        assert self.dirty is not None and self.engine is not None
+        manifest = self.manifest
+        page_size = manifest.page_size
+        view = self.source.view
+        idle_s = self.options.timeouts.idle_s
+        sent = 0
+        for start in range(0, len(found), LIVE_BATCH_PACKETS):
+            batch = found[start : start + LIVE_BATCH_PACKETS]
+            pages = sum(p.dirty_pages for p in batch)
+            copy = memoryview(bytearray(pages * page_size))
+            at = 0
+            for packet in batch:
+                for first, count in packet.runs():
+                    begin = first * page_size
+                    end = min(begin + count * page_size, manifest.image_size)
+                    self.dirty.copy_out(copy[at : at + end - begin], view[begin:end], first)
+                    at += end - begin
+            try:
+                detection = await self.engine.submit(copy[:at], page_size, pages)
+            except BaseException:
+                # Copied (so fingerprinted as sent) but never given to the
+                # core: nothing else would tell that the receiver lacks them.
+                for packet in batch:
+                    self.dirty.forget(packet.first_page, manifest.pages_in_packet(
+                        packet.first_page // manifest.packet_pages))
+                raise
+            zero = int.from_bytes(detection.bitmaps, "little")
+            per_channel: dict[int, list[tuple[PacketHeader, list[memoryview]]]] = {}
+            at = 0
+            k = 0
+            for packet in batch:
+                number = packet.first_page // manifest.packet_pages
+                length = sum(min(count * page_size, manifest.image_size - first * page_size)
+                             for first, count in packet.runs())
+                bits = (zero >> k) & ((1 << packet.dirty_pages) - 1)
+                header, payload = self.core.page_list(
+                    number, packet.bitmap, copy[at : at + length],
+                    bits.to_bytes((packet.dirty_pages + 7) >> 3, "little"))
+                per_channel.setdefault(number % len(self.channels), []).append((header, payload))
+                sent += header.payload_length
+                at += length
+                k += packet.dirty_pages
+            if self.options.pacer is not None:
+                await self.options.pacer.acquire(sum(
+                    h.payload_length for frames in per_channel.values() for h, _ in frames))
+            await asyncio.gather(*(self.channels[i].send_frames(frames, idle_s)
+                                   for i, frames in per_channel.items()))
+            for channel in self.channels:
+                if channel.unacked_bytes > self.window_bytes:
+                    await channel.wait_window(idle_s)
+        return sent
+
+    async def _round_barrier(self, number: int) -> None:
+        """ROUND on every channel, then wait (bounded) for the receiver's
+        ROUND_DONE: no change of the next round may overtake this one's."""
+        idle_s = self.options.timeouts.idle_s
+        waiter = asyncio.get_running_loop().create_future()
+        self._round_waiters[number] = waiter
+        try:
+            await asyncio.gather(*(
+                ch.send_control(Round(number, ch.state.packets, ch.state.payload_bytes), idle_s)
+                for ch in self.channels))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), idle_s)
+            except TimeoutError:
+                raise ChannelLostError(
+                    f"the receiver did not finish round {number} in {idle_s:g} s") from None
+        finally:
+            self._round_waiters.pop(number, None)
+
     def _release_sent(
         self, channel: SenderChannel, unreleased: deque[tuple[int, int, int]]
     ) -> None:
@@ -960,18 +1214,21 @@ class Sender:
         for run_first, run_count in self.core.zero_runs(first, count):
             channel.send_frame(ZeroRange(first_packet=run_first, packet_count=run_count))
 
-    def _send_chunk(self, channel: SenderChannel, chunk: Chunk, detection: Detection) -> None:
-        """Send a scanned chunk as the core lays it out."""
+    def _send_chunk(self, channel: SenderChannel, chunk: Chunk, detection: Detection,
+                    data: Buffer, base: int) -> None:
+        """Send a scanned chunk (its bytes in ``data``, from image offset ``base``)
+        as the core lays it out."""
         core = self.core
         manifest = self.manifest
         page_size = manifest.page_size
-        view = self.source.view
+        view = memoryview(data)
         for kind, first, what in core.chunk_items(chunk, detection.bitmaps):
             if kind == ZERO:
                 self._send_zero_runs(channel, first, cast(int, what))
                 continue
             bitmap = cast(bytes, what)
             start, span = manifest.range_bytes(first, 1)
+            start -= base
             views, length, crc = impl.packet_payload(view[start : start + span], bitmap, page_size)
             if not core.packet(first, bitmap, length, crc):
                 continue  # the receiver holds it (checked)

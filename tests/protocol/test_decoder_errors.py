@@ -167,7 +167,7 @@ def test_sender_side_does_not_expect_preamble() -> None:
 # -- frame header -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x04, 0x17, 0x1F, 0x20, 0x7E, 0x80, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x04, 0x19, 0x1F, 0x20, 0x7E, 0x80, 0xFF])
 def test_unknown_type(ftype: int) -> None:
     assert decode_error(raw(ftype, b"")) == f"frame type 0x{ftype:02x} unknown"
 
@@ -191,9 +191,25 @@ def test_undefined_flags(ftype: int, flags: int, name: str) -> None:
     assert message == f"{name} flags 0x{flags:02x} has undefined bits set"
 
 
-def test_page_list_flag_rejected() -> None:
+def test_page_list_needs_both_bitmaps_and_a_record() -> None:
     message = decode_error(raw(0x10, packet_body(), flags=0x01))
-    assert message == "PACKET flags 0x01: PAGE_LIST is not supported in version 1"
+    assert message.startswith("PACKET body_length")
+
+
+def test_page_list_rules() -> None:
+    from dsamig.proto import encode_page_list_header
+
+    ok = encode_page_list_header(3, 384, 128, 4096, 7, b"\x01" + bytes(15),
+                                 b"\x03" + bytes(15), 0xABCD)
+    (header,) = [e for e in feed(FrameDecoder(expect_preamble=False), ok)]
+    assert header.present_bitmap == b"\x03" + bytes(15) and header.record == 0xABCD
+    empty = bytearray(ok)
+    empty[8 + 32 + 16 : 8 + 32 + 32] = bytes(16)  # no page present
+    assert decode_error(bytes(empty)) == (
+        "PACKET present_bitmap is empty or has padding bits set (page_count 128)")
+    stray = bytearray(ok)
+    stray[8 + 32] = 0x04  # a zero page that is not present
+    assert decode_error(bytes(stray)) == "PACKET zero_bitmap marks pages that are not present"
 
 
 def test_header_reserved() -> None:

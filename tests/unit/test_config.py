@@ -57,6 +57,21 @@ def test_job_document_round_trip() -> None:
     assert JobSpec.from_object(spec.to_document()) == spec
 
 
+def test_live_jobs(tmp_path) -> None:
+    spec = load_job(write(tmp_path, JOB + "live:\n  max_downtime: 50ms\n  max_rounds: 5\n"
+                                          "  pause_cmd: kill -STOP 42\n"
+                                          "  resume_cmd: kill -CONT 42\n"))
+    assert spec.live is not None
+    live = spec.send_options(__import__("uuid").uuid4()).live
+    assert (live.max_downtime_s, live.max_rounds, live.keep_paused) == (0.05, 5, True)
+    assert (live.pause_cmd, live.resume_cmd, live.qmp) == ("kill -STOP 42", "kill -CONT 42",
+                                                           None)
+    assert JobSpec.from_object(spec.to_document()) == spec
+    qmp = load_job(write(tmp_path, JOB + "live: {qmp: /run/vm.qmp, resume_writer: true}\n"))
+    assert qmp.live is not None and qmp.live.options().keep_paused is False
+    assert load_job(write(tmp_path, JOB)).live is None
+
+
 def test_control_documents_need_absolute_paths() -> None:
     with pytest.raises(ConfigError, match=r"^job-start: source: must be an absolute path"):
         JobSpec.from_object({"name": "a", "source": "rel.img", "destination": {"host": "h"}},
@@ -173,6 +188,12 @@ BAD = [
     ("receiver", RECEIVER + "security: {tls_server_name: r.test}\n",
      "f.yaml:4: security.tls_server_name: unknown key (allowed: tls_cert, tls_key, tls_ca, "
      "psk_file, allow_unauthenticated)"),
+    ("job", JOB + "live: {pause_cmd: kill -STOP 1}\n",
+     "f.yaml:4: live: pause_cmd needs resume_cmd: a guest must never stay paused"),
+    ("job", JOB + "live:\n", "f.yaml:4: live: pauses its writer with qmp, or with "
+                                  "pause_cmd and resume_cmd: one of them"),
+    ("job", JOB + "live: {qmp: /q, max_rounds: 0}\n",
+     "f.yaml:4: live.max_rounds: must be an integer 1..1000, not 0"),
     ("receiver", RECEIVER + "security: {allow_unauthenticated: yes please}\n",
      "f.yaml:4: security.allow_unauthenticated: must be true or false"),
 ]
