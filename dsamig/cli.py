@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {Timeouts.idle_s:g})")
     send.add_argument("--resume", action="store_true",
                       help="continue an interrupted transfer from what the receiver holds")
+    send.add_argument("--refresh", action="store_true",
+                      help="the receiver holds an older copy of this image under its name: "
+                           "send only the pages that differ (it is replaced at the commit)")
     send.add_argument("--retry-for", type=float, default=RETRY_FOR_S, metavar="S",
                       help=f"reconnect a broken transfer for S seconds (default {RETRY_FOR_S:g})")
     send.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
@@ -151,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pause the writer once the final round is predicted to take no "
                            "longer (default 300ms)")
     live.add_argument("--max-rounds", type=int, default=30, metavar="N",
-                      help="rounds before the final one at most (default 30)")
+                      help="the final round is round N at the latest; round 0 is the whole "
+                           "image (default 30)")
     live.add_argument("--pause-cmd", metavar="CMD",
                       help="shell command that pauses the writer (needs --resume-cmd)")
     live.add_argument("--resume-cmd", metavar="CMD",
@@ -407,7 +411,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 emulate_faults=(FaultSpec.parse(args.dsa_emulate_faults)
                                 if args.dsa_emulate_faults else None),
             ),
-            name=args.name, resume=args.resume, retry_for_s=args.retry_for,
+            name=args.name, resume=args.resume, refresh=args.refresh,
+            retry_for_s=args.retry_for,
             timeouts=Timeouts(connect_s=args.connect_timeout, idle_s=args.idle_timeout),
             pacer=TokenBucket(args.max_bandwidth) if args.max_bandwidth else None,
             security=_security(args),

@@ -408,6 +408,8 @@ JOB_SCHEMA = mapping((
     Key("timeouts", mapping(JOB_TIMEOUT_KEYS), default=None, help="time bounds of the job"),
     Key("resume", boolean(), default=False,
         help="continue from what the receiver already holds of this image"),
+    Key("refresh", boolean(), default=False,
+        help="the receiver holds an older copy of this image: send only what differs"),
     Key("retry_for", duration(0, 86400), default=RETRY_FOR_S,
         help="keep reconnecting a broken transfer this long (0: fail at once)"),
     Key("security", mapping(SECURITY_KEYS), default=None,
@@ -473,6 +475,7 @@ class JobSpec:
     max_bandwidth: float | None = None  # bytes per second
     timeouts: Timeouts = field(default_factory=Timeouts)
     resume: bool = False
+    refresh: bool = False
     retry_for_s: float = RETRY_FOR_S
     security: SecurityConfig | None = None
     live: LiveSpec | None = None
@@ -498,6 +501,7 @@ class JobSpec:
                 idle_s=timeouts["idle"], commit_s=timeouts["commit"],
             ),
             resume=values["resume"],
+            refresh=values["refresh"],
             retry_for_s=values["retry_for"],
             security=security_from(values["security"]),
             live=None if values["live"] is None else LiveSpec(
@@ -549,6 +553,7 @@ class JobSpec:
                 "idle": self.timeouts.idle_s, "commit": self.timeouts.commit_s,
             },
             "resume": self.resume,
+            "refresh": self.refresh,
             "retry_for": self.retry_for_s,
             "security": None if self.security is None else {
                 "tls_cert": self.security.tls_cert, "tls_key": self.security.tls_key,
@@ -569,7 +574,8 @@ class JobSpec:
             packet_size=self.packet_size, page_size=self.page_size,
             engine=self.engine.kind, engine_threads=self.engine.threads, dsa=self.engine.dsa,
             name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
-            resume=self.resume, retry_for_s=self.retry_for_s, security=self.security,
+            resume=self.resume, refresh=self.refresh, retry_for_s=self.retry_for_s,
+            security=self.security,
             live=None if self.live is None else self.live.options(),
         )
 

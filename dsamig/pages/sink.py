@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import threading
@@ -17,6 +18,8 @@ PROGRESS_SUFFIX = ".progress"
 TEMP_SUFFIX = ".tmp"
 #: Mode of every file the sink creates, whatever the umask.
 FILE_MODE = 0o600
+#: ioctl FICLONE: share another file's blocks (btrfs, XFS); from linux/fs.h.
+FICLONE = 0x40049409
 
 
 def max_checkpoint_bytes(image_size: int) -> int:
@@ -197,6 +200,40 @@ class PageSink:
         finally:
             self._end()
 
+    # --- refresh ----------------------------------------------------------------------
+
+    def open_committed(self) -> int | None:
+        """A read-only descriptor of the committed image under the final name,
+        to refresh: a regular file of this image's size with one name, never
+        reached through a link. None when there is no such file. Call after
+        :meth:`open`."""
+        if self._dir_fd < 0:
+            raise SinkError(f"{self.partial_path!r} is not open")
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == self.image_size:
+                os.set_blocking(fd, True)
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def clone_from(self, fd: int) -> bool:
+        """Make the partial file share the blocks of ``fd`` (a reflink: instant,
+        and no space until a page changes); False where the file system cannot,
+        and the partial file is then unchanged."""
+        try:
+            fcntl.ioctl(self._fd, FICLONE, fd)
+        except OSError:
+            return False
+        return True
+
     # --- checkpoints ------------------------------------------------------------------
 
     def fileno(self) -> int:
@@ -300,6 +337,7 @@ class PageSink:
         self, payload: memoryview, bitmap: bytes, page_size: int, offset: int, span: int
     ) -> None:
         """Write the normal pages of one verified packet; zero pages are skipped."""
+        self._begin()  # a thread may write: the descriptor stays open under it
         try:
             self.bytes_written += impl.write_runs(
                 self._fd, payload, bitmap, page_size, offset, span
@@ -311,23 +349,12 @@ class PageSink:
                     what = "disk quota exceeded"
                 raise SinkError(f"{what} writing {self.partial_path!r}") from None
             raise SinkError(f"cannot write {self.partial_path!r}: {exc.strerror}") from None
+        finally:
+            self._end()
 
     def read(self, offset: int, length: int) -> bytearray:
         """The partial file's bytes at ``offset`` (holes read as zeros)."""
-        data = bytearray(length)
-        view = memoryview(data)
-        done = 0
-        try:
-            while done < length:
-                n = os.preadv(self._fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise SinkError(f"{self.partial_path!r} is shorter than the image")
-                done += n
-        except OSError as exc:
-            raise SinkError(f"cannot read {self.partial_path!r}: {exc.strerror}") from None
-        finally:
-            view.release()
-        return data
+        return read_exact(self._fd, offset, length, self.partial_path)
 
     def zero_pages(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Make byte ranges read as zeros: punched out where the file system can,
@@ -409,3 +436,22 @@ class PageSink:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, attr, -1)
+
+
+def read_exact(fd: int, offset: int, length: int, path: str) -> bytearray:
+    """``length`` bytes of ``fd`` at ``offset`` (SinkError naming ``path`` if
+    they cannot all be read)."""
+    data = bytearray(length)
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise SinkError(f"{path!r} is shorter than the image")
+            done += n
+    except OSError as exc:
+        raise SinkError(f"cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        view.release()
+    return data

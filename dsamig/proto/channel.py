@@ -40,6 +40,8 @@ from dsamig.proto.frames import (
     Hello,
     PacketHeader,
     Round,
+    Sums,
+    SumsRequest,
     Welcome,
     ZeroRange,
     frame_type,
@@ -125,6 +127,9 @@ RECEIVER_TRANSITIONS: Final[Table] = {
     # With FEATURE_LIVE (the job core refuses them otherwise).
     (_R.STREAMING, RECV, _T.ROUND): _R.STREAMING,
     (_R.STREAMING, SEND, _T.ROUND_DONE): _R.STREAMING,
+    # With FEATURE_REFRESH, on channel 0 (checked below).
+    (_R.STREAMING, RECV, _T.SUMS_REQUEST): _R.STREAMING,
+    (_R.STREAMING, SEND, _T.SUMS): _R.STREAMING,
     (_R.ENDED, SEND, _T.ACK): _R.ENDED,
     (_R.COMMITTING, SEND, _T.ACK): _R.COMMITTING,
     # The peer may report a failure in any state but after its own ERROR; we
@@ -152,6 +157,9 @@ SENDER_TRANSITIONS: Final[Table] = {
     # With FEATURE_LIVE.
     (_S.STREAMING, SEND, _T.ROUND): _S.STREAMING,
     (_S.STREAMING, RECV, _T.ROUND_DONE): _S.STREAMING,
+    # With FEATURE_REFRESH, on channel 0 (checked below).
+    (_S.STREAMING, SEND, _T.SUMS_REQUEST): _S.STREAMING,
+    (_S.STREAMING, RECV, _T.SUMS): _S.STREAMING,
     (_S.ENDED, RECV, _T.ACK): _S.ENDED,
     (_S.AWAIT_COMMIT, RECV, _T.ACK): _S.AWAIT_COMMIT,
     **{(state, RECV, _T.ERROR): _S.ERROR for state in _S if state is not _S.ERROR},
@@ -302,6 +310,10 @@ class ChannelState:
                 raise RemoteProtocolError(
                     f"COMMIT_REQUEST on channel {self.channel_index} (only channel 0 may commit)"
                 )
+        elif isinstance(frame, SumsRequest | Sums):
+            if self.channel_index != 0:
+                raise RemoteProtocolError(
+                    f"{ftype.name} on channel {self.channel_index} (refresh uses channel 0)")
         elif isinstance(frame, Challenge):
             self._receive_challenge(frame)
         elif isinstance(frame, Welcome):
@@ -483,6 +495,10 @@ class ChannelState:
                     f"COMMIT_REQUEST on channel {self.channel_index} (only channel 0 may commit)"
                 )
             self.commit_request = frame
+        elif isinstance(frame, SumsRequest | Sums):
+            if self.channel_index != 0:
+                raise LocalProtocolError(
+                    f"{ftype.name} on channel {self.channel_index} (refresh uses channel 0)")
         elif isinstance(frame, Error):
             self._error_sent = True
         self.state = new_state

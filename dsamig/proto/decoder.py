@@ -40,6 +40,8 @@ from dsamig.proto.frames import (
     MAX_PACKET_PAGES,
     MAX_PAGE_SIZE,
     MAX_RESUME_PACKETS,
+    MAX_SUMS_PACKETS,
+    MAX_SUMS_PAGES,
     NEED_DATA,
     PACKET_FIXED_BODY,
     PACKET_PAGE_LIST,
@@ -50,6 +52,10 @@ from dsamig.proto.frames import (
     RESUME_STRUCT,
     ROUND_DONE_STRUCT,
     ROUND_STRUCT,
+    SUMS_LAST,
+    SUMS_PAGES,
+    SUMS_REQUEST_STRUCT,
+    SUMS_STRUCT,
     WELCOME_STRUCT,
     ZERO_RANGE_STRUCT,
     Ack,
@@ -68,8 +74,11 @@ from dsamig.proto.frames import (
     ResumeState,
     Round,
     RoundDone,
+    Sums,
+    SumsRequest,
     Welcome,
     ZeroRange,
+    sums_body_length,
 )
 
 _PREAMBLE_SIZE: Final = len(PREAMBLE)
@@ -91,6 +100,8 @@ _ALLOWED_FLAGS: Final[dict[FrameType, int]] = {
     FrameType.RESUME_STATE: RESUME_LAST,
     FrameType.ROUND: 0,
     FrameType.ROUND_DONE: 0,
+    FrameType.SUMS_REQUEST: 0,
+    FrameType.SUMS: SUMS_LAST | SUMS_PAGES,
     FrameType.ERROR: 0,
 }
 
@@ -113,6 +124,9 @@ _BODY_BOUNDS: Final[dict[FrameType, tuple[int, int]]] = {
     ),
     FrameType.ROUND: (ROUND_STRUCT.size, ROUND_STRUCT.size),
     FrameType.ROUND_DONE: (ROUND_DONE_STRUCT.size, ROUND_DONE_STRUCT.size),
+    FrameType.SUMS_REQUEST: (SUMS_REQUEST_STRUCT.size, SUMS_REQUEST_STRUCT.size),
+    FrameType.SUMS: (sums_body_length(False, 1, 0),
+                     sums_body_length(True, 1, MAX_SUMS_PAGES)),
     FrameType.ERROR: (ERROR_STRUCT.size, ERROR_STRUCT.size + MAX_ERROR_MESSAGE),
 }
 # A PAGE_LIST PACKET: both bitmaps and the packet's record after the fixed body.
@@ -445,7 +459,48 @@ class FrameDecoder:
             if reserved:
                 raise RemoteProtocolError(f"ROUND_DONE reserved 0x{reserved:08x} must be 0")
             return RoundDone(number)
+        if ftype is FrameType.SUMS_REQUEST:
+            first_packet, packet_count, reserved = SUMS_REQUEST_STRUCT.unpack_from(buffer, off)
+            if reserved:
+                raise RemoteProtocolError(f"SUMS_REQUEST reserved 0x{reserved:08x} must be 0")
+            if not 1 <= packet_count <= MAX_SUMS_PAGES:
+                raise RemoteProtocolError(f"SUMS_REQUEST packet_count {packet_count} out of "
+                                          f"range (1..{MAX_SUMS_PAGES})")
+            return SumsRequest(first_packet, packet_count)
+        if ftype is FrameType.SUMS:
+            return self._decode_sums(body_length)
         return self._decode_error(body_length)
+
+    def _decode_sums(self, body_length: int) -> Sums:
+        buffer = self._buffer
+        off = FRAME_HEADER_SIZE
+        flags = buffer[1]
+        pages = bool(flags & SUMS_PAGES)
+        first_packet, packet_count, page_count, seed = SUMS_STRUCT.unpack_from(buffer, off)
+        if pages:
+            if not 1 <= packet_count <= page_count <= MAX_SUMS_PAGES:
+                raise RemoteProtocolError(
+                    f"page SUMS of {packet_count} packets and {page_count} pages out of range "
+                    f"(1 ≤ packets ≤ pages ≤ {MAX_SUMS_PAGES})")
+        else:
+            if page_count:
+                raise RemoteProtocolError(f"packet SUMS page_count {page_count} must be 0")
+            if not 1 <= packet_count <= MAX_SUMS_PACKETS:
+                raise RemoteProtocolError(f"packet SUMS packet_count {packet_count} out of "
+                                          f"range (1..{MAX_SUMS_PACKETS})")
+        expected = sums_body_length(pages, packet_count, page_count)
+        if body_length != expected:
+            raise RemoteProtocolError(f"SUMS body_length {body_length}, expected {expected}")
+        off += SUMS_STRUCT.size
+        body = bytes(buffer[off : FRAME_HEADER_SIZE + body_length])
+        if pages:
+            bits = (page_count + 7) // 8
+            if page_count % 8 and body[bits - 1] >> (page_count % 8):
+                raise RemoteProtocolError("SUMS zero_bitmap has bits set past its pages")
+            return Sums(first_packet, packet_count, seed, body[bits:], page_count=page_count,
+                        zero_bitmap=body[:bits], pages=True, last=bool(flags & SUMS_LAST))
+        return Sums(first_packet, packet_count, seed, body[: 8 * packet_count],
+                    records=body[8 * packet_count :], last=bool(flags & SUMS_LAST))
 
     def _decode_resume_state(self, body_length: int) -> ResumeState:
         buffer = self._buffer

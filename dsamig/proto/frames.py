@@ -37,7 +37,9 @@ DIGEST_SIZE: Final = 32
 FEATURE_ACKS: Final = 0x01  # the receiver ACKs data frames; channels may reconnect
 FEATURE_RESUME: Final = 0x02  # sender: resume if you can; receiver: RESUME_STATE follows
 FEATURE_LIVE: Final = 0x04  # rounds: PAGE_LIST packets, ROUND / ROUND_DONE, newest wins
-KNOWN_FEATURES: Final = FEATURE_ACKS | FEATURE_RESUME | FEATURE_LIVE
+# Refresh a committed copy: SUMS / SUMS_REQUEST instead of round 0's data (needs LIVE).
+FEATURE_REFRESH: Final = 0x08
+KNOWN_FEATURES: Final = FEATURE_ACKS | FEATURE_RESUME | FEATURE_LIVE | FEATURE_REFRESH
 # RESUME_STATE flags
 RESUME_LAST: Final = 0x01
 MAX_RESUME_PACKETS: Final = 8192  # per RESUME_STATE frame: 1 KiB bitmap + 32 KiB records
@@ -46,6 +48,13 @@ MAX_RESUME_PACKETS: Final = 8192  # per RESUME_STATE frame: 1 KiB bitmap + 32 Ki
 AUTH_HMAC_SHA256: Final = 1  # the only scheme: HMAC-SHA256 with a pre-shared key
 AUTH_NONCE_SIZE: Final = 32
 AUTH_MAC_SIZE: Final = 32
+
+# SUMS (docs/protocol.md "Refresh")
+SUMS_LAST: Final = 0x01  # the last SUMS of the packet sums
+SUMS_PAGES: Final = 0x02  # page sums (an answer to SUMS_REQUEST), not packet sums
+SUMS_SEED_SIZE: Final = 16
+MAX_SUMS_PACKETS: Final = 4096  # packet sums per frame: 48 KiB
+MAX_SUMS_PAGES: Final = 7168  # page sums per frame (and per SUMS_REQUEST): 57 KiB
 
 # HELLO flags
 HELLO_MANIFEST: Final = 0x01
@@ -82,6 +91,8 @@ class FrameType(enum.IntEnum):
     RESUME_STATE = 0x16
     ROUND = 0x17
     ROUND_DONE = 0x18
+    SUMS_REQUEST = 0x19
+    SUMS = 0x1A
     ERROR = 0x7F
 
 
@@ -118,6 +129,8 @@ ACK_STRUCT: Final = struct.Struct("<QQ")
 RESUME_STRUCT: Final = struct.Struct("<QII")
 ROUND_STRUCT: Final = struct.Struct("<IIQQ")
 ROUND_DONE_STRUCT: Final = struct.Struct("<II")
+SUMS_REQUEST_STRUCT: Final = struct.Struct("<QII")  # first_packet, packet_count, reserved
+SUMS_STRUCT: Final = struct.Struct("<QII16s")  # first_packet, packet_count, page_count, seed
 #: A PAGE_LIST packet's record of the whole packet, after its zero and present bitmaps.
 PAGE_LIST_RECORD: Final = struct.Struct("<I")
 
@@ -423,6 +436,38 @@ class RoundDone:
 
 
 @dataclass(frozen=True, slots=True)
+class SumsRequest:
+    """SUMS_REQUEST (refresh, channel 0): send the page sums of ``packet_count``
+    packets from ``first_packet``."""
+
+    first_packet: int
+    packet_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sums:
+    """SUMS (refresh, channel 0): fingerprints of what the receiver's copy holds,
+    keyed by ``seed``.
+
+    Packet sums (``pages`` False): per packet, a u64 fingerprint of its page
+    fingerprints (``fingerprints``) and its u32 digest record (``records``).
+    Page sums (``pages``): per page of the packets, a u64 fingerprint, and
+    ``zero_bitmap`` (one bit per page, LSB first) marking the zero ones;
+    ``page_count`` pages in all. ``last`` ends the packet sums.
+    """
+
+    first_packet: int
+    packet_count: int
+    seed: bytes
+    fingerprints: bytes
+    records: bytes = b""
+    page_count: int = 0
+    zero_bitmap: bytes = b""
+    pages: bool = False
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PayloadChunk:
     """Bytes of the payload of the PACKET decoded last."""
 
@@ -431,7 +476,7 @@ class PayloadChunk:
 
 Frame: TypeAlias = (
     Hello | Welcome | Challenge | PacketHeader | ZeroRange | End | CommitRequest | Commit | Ack
-    | ResumeState | Round | RoundDone | Error
+    | ResumeState | Round | RoundDone | SumsRequest | Sums | Error
 )
 Event: TypeAlias = Frame | PayloadChunk | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
 
@@ -448,8 +493,17 @@ _FRAME_TYPES: Final[dict[type, FrameType]] = {
     ResumeState: FrameType.RESUME_STATE,
     Round: FrameType.ROUND,
     RoundDone: FrameType.ROUND_DONE,
+    SumsRequest: FrameType.SUMS_REQUEST,
+    Sums: FrameType.SUMS,
     Error: FrameType.ERROR,
 }
+
+
+def sums_body_length(pages: bool, packet_count: int, page_count: int) -> int:
+    """The exact body length of a SUMS frame with these counts."""
+    if pages:
+        return SUMS_STRUCT.size + (page_count + 7) // 8 + 8 * page_count
+    return SUMS_STRUCT.size + 12 * packet_count
 
 
 def frame_type(frame: Frame) -> FrameType:
@@ -659,6 +713,33 @@ def _truncate_utf8(text: str, limit: int) -> bytes:
     return data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
+def _encode_sums(frame: Sums) -> bytes:
+    if frame.pages:
+        _check(
+            _range_problem("SUMS packet_count", frame.packet_count, 1, MAX_SUMS_PAGES),
+            _range_problem("SUMS page_count", frame.page_count, frame.packet_count,
+                           MAX_SUMS_PAGES),
+        )
+        if frame.records or len(frame.zero_bitmap) != (frame.page_count + 7) // 8 or len(
+                frame.fingerprints) != 8 * frame.page_count:
+            raise LocalProtocolError("page SUMS need a zero bitmap and 8 bytes per page")
+        tail = frame.zero_bitmap + frame.fingerprints
+    else:
+        _check(_range_problem("SUMS packet_count", frame.packet_count, 1, MAX_SUMS_PACKETS))
+        if frame.page_count or frame.zero_bitmap or len(
+                frame.fingerprints) != 8 * frame.packet_count or len(
+                frame.records) != 4 * frame.packet_count:
+            raise LocalProtocolError("packet SUMS need 8 + 4 bytes per packet")
+        tail = frame.fingerprints + frame.records
+    if len(frame.seed) != SUMS_SEED_SIZE:
+        raise LocalProtocolError(f"SUMS seed must be {SUMS_SEED_SIZE} bytes")
+    _check(_range_problem("SUMS first_packet", frame.first_packet, 0, _U64))
+    flags = (SUMS_PAGES if frame.pages else 0) | (SUMS_LAST if frame.last else 0)
+    body = SUMS_STRUCT.pack(frame.first_packet, frame.packet_count, frame.page_count,
+                            frame.seed) + tail
+    return _frame(FrameType.SUMS, flags, body)
+
+
 def encode(frame: Frame) -> bytes:
     """Encode ``frame`` as header + body (a PACKET's payload is not included).
 
@@ -755,6 +836,15 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, RoundDone):
         _check(_range_problem("ROUND_DONE round", frame.round, 0, _U32))
         return _frame(FrameType.ROUND_DONE, 0, ROUND_DONE_STRUCT.pack(frame.round, 0))
+    if isinstance(frame, SumsRequest):
+        _check(
+            _range_problem("SUMS_REQUEST first_packet", frame.first_packet, 0, _U64),
+            _range_problem("SUMS_REQUEST packet_count", frame.packet_count, 1, MAX_SUMS_PAGES),
+        )
+        return _frame(FrameType.SUMS_REQUEST, 0,
+                      SUMS_REQUEST_STRUCT.pack(frame.first_packet, frame.packet_count, 0))
+    if isinstance(frame, Sums):
+        return _encode_sums(frame)
     if isinstance(frame, Error):
         _check(_range_problem("ERROR code", int(frame.code), 0, _U16))
         message = _truncate_utf8(frame.message, MAX_ERROR_MESSAGE)
@@ -776,6 +866,7 @@ __all__ = [
     "DIGEST_SIZE",
     "FEATURE_ACKS",
     "FEATURE_LIVE",
+    "FEATURE_REFRESH",
     "FEATURE_RESUME",
     "FRAME_HEADER_SIZE",
     "HELLO_MANIFEST",
@@ -789,6 +880,8 @@ __all__ = [
     "MAX_PACKET_PAGES",
     "MAX_PAGE_SIZE",
     "MAX_RESUME_PACKETS",
+    "MAX_SUMS_PACKETS",
+    "MAX_SUMS_PAGES",
     "MIN_PAGE_SIZE",
     "NEED_DATA",
     "PACKET_PAGE_LIST",
@@ -800,6 +893,11 @@ __all__ = [
     "RESUME_STRUCT",
     "ROUND_DONE_STRUCT",
     "ROUND_STRUCT",
+    "SUMS_LAST",
+    "SUMS_PAGES",
+    "SUMS_REQUEST_STRUCT",
+    "SUMS_SEED_SIZE",
+    "SUMS_STRUCT",
     "Ack",
     "Challenge",
     "Commit",
@@ -817,6 +915,8 @@ __all__ = [
     "Round",
     "RoundDone",
     "Sentinel",
+    "Sums",
+    "SumsRequest",
     "Welcome",
     "ZeroRange",
     "encode",
@@ -824,4 +924,5 @@ __all__ = [
     "encode_page_list_header",
     "encode_preamble",
     "frame_type",
+    "sums_body_length",
 ]

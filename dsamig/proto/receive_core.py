@@ -38,8 +38,10 @@ from dsamig.proto.frames import (
     ResumeState,
     Round,
     RoundDone,
+    SumsRequest,
     ZeroRange,
 )
+from dsamig.proto.refresh import SumsBudget
 from dsamig.proto.tracker import PacketTracker
 from dsamig.settings import MiB, ReceiverLimits
 
@@ -127,6 +129,11 @@ class ReceiveJobCore:
         self.acks = bool(hello.features & FEATURE_ACKS)
         #: Live rounds (docs/protocol.md "Live rounds"): only with acknowledgements.
         self.live = self.acks and bool(hello.features & FEATURE_LIVE)
+        #: Refreshing a committed copy (feature REFRESH, granted by the
+        #: transport with :meth:`begin_refresh`): its packet sums sent so far.
+        self.refresh = False
+        self.summed_packets = 0
+        self._sums_budget = SumsBudget(self.manifest)
         #: The live round being received, and the channels that ended it.
         self.round = 0
         self._round_ended: set[int] = set()
@@ -209,6 +216,41 @@ class ReceiveJobCore:
         counters = self.counters
         counters.reused_zero_pages = counters.zero_pages
         counters.reused_normal_pages = counters.normal_pages
+
+    # --- refresh -------------------------------------------------------------------------
+
+    def begin_refresh(self) -> None:
+        """This job refreshes a committed copy: its packets become held as their
+        sums are sent (:meth:`refreshed`), and rounds change them."""
+        if not self.live:
+            raise LocalProtocolError("a refresh needs feature LIVE")
+        self.refresh = True
+        self.tracker.live = True
+
+    def refreshed(self, packets: list[tuple[int, bytes, int]], now: float) -> None:
+        """Packets of the committed copy, in order from the next one not yet
+        summed: ``(number, zero_bitmap, payload_crc)`` as read. Held from now on
+        (the pages were there before this job)."""
+        if not self.refresh:
+            raise LocalProtocolError("refreshed() in a job that does not refresh")
+        if [n for n, _, _ in packets] != list(range(self.summed_packets,
+                                                    self.summed_packets + len(packets))):
+            raise LocalProtocolError("packets must be refreshed in order")
+        counters = self.counters
+        zero, normal, done = counters.zero_pages, counters.normal_pages, counters.done_bytes
+        self.tracker.refreshed(packets)
+        counters.reused_zero_pages += counters.zero_pages - zero
+        counters.reused_normal_pages += counters.normal_pages - normal
+        counters.reused_bytes += counters.done_bytes - done
+        self.summed_packets += len(packets)
+        self.last_progress = now
+
+    def sums_requested(self, index: int, frame: SumsRequest) -> int:
+        """A SUMS_REQUEST on channel ``index``: the pages it covers, once checked
+        (RemoteProtocolError if it may not be answered)."""
+        if not self.refresh:
+            raise RemoteProtocolError("SUMS_REQUEST in a job without feature REFRESH")
+        return self._sums_budget.check(frame, self.summed_packets)
 
     def forget_restored(self) -> None:
         """The restored checkpoint cannot be used after all (the partial file

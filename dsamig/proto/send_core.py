@@ -415,6 +415,30 @@ class SendJobCore:
                               self.digest.record(number))
         return header, payload
 
+    def refresh_packet(self, number: int, record: int, zero_bitmap: bytes) -> None:
+        """A packet the receiver holds in the committed copy it refreshes: its
+        ``record`` and ``zero_bitmap`` there. The CRCs of the pages that match
+        ours must have been noted (:meth:`live_pages`); later rounds send the
+        others. Counted as reused: those pages were moved by an earlier job."""
+        if not self.live:
+            raise LocalProtocolError("a refresh needs a live job core")
+        if self.recorded[number]:
+            raise LocalProtocolError(f"packet {number} refreshed twice")
+        manifest = self.manifest
+        self.recorded[number] = 1
+        self.digest.set_record(number, record)
+        self._set_zero_bits(number, zero_bitmap)
+        zero = int.from_bytes(zero_bitmap, "little").bit_count()
+        normal = manifest.pages_in_packet(number) - zero
+        span = manifest.range_bytes(number, 1)[1]
+        counters = self.counters
+        counters.zero_pages += zero
+        counters.normal_pages += normal
+        counters.done_bytes += span
+        counters.reused_zero_pages += zero
+        counters.reused_normal_pages += normal
+        counters.reused_bytes += span
+
     def take_stale(self) -> list[int]:
         """Packets the receiver holds in an older version (live): their pages
         must be reported changed, so that the next round sends them whole."""

@@ -412,6 +412,24 @@ class PacketTracker:
         self.payload_bytes = progress.payload_bytes
         self.live = self.live or progress.live
 
+    def refreshed(self, packets: list[tuple[int, bytes, int]]) -> None:
+        """Take packets of a committed copy being refreshed as held:
+        ``(number, zero_bitmap, payload_crc)`` of each, as read from it."""
+        manifest = self.manifest
+        counters = self.counters
+        for n, zero_bitmap, payload_crc in packets:
+            if self._status[n] != _FREE:
+                raise LocalProtocolError(f"packet {n} refreshed twice")
+            record = packet_record(zero_bitmap, payload_crc)
+            self._digest.set_record(n, record)
+            self._status[n] = _ZERO if record == self._digest.zero_record(n) else _DONE
+            zero = int.from_bytes(zero_bitmap, "little").bit_count()
+            self.received_packets += 1
+            counters.done_bytes += manifest.range_bytes(n, 1)[1]
+            counters.zero_pages += zero
+            counters.normal_pages += manifest.pages_in_packet(n) - zero
+        self.changes += 1
+
     def done_packets(self) -> list[int]:
         """The packets done (verified and stored), in order."""
         status = self._status

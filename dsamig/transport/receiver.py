@@ -24,6 +24,8 @@ import errno
 import os
 import time
 import uuid
+from array import array
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -32,11 +34,13 @@ from dsamig.errors import DsamigError, NetworkError, SinkError, TransferError
 from dsamig.logs import get_logger
 from dsamig.native import impl
 from dsamig.pages import PageSink
+from dsamig.pages.sink import read_exact
 from dsamig.proto import (
     AUTH_NONCE_SIZE,
     CLOSED,
     FEATURE_ACKS,
     FEATURE_LIVE,
+    FEATURE_REFRESH,
     FEATURE_RESUME,
     FRAME_HEADER_SIZE,
     NEED_DATA,
@@ -63,13 +67,17 @@ from dsamig.proto import (
     ReceiverState,
     RemoteProtocolError,
     Round,
+    Sums,
+    SumsRequest,
     Welcome,
     ZeroRange,
     encode,
     manifest_problem,
     packet_record,
 )
-from dsamig.settings import ReceiverLimits
+from dsamig.proto.frames import MAX_SUMS_PACKETS, SUMS_SEED_SIZE
+from dsamig.proto.refresh import packet_fingerprint
+from dsamig.settings import MiB, ReceiverLimits
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Timeouts, tune_socket
 from dsamig.transport.security import SecurityConfig, TlsListener, psk_of
@@ -131,6 +139,10 @@ class CorruptPacketError(JobFailedError):
                    "(corrupted in transit)")
 
 
+#: A refresh reads and hashes the committed copy this much at a time.
+REFRESH_CHUNK_BYTES = 32 * MiB
+
+
 class ReceiverJob:
     """One job being received: its core, its sink, its channels, its timers."""
 
@@ -161,6 +173,15 @@ class ReceiverJob:
         self._native: Any = None
         self._pumps = 0
         self.stats.extra["data-path"] = "loop"
+        # Refreshing a committed copy: its descriptor, whether the partial file
+        # shares its blocks, the task that sends its sums, the SUMS_REQUESTs it
+        # has still to answer, and the read now running off the loop.
+        self._committed_fd: int | None = None
+        self._cloned = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._sums_requests: deque[SumsRequest] = deque()
+        self._sums_wakeup = asyncio.Event()
+        self._refresh_read: asyncio.Future[Any] | None = None
 
     def native_shared(self) -> Any:
         """What this job's native receiving threads share (made for the first);
@@ -240,9 +261,145 @@ class ReceiverJob:
             raise JobFailedError(str(exc), ErrorCode.IO) from None
         self.log.info("live job's packets read back", packets=len(packets))
 
+    # --- refresh -----------------------------------------------------------------------
+
+    def begin_refresh(self, committed_fd: int) -> None:
+        """Refresh the committed copy open as ``committed_fd`` (the job owns it
+        from now on): the partial file starts as its clone where the file
+        system can share blocks, else its pages are copied as they are summed."""
+        self._committed_fd = committed_fd
+        self._cloned = self.sink.clone_from(committed_fd)
+        self.core.begin_refresh()
+        self.stats.extra["refresh"] = {"cloned": self._cloned}
+        self.log.info("refreshing the committed copy", cloned=self._cloned)
+
+    def start_refresh(self) -> None:
+        """WELCOME granted REFRESH: send the packet sums, answer SUMS_REQUESTs."""
+        if self._refresh_task is None:
+            self._refresh_task = asyncio.ensure_future(self._refresh())
+
+    def sums_requested(self, index: int, request: SumsRequest) -> None:
+        """A SUMS_REQUEST: checked now, answered in order by the refresh task."""
+        self.core.sums_requested(index, request)
+        self._sums_requests.append(request)
+        self._sums_wakeup.set()
+
+    async def _refresh(self) -> None:
+        """Send the committed copy's packet sums, a chunk at a time read and
+        hashed off the loop, and answer each SUMS_REQUEST as it comes, one
+        read at a time, until the job ends."""
+        manifest = self.manifest
+        seed = os.urandom(SUMS_SEED_SIZE)
+        key = impl.fingerprint_key(seed, manifest.page_size)
+        packet_bytes = manifest.packet_pages * manifest.page_size
+        chunk = max(1, min(MAX_SUMS_PACKETS, REFRESH_CHUNK_BYTES // packet_bytes))
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.done.done():
+                if self._sums_requests:
+                    request = self._sums_requests.popleft()
+                    frame = await self._off_loop(loop, partial(self._page_sums, request, key,
+                                                               seed))
+                    self._send_sums(frame)
+                elif self.core.summed_packets < manifest.packet_count:
+                    first = self.core.summed_packets
+                    count = min(chunk, manifest.packet_count - first)
+                    packets, frame = await self._off_loop(
+                        loop, partial(self._packet_sums, first, count, key, seed))
+                    self.core.refreshed(packets, self.clock())
+                    self._send_sums(frame)
+                    self.checkpoint(urgent=False)
+                else:
+                    self._sums_wakeup.clear()
+                    await self._sums_wakeup.wait()  # the job's watchdog bounds the job
+        except SinkError as exc:
+            self.fail(JobFailedError(str(exc), ErrorCode.IO))
+        except (ProtocolError, DsamigError) as exc:
+            self.fail(exc if isinstance(exc, DsamigError) else JobFailedError.of(exc))
+
+    async def _off_loop(self, loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on the executor; the committed copy stays open until it returns."""
+        future = self._refresh_read = loop.run_in_executor(None, work)
+        # Retrieved even when the job ended meanwhile (its sink closed under it).
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._refresh_read = None
+
+    def _send_sums(self, frame: Sums) -> None:
+        channel = self.channels.get(0)
+        if channel is None:
+            raise JobFailedError("channel 0 left during the refresh's exchange of sums")
+        channel.send_frame(frame)
+
+    def _packet_sums(self, first: int, count: int, key: bytes, seed: bytes
+                     ) -> tuple[list[tuple[int, bytes, int]], Sums]:
+        """Read packets of the committed copy (a thread): their records and
+        packet sums; without a clone, their pages are copied too."""
+        assert self._committed_fd is not None
+        manifest = self.manifest
+        page_size = manifest.page_size
+        offset, span = manifest.range_bytes(first, count)
+        data = memoryview(read_exact(self._committed_fd, offset, span, self.sink.path))
+        fingerprints = array("Q", [0]) * manifest.range_pages(first, count)
+        impl.fingerprint_pages(data, page_size, key, fingerprints, 0)
+        raw = memoryview(fingerprints).cast("B")
+        sums = array("Q")
+        records = array("I")
+        packets: list[tuple[int, bytes, int]] = []
+        page = 0
+        for n in range(first, first + count):
+            start, length = manifest.range_bytes(n, 1)
+            piece = data[start - offset : start - offset + length]
+            bitmap, _ = impl.zero_bitmap(piece, page_size)
+            views, payload_length, crc = impl.packet_payload(piece, bitmap, page_size)
+            pages = manifest.pages_in_packet(n)
+            sums.append(packet_fingerprint(raw[8 * page : 8 * (page + pages)], seed))
+            records.append(packet_record(bitmap, crc))
+            packets.append((n, bitmap, crc))
+            page += pages
+            if payload_length and not self._cloned:
+                self.sink.write_packet(memoryview(b"".join(views)), bitmap, page_size, start,
+                                       length)
+        last = first + count == manifest.packet_count
+        return packets, Sums(first, count, seed, sums.tobytes(), records.tobytes(), last=last)
+
+    def _page_sums(self, request: SumsRequest, key: bytes, seed: bytes) -> Sums:
+        """The page sums of the requested packets, read again (a thread)."""
+        assert self._committed_fd is not None
+        manifest = self.manifest
+        offset, span = manifest.range_bytes(request.first_packet, request.packet_count)
+        data = read_exact(self._committed_fd, offset, span, self.sink.path)
+        pages = manifest.range_pages(request.first_packet, request.packet_count)
+        fingerprints = array("Q", [0]) * pages
+        impl.fingerprint_pages(data, manifest.page_size, key, fingerprints, 0)
+        bitmap, _ = impl.zero_bitmap(data, manifest.page_size)
+        return Sums(request.first_packet, request.packet_count, seed, fingerprints.tobytes(),
+                    page_count=pages, zero_bitmap=bitmap, pages=True)
+
+    def _end_refresh(self) -> None:
+        """Stop the refresh task; close the committed copy once no read uses it."""
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        fd, self._committed_fd = self._committed_fd, None
+        if fd is None:
+            return
+        if self._refresh_read is not None and not self._refresh_read.done():
+            self._refresh_read.add_done_callback(lambda _: os.close(fd))
+        else:
+            os.close(fd)
+
     def restart_session(self) -> None:
         """Channel 0 said HELLO again: the sender lost its channels and starts
         over from our RESUME_STATE; the old connections are done with."""
+        if self.core.refresh and self.core.summed_packets < self.manifest.packet_count:
+            exc = JobFailedError("the sender reconnected before the refresh's sums were sent; "
+                                 "start the refresh again")
+            self.fail(exc)
+            raise exc
+        self._sums_requests.clear()  # asked by the old session: it will ask again
         try:
             self.core.restart_session(self.clock())
         except LimitExceededError as exc:
@@ -502,7 +659,8 @@ class ReceiverJob:
         self.server.job_finished(self)
 
     def _end(self) -> None:
-        """Stop the job's timers."""
+        """Stop the job's timers (and its refresh)."""
+        self._end_refresh()
         self._watchdog.cancel()
         if self._checkpoint_timer is not None:
             self._checkpoint_timer.cancel()
@@ -697,6 +855,8 @@ class ReceiverChannel(asyncio.BufferedProtocol):
                     self._job().channels[0].send_frame(done)
             elif isinstance(event, CommitRequest):
                 self._job().commit_requested(event)
+            elif isinstance(event, SumsRequest):
+                self._job().sums_requested(self.index, event)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
                 raise JobFailedError(f"sender failed the job ({code}): {event.message}",
@@ -715,8 +875,12 @@ class ReceiverChannel(asyncio.BufferedProtocol):
         self.job = job
         self._authenticated()
         offered = FEATURE_ACKS | FEATURE_RESUME | (FEATURE_LIVE if job.core.live else 0)
+        if job.core.refresh and self.index == 0:
+            offered |= FEATURE_REFRESH
         features = hello.features & offered if job.acks else 0
         self.send_frame(Welcome(job_id=hello.job_id, features=features))
+        if features & FEATURE_REFRESH:
+            job.start_refresh()
         if features & FEATURE_RESUME:
             # What we hold: the sender skips (and checks) these packets.
             for frame in job.core.resume_frames():
@@ -1196,6 +1360,10 @@ class ReceiverServer:
                 job._end()
                 sink.abort()
                 raise JobFailedError(str(exc), ErrorCode.IO) from None
+        elif hello.features & FEATURE_REFRESH and job.core.live:
+            committed = sink.open_committed()
+            if committed is not None:
+                job.begin_refresh(committed)
         self.jobs[hello.job_id] = job
         job.log.info("job started", channels=hello.channel_count,
                      size=hello.manifest.image_size, path=sink.path,

@@ -33,6 +33,7 @@ import os
 import ssl
 import time
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from dsamig.engine import Detection, EngineClosedError, ZeroPageEngine, create_e
 from dsamig.engine.dsa import DsaConfig
 from dsamig.engine.pool import EngineSource
 from dsamig.errors import ConfigError, DsamigError, NetworkError, SourceError, TransferError
-from dsamig.live.dirty import ContentDirtySource, DirtyPacket
+from dsamig.live.dirty import UNKNOWN_FINGERPRINT, ContentDirtySource, DirtyPacket
 from dsamig.live.pause import PausedWriter, QmpWriterControl, ShellWriterControl, WriterControl
 from dsamig.logs import get_logger
 from dsamig.native import impl
@@ -53,6 +54,7 @@ from dsamig.proto import (
     CLOSED,
     FEATURE_ACKS,
     FEATURE_LIVE,
+    FEATURE_REFRESH,
     FEATURE_RESUME,
     NEED_DATA,
     PREAMBLE,
@@ -78,13 +80,16 @@ from dsamig.proto import (
     RoundDone,
     SenderState,
     SendJobCore,
+    Sums,
     Welcome,
     ZeroRange,
     encode,
     encode_packet_header,
+    packet_record,
     window_bytes,
 )
 from dsamig.proto.live import LivePolicy, RoundFigures
+from dsamig.proto.refresh import SumsExchange, packet_fingerprint, packet_runs
 from dsamig.proto.send_core import ZERO
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Drain, Timeouts, tune_socket
@@ -184,6 +189,8 @@ class SendOptions:
     #: Native sending threads where possible (None: unless DSAMIG_DATA_PATH=loop).
     native: bool | None = None
     live: LiveOptions | None = None  # move a running guest's memory in rounds
+    #: Send only what differs from the receiver's committed copy of the image.
+    refresh: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -209,6 +216,10 @@ def native_sending(options: SendOptions) -> bool:
     if options.native is not None:
         return options.native
     return os.environ.get("DSAMIG_DATA_PATH", "auto") != "loop"
+
+
+#: A refresh reads and compares the image this much at a time.
+REFRESH_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 class ChannelLostError(TransferError):
@@ -329,6 +340,8 @@ class SenderChannel(asyncio.Protocol):
                     self.commit.set_result(event)
             elif isinstance(event, RoundDone):
                 self.job.round_done(event.round)
+            elif isinstance(event, Sums):
+                self.job.sums_received(event)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
                 error_class = (
@@ -564,15 +577,26 @@ class Sender:
             page_size=options.page_size,
             packet_pages=options.packet_size // options.page_size,
         )
-        self.core = SendJobCore(self.manifest, live=options.live is not None)
-        #: A live job's change detection (fingerprints of what was sent) and
-        #: its iteration policy.
+        # A refresh sends its changes as a live job's rounds do.
+        rounds = options.live is not None or options.refresh
+        self.core = SendJobCore(self.manifest, live=rounds)
+        #: A job in rounds: its change detection (fingerprints of what was
+        #: sent) and its iteration policy.
         self.dirty: ContentDirtySource | None = None
         self.policy: LivePolicy | None = None
-        if options.live is not None:
+        if rounds:
             self.dirty = ContentDirtySource(source.size, options.page_size,
                                             self.manifest.packet_pages)
-            self.policy = LivePolicy(options.live.max_downtime_s, options.live.max_rounds)
+            live = options.live
+            self.policy = (LivePolicy(live.max_downtime_s, live.max_rounds) if live is not None
+                           else LivePolicy())
+        #: A refresh: the receiver's sums, once it granted REFRESH; page sums
+        #: wait in the queue for the exchange to take them.
+        self.exchange: SumsExchange | None = None
+        self._sums_arrived = asyncio.Event()
+        self._page_sums: deque[tuple[int, int, bytes, array[int]]] = deque()
+        self._round0: RoundFigures | None = None
+        self._refreshed = False
         self._round_waiters: dict[int, asyncio.Future[None]] = {}
         self.stats = JobStats(role="sender", total=source.size, page_size=options.page_size,
                               counters=self.core.counters)
@@ -698,12 +722,20 @@ class Sender:
                 continue
 
     async def _session(self, resume: bool) -> None:
+        if self.exchange is not None and not self._refreshed:
+            # Its sums and their answers went with the old connections.
+            raise TransferError("the connection broke during the refresh's exchange of sums; "
+                                "start the refresh again")
         self.core.new_session()
         self._new_session_state()
         await self._race(self._connect_all(resume))
         if self.core.counters.sessions == 1:
             self.stats.mark_setup_done()
         self.stats.status = "active"
+        if self.exchange is not None and not self._refreshed:
+            await self._race(self._refresh_exchange())
+            await self._race(self._live_rounds())
+            return
         chunks = self.core.plan(self.source.data_ranges())
         pumps = [asyncio.ensure_future(self._pump(ch, chunks)) for ch in self.channels]
         try:
@@ -801,11 +833,23 @@ class Sender:
         features = FEATURE_ACKS | (FEATURE_RESUME if resume else 0)
         if self.core.live:
             features |= FEATURE_LIVE
+        # A refresh is asked for once: a later session resumes what it began.
+        refresh = self.options.refresh and self.core.counters.sessions == 1 and not resume
+        if refresh:
+            features |= FEATURE_REFRESH
         first = await self._connect(0, features)
         welcome = first.welcome.result()
         self.acks = bool(welcome.features & FEATURE_ACKS)
         if self.core.live and not welcome.features & FEATURE_LIVE:
             raise TransferError("the receiver does not take live rounds (an older dsamig?)")
+        if refresh:
+            if welcome.features & FEATURE_REFRESH:
+                self.exchange = SumsExchange(self.manifest)
+                self.stats.extra["refresh"] = {"granted": True}
+            else:
+                self.log.info("the receiver holds no committed copy of this image to refresh: "
+                              "sending all of it")
+                self.stats.extra["refresh"] = {"granted": False}
         if welcome.features & FEATURE_RESUME:
             try:
                 await asyncio.wait_for(asyncio.shield(first.resumed),
@@ -1050,11 +1094,147 @@ class Sender:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    # --- refresh -----------------------------------------------------------------------
+
+    def sums_received(self, frame: Sums) -> None:
+        """SUMS from the receiver (refresh): checked, then kept for the exchange."""
+        if self.exchange is None:
+            raise RemoteProtocolError("SUMS in a job that is not a refresh")
+        if frame.pages:
+            zero, fingerprints = self.exchange.page_sums(frame)
+            self._page_sums.append((frame.first_packet, frame.packet_count, zero, fingerprints))
+        else:
+            self.exchange.packet_sums(frame)
+        self._sums_arrived.set()
+
+    async def _await_sums(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait (bounded by the idle timeout between frames) until ``ready()``."""
+        idle_s = self.options.timeouts.idle_s
+        while not ready():
+            self._sums_arrived.clear()
+            try:
+                await asyncio.wait_for(self._sums_arrived.wait(), idle_s)
+            except TimeoutError:
+                raise ChannelLostError(f"the receiver sent no {what} for {idle_s:g} s") from None
+
+    async def _refresh_exchange(self) -> None:
+        """Round 0 of a refresh: compare our packets with the receiver's packet
+        sums as they arrive, ask for the page sums of those that differ, and
+        set what we know of the receiver's copy from them. The pages whose
+        fingerprint differs are left unknown: the next round sends them."""
+        assert self.exchange is not None
+        exchange = self.exchange
+        manifest = self.manifest
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        await self._await_sums(lambda: exchange.seed is not None, "sums")
+        assert exchange.seed is not None
+        seed = exchange.seed
+        self.dirty = ContentDirtySource(
+            manifest.image_size, manifest.page_size, manifest.packet_pages, seed=seed,
+            receiver_has_zeros=False)
+        packet_bytes = manifest.packet_pages * manifest.page_size
+        chunk = max(1, REFRESH_CHUNK_BYTES // packet_bytes)
+        bounce = bytearray(min(chunk * packet_bytes, manifest.image_size))
+        matched = differing = 0
+        scan_s = 0.0
+        for first in range(0, manifest.packet_count, chunk):
+            count = min(chunk, manifest.packet_count - first)
+            end = first + count
+            await self._await_sums(partial(self._summed_to, end), "packet sums")
+            offset, span = manifest.range_bytes(first, count)
+            scanned = time.monotonic()
+            ours = await loop.run_in_executor(
+                None, self._refresh_scan, first, count, memoryview(bounce)[:span], seed)
+            scan_s += time.monotonic() - scanned
+            self.source.release(offset, offset + span)
+            differ: list[int] = []
+            for n, bitmap, crc, fingerprint in ours:
+                record = exchange.records[n]
+                if fingerprint == exchange.fingerprints[n] and packet_record(bitmap,
+                                                                             crc) == record:
+                    self.core.refresh_packet(n, record, bitmap)
+                    matched += 1
+                else:
+                    differ.append(n)
+            differing += len(differ)
+            for request in packet_runs(manifest, differ):
+                exchange.asked(request)
+                self.channels[0].send_frame(request)
+        changed = 0
+        while exchange.waiting or self._page_sums:
+            await self._await_sums(lambda: bool(self._page_sums), "page sums")
+            first, count, zero_bitmap, theirs = self._page_sums.popleft()
+            changed += self._take_page_sums(first, count, zero_bitmap, theirs)
+        self._refreshed = True
+        elapsed = time.monotonic() - started
+        self._round0 = RoundFigures(0, 0, scan_s, 0, 0, elapsed)
+        self.stats.extra["refresh"] = {
+            "granted": True, "packets-matched": matched, "packets-compared-by-page": differing,
+            "pages-changed": changed, "sums-bytes": exchange.sums_bytes,
+            "time-ms": round(elapsed * 1000, 3)}
+        self.log.info("refresh: compared with the receiver's copy", matched=matched,
+                      differing=differing, pages_changed=changed)
+
+    def _summed_to(self, end: int) -> bool:
+        assert self.exchange is not None
+        return self.exchange.received >= end
+
+    def _refresh_scan(self, first: int, count: int, bounce: memoryview, seed: bytes
+                      ) -> list[tuple[int, bytes, int, int]]:
+        """Copy packets of the image (a thread) and note of each page its
+        fingerprint and CRC; per packet, its ``(number, zero_bitmap,
+        payload_crc, fingerprint)``."""
+        assert self.dirty is not None
+        manifest = self.manifest
+        page_size = manifest.page_size
+        offset, span = manifest.range_bytes(first, count)
+        first_page = first * manifest.packet_pages
+        self.dirty.copy_out(bounce, self.source.view[offset : offset + span], first_page)
+        self.core.live_pages(first_page, bounce)
+        raw = memoryview(self.dirty.fingerprints).cast("B")
+        out: list[tuple[int, bytes, int, int]] = []
+        page = first_page
+        for n in range(first, first + count):
+            start, length = manifest.range_bytes(n, 1)
+            piece = bounce[start - offset : start - offset + length]
+            bitmap, _ = impl.zero_bitmap(piece, page_size)
+            _, _, crc = impl.packet_payload(piece, bitmap, page_size)
+            pages = manifest.pages_in_packet(n)
+            out.append((n, bitmap, crc,
+                        packet_fingerprint(raw[8 * page : 8 * (page + pages)], seed)))
+            page += pages
+        return out
+
+    def _take_page_sums(self, first: int, count: int, zero_bitmap: bytes,
+                        theirs: array[int]) -> int:
+        """The receiver's page sums of packets that differ: pages whose
+        fingerprint is not ours become unknown (sent next round); each packet
+        is held as the receiver has it. Returns the pages that differ."""
+        assert self.dirty is not None and self.exchange is not None
+        manifest = self.manifest
+        fingerprints = self.dirty.fingerprints
+        first_page = first * manifest.packet_pages
+        changed = 0
+        for i, theirs_i in enumerate(theirs):
+            if fingerprints[first_page + i] != theirs_i:
+                fingerprints[first_page + i] = UNKNOWN_FINGERPRINT
+                changed += 1
+        bits = int.from_bytes(zero_bitmap, "little")
+        at = 0
+        for n in range(first, first + count):
+            pages = manifest.pages_in_packet(n)
+            mine = (bits >> at) & ((1 << pages) - 1)
+            self.core.refresh_packet(n, self.exchange.records[n],
+                                     mine.to_bytes((pages + 7) >> 3, "little"))
+            at += pages
+        return changed
+
     async def _live_rounds(self) -> None:
         """Round 0 went out; iterate on the changes until the policy says the
         final round fits (or must run anyway), then pause the writer, send the
         final round, END and commit. A failure after the pause resumes it."""
-        assert self.dirty is not None and self.policy is not None and self.options.live
+        assert self.dirty is not None and self.policy is not None
         dirty, policy, live = self.dirty, self.policy, self.options.live
         manifest = self.manifest
         for packet in self.core.take_stale():  # held by the receiver in an older version
@@ -1065,11 +1245,15 @@ class Sender:
         await self._round_barrier(round_number)
         if round_number == 0:
             counters = self.core.counters
-            policy.round_sent(RoundFigures(0, counters.normal_pages, 0.0, counters.normal_pages,
-                                           counters.normal_bytes,
-                                           time.monotonic() - self.stats.started))
+            policy.round_sent(self._round0 or RoundFigures(
+                0, counters.normal_pages, 0.0, counters.normal_pages, counters.normal_bytes,
+                time.monotonic() - self.stats.started))
         round_number += 1
         last_scan = time.monotonic()
+        if live is None:
+            # A refresh of an image nobody writes: one round of what differs.
+            await self._final_round(round_number)
+            return
         while True:
             found, scan_s = await self._scan()
             pages = sum(p.dirty_pages for p in found)
@@ -1089,17 +1273,22 @@ class Sender:
                       expected_downtime_ms=round(decision.expected_downtime_s * 1000))
         paused = PausedWriter(live.writer_control(), keep_paused=live.keep_paused)
         async with paused:
-            found, scan_s = await self._scan()
-            started = time.monotonic()
-            pages = sum(p.dirty_pages for p in found)
-            sent = await self._send_round(found)
-            self.stats.status = "completing"
-            await asyncio.gather(*(self._end_channel(ch) for ch in self.channels))
-            await self._commit()
-            policy.round_sent(RoundFigures(round_number, pages, scan_s, pages, sent,
-                                           time.monotonic() - started))
-            self._live_figures(round_number)
+            await self._final_round(round_number)
             self.stats.extra["downtime"] = round(paused.downtime_s * 1000)
+
+    async def _final_round(self, round_number: int) -> None:
+        """Scan, send what changed, END on every channel, commit."""
+        assert self.policy is not None
+        found, scan_s = await self._scan()
+        started = time.monotonic()
+        pages = sum(p.dirty_pages for p in found)
+        sent = await self._send_round(found)
+        self.stats.status = "completing"
+        await asyncio.gather(*(self._end_channel(ch) for ch in self.channels))
+        await self._commit()
+        self.policy.round_sent(RoundFigures(round_number, pages, scan_s, pages, sent,
+                                            time.monotonic() - started))
+        self._live_figures(round_number)
 
     def _live_figures(self, round_number: int) -> None:
         assert self.policy is not None

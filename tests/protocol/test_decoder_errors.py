@@ -167,7 +167,7 @@ def test_sender_side_does_not_expect_preamble() -> None:
 # -- frame header -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x04, 0x19, 0x1F, 0x20, 0x7E, 0x80, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x04, 0x1B, 0x1F, 0x20, 0x7E, 0x80, 0xFF])
 def test_unknown_type(ftype: int) -> None:
     assert decode_error(raw(ftype, b"")) == f"frame type 0x{ftype:02x} unknown"
 
