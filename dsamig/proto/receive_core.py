@@ -137,6 +137,7 @@ class ReceiveJobCore:
         record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
         self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
         self._checkpointed_packets = 0
+        self._durable_packets = 0  # what the last checkpoint that landed covers
         self._last_checkpoint = now
         self._checkpointing = False
         self._checkpoint_again = False
@@ -175,7 +176,7 @@ class ReceiveJobCore:
         if progress.manifest != self.manifest:
             return None, "another image layout"
         self.tracker.restore(progress)
-        self._checkpointed_packets = progress.received_packets
+        self._checkpointed_packets = self._durable_packets = progress.received_packets
         counters = self.counters
         counters.resumed_packets = progress.received_packets
         counters.reused_zero_pages = counters.zero_pages
@@ -194,7 +195,7 @@ class ReceiveJobCore:
         counters.resumed_packets = counters.reused_bytes = 0
         counters.reused_zero_pages = counters.reused_normal_pages = 0
         self.tracker = self._new_tracker()
-        self._checkpointed_packets = 0
+        self._checkpointed_packets = self._durable_packets = 0
         self._window_bytes = 0
 
     def resume_frames(self) -> list[ResumeState]:
@@ -352,13 +353,19 @@ class ReceiveJobCore:
         """The checkpoint is durable: the ACKs it allows, per channel index, and
         whether another checkpoint was asked for meanwhile."""
         self._checkpointing = False
+        self._durable_packets = self._checkpointed_packets
         acks = self._deliver(self._pending_acks)
         self._pending_acks = []
         return acks, self._checkpoint_again
 
     def checkpoint_failed(self) -> None:
-        """Writing the checkpoint failed (the job fails with it)."""
+        """Writing the checkpoint failed (the job fails with it).
+
+        What it would have covered is not durable: the job stays dirty, so
+        that nothing of it is ever acknowledged without a checkpoint.
+        """
         self._checkpointing = False
+        self._checkpointed_packets = self._durable_packets
         self._pending_acks = []
 
     def acks_due(self) -> list[tuple[int, Ack]]:

@@ -298,6 +298,26 @@ def test_acks_go_only_to_the_connection_that_sent_the_frames() -> None:
     assert core.checkpoint_written() == ([(1, Ack(1, 1))], False)
 
 
+def test_a_failed_checkpoint_leaves_the_job_dirty() -> None:
+    # What the failed checkpoint would have covered is not durable: no ACK
+    # may claim it, only another checkpoint.
+    core = core_for()
+    core.attach(0, 2, 100.0)
+    store(core, 0, 4)
+    core.begin_checkpoint(101.0)
+    core.checkpoint_failed()
+    assert core.dirty
+    assert core.checkpoint(102.0, urgent=True) is Checkpoint.TAKE
+    core.begin_checkpoint(102.0)
+    assert core.checkpoint_written() == ([(0, Ack(1, 1))], False)
+    assert not core.dirty
+    store(core, 0, 5)
+    core.begin_checkpoint(103.0)
+    core.checkpoint_failed()
+    assert core.dirty  # back to what the checkpoint of 102 s covers
+    assert core.checkpoint(103.0, urgent=True) is not Checkpoint.ACK
+
+
 # --- ending and committing -----------------------------------------------------------------
 
 
