@@ -228,9 +228,14 @@ class ReceiveJobCore:
         return self._generation
 
     def restart_session(self, now: float) -> None:
-        """Channel 0 said HELLO again: a new session; every old connection is stale."""
+        """Channel 0 said HELLO again: a new session; every old connection is stale.
+
+        The session's other channels join it afresh: their HELLOs do not
+        count as sessions of their own.
+        """
         self._new_session()
         self._ledgers.clear()
+        self._joined.clear()
         self.ended.clear()
         self.last_progress = now
 

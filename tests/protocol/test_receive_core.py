@@ -93,6 +93,23 @@ def test_reattach_with_acks_opens_a_session_until_the_limit() -> None:
         core.restart_session(102.0)
 
 
+def test_a_new_session_counts_once_whatever_its_channels() -> None:
+    # Channel 0's HELLO opens the session; the other channels join it. Counted
+    # per channel, a 4-channel job would be refused after its first reconnect.
+    core = core_for(channels=4, limits=ReceiverLimits(max_sessions=4))
+    for index in range(4):
+        core.attach(index, 4, 100.0)
+    for session in (2, 3):
+        core.restart_session(101.0)
+        for index in range(4):
+            core.attach(index, 4, 101.0)
+        assert core.counters.sessions == session
+    core.attach(2, 4, 102.0)  # one channel alone came back: that is a session
+    assert core.counters.sessions == 4
+    with pytest.raises(LimitExceededError, match="opened 5 sessions"):
+        core.attach(2, 4, 103.0)
+
+
 def test_detach_gives_up_a_packet_half_received() -> None:
     core = core_for()
     generation = core.attach(1, 2, 100.0)
