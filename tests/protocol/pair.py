@@ -130,29 +130,87 @@ def data_ranges(image: bytes, block: int = 4096) -> list[tuple[int, int]]:
 # --- the destination ----------------------------------------------------------------------
 
 
+class SparseFile:
+    """A file of ``size`` bytes that holds only the blocks written to it; the
+    rest reads as zeros (holes), as a sparse file does. A manifest may
+    declare a large image: the model then costs what is written, no more."""
+
+    BLOCK = 4096
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.blocks: dict[int, bytearray] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        assert offset >= 0 and offset + len(data) <= self.size, "write beyond the file"
+        pos = 0
+        while pos < len(data):
+            number, skip = divmod(offset + pos, self.BLOCK)
+            n = min(self.BLOCK - skip, len(data) - pos)
+            block = self.blocks.get(number)
+            if block is None:
+                block = self.blocks[number] = bytearray(self.BLOCK)
+            block[skip : skip + n] = data[pos : pos + n]
+            pos += n
+
+    def zero(self, offset: int, length: int) -> None:
+        """Punch a hole: ``length`` bytes from ``offset`` read as zeros."""
+        end = offset + length
+        for number in [b for b in self.blocks
+                       if b * self.BLOCK < end and (b + 1) * self.BLOCK > offset]:
+            lo = max(offset - number * self.BLOCK, 0)
+            hi = min(end - number * self.BLOCK, self.BLOCK)
+            if lo == 0 and hi == self.BLOCK:
+                del self.blocks[number]
+            else:
+                self.blocks[number][lo:hi] = bytes(hi - lo)
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        out = bytearray(length)
+        for number, block in self.blocks.items():
+            lo = max(number * self.BLOCK, offset)
+            hi = min((number + 1) * self.BLOCK, offset + length)
+            if lo < hi:
+                out[lo - offset : hi - offset] = block[lo - number * self.BLOCK :
+                                                       hi - number * self.BLOCK]
+        return bytes(out)
+
+    def tobytes(self) -> bytes:
+        return self.read(0, self.size)
+
+
 class MemorySink:
     """One destination in memory, as ``PageSink`` leaves it on disk: a partial
     file, its checkpoint record beside it, and the final file.
 
-    The partial file is created full of zeros (sparse: nothing written);
+    The partial file is created sparse (nothing written);
     :meth:`write_packet` writes only the normal pages of a packet, as the
-    native ``write_runs`` does; :meth:`discard` punches holes (zeros);
-    :meth:`checkpoint` stores the record after the data it covers;
-    :meth:`commit` gives the partial file its final name. What a receiver
-    killed at any moment leaves behind is simply what is here.
+    native ``write_runs`` does; :meth:`discard` punches holes; :meth:`checkpoint`
+    stores the record after the data it covers; :meth:`commit` gives the
+    partial file its final name. What a receiver killed at any moment leaves
+    behind is simply what is here.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.image_size = 0
-        self.partial: bytearray | None = None
+        self.partial: SparseFile | None = None
         self.progress: bytes | None = None
-        self.final: bytes | None = None
+        self.final: SparseFile | None = None
         self.bytes_written = 0
         #: Byte ranges made holes by discard(), for the tests to check.
         self.holes: list[tuple[int, int]] = []
         self.checkpoints = 0
         self.resets = 0
+
+    @property
+    def committed(self) -> bytes | None:
+        """The bytes of the final file, once a job committed one."""
+        return None if self.final is None else self.final.tobytes()
 
     def prepare(self, image_size: int) -> None:
         """A job for this destination begins (``PageSink(path, image_size)``)."""
@@ -162,17 +220,17 @@ class MemorySink:
         """Create the partial file, or keep one of the right size; True if kept."""
         if keep_partial and self.partial is not None and len(self.partial) == self.image_size:
             return True
-        self.partial = bytearray(self.image_size)
+        self.partial = SparseFile(self.image_size)
         self.progress = None
         return False
 
-    def _data(self) -> bytearray:
+    def _data(self) -> SparseFile:
         assert self.partial is not None, "the partial file is not open"
         return self.partial
 
     def reset(self) -> None:
         """Back to a fresh sparse file (a kept partial file that cannot be used)."""
-        self.partial = bytearray(self.image_size)
+        self.partial = SparseFile(self.image_size)
         self.progress = None
         self.resets += 1
 
@@ -180,7 +238,7 @@ class MemorySink:
         """Make ``(offset, length)`` ranges read as zeros (holes)."""
         data = self._data()
         for offset, length in ranges:
-            data[offset : offset + length] = bytes(length)
+            data.zero(offset, length)
             self.holes.append((offset, length))
         return True
 
@@ -206,14 +264,14 @@ class MemorySink:
                 continue
             start = page * page_size
             length = min(page_size, span - start)
-            data[offset + start : offset + start + length] = payload[pos : pos + length]
+            data.write(offset + start, payload[pos : pos + length])
             pos += length
         assert pos == len(payload), "payload and bitmap disagree"
         self.bytes_written += pos
 
     def commit(self) -> None:
         """The partial file becomes the final file; its checkpoint goes."""
-        self.final = bytes(self._data())
+        self.final = self._data()
         self.partial = None
         self.progress = None
 
@@ -501,6 +559,8 @@ class MemoryReceiverJob:
             channel.close()
         self.channels.clear()
         self.all_ended = False
+        if not self.server.stale_commit:
+            self.commit_request = None  # the new session's channel 0 asks again
 
     def attach(self, channel: ReceiverEnd, hello: Hello) -> int:
         index = hello.channel_index
@@ -612,7 +672,10 @@ class MemoryReceiverJob:
             return
         self.error = exc
         self.outcome = "cancelled" if exc.code == ErrorCode.CANCELLED else "failed"
-        self.sink.abort(keep_for_resume=exc.resumable and self.acks)
+        keep = exc.resumable and self.acks
+        self.sink.abort(keep_for_resume=keep)
+        if self.writing is not None and keep and self.server.late_checkpoints:
+            self.server.orphans.append((self.sink, self.writing))
         for channel in list(self.channels.values()):
             channel.send_error(exc.code, str(exc))
             channel.close_after_error()
@@ -658,6 +721,15 @@ class MemoryReceiver:
     otherwise it stays in ``job.writing`` until the test calls
     ``land_checkpoint`` (the executor returning), so that a test can crash
     the receiver in between.
+
+    Two things the transport does today are wrong, and the mirror does them
+    only when asked, to show them: ``late_checkpoints``, a checkpoint that a
+    failed job was still writing lands later (:meth:`land_orphans`), as
+    ``PageSink`` allows for a file kept for resume, even after another job
+    took the file over; ``stale_commit``, a COMMIT_REQUEST outlives the
+    session it came in (``ReceiverJob``'s commit task is not cancelled by
+    ``restart_session``), so the commit may answer on a channel 0 that never
+    asked. By default the mirror does what the transport should.
     """
 
     def __init__(
@@ -667,18 +739,24 @@ class MemoryReceiver:
         idle_s: float = 30.0,
         now: float = 0.0,
         land_checkpoints: bool = True,
+        late_checkpoints: bool = False,
+        stale_commit: bool = False,
     ) -> None:
         self.limits = limits or ReceiverLimits()
         self.idle_s = idle_s
         self.tick_s = min(0.25, idle_s / 4)
         self.now = now
         self.land_checkpoints = land_checkpoints
+        self.late_checkpoints = late_checkpoints
+        self.stale_commit = stale_commit
         self.jobs: dict[uuid.UUID, MemoryReceiverJob] = {}
         #: Destinations by job name; they outlive jobs (and crashes).
         self.sinks: dict[str, MemorySink] = {}
         #: Every job that ended, in order, and every refused connection's reason.
         self.finished: list[MemoryReceiverJob] = []
         self.refused: list[str] = []
+        #: Checkpoints of failed jobs still being written: (sink, record).
+        self.orphans: list[tuple[MemorySink, bytes]] = []
 
     def connect(self) -> ReceiverEnd:
         """A new connection from a sender."""
@@ -733,6 +811,13 @@ class MemoryReceiver:
         self.jobs[hello.job_id] = job
         return job
 
+    def land_orphans(self) -> None:
+        """The checkpoints that failed jobs were writing land, in order."""
+        orphans, self.orphans = self.orphans, []
+        for sink, record in orphans:
+            if sink.partial is not None:
+                sink.checkpoint(record)
+
     def job_finished(self, job: MemoryReceiverJob) -> None:
         self.jobs.pop(job.job_id, None)
         self.finished.append(job)
@@ -741,7 +826,9 @@ class MemoryReceiver:
         """The receiver is killed: a new one that has only the destinations,
         as the dead one left them (a checkpoint being written is lost)."""
         survivor = MemoryReceiver(limits=self.limits, idle_s=self.idle_s, now=self.now,
-                                  land_checkpoints=self.land_checkpoints)
+                                  land_checkpoints=self.land_checkpoints,
+                                  late_checkpoints=self.late_checkpoints,
+                                  stale_commit=self.stale_commit)
         survivor.sinks = self.sinks
         return survivor
 
@@ -1267,6 +1354,7 @@ __all__ = [
     "ReceiverEnd",
     "SendFailed",
     "SenderEnd",
+    "SparseFile",
     "data_ranges",
     "job_streams",
     "make_image",

@@ -210,7 +210,7 @@ def test_valid_streams_decode_cleanly() -> None:
         assert all(not isinstance(e, Error) or e.code is ErrorCode.IO for e in events)
     pair = job_pair()
     assert pair.run(step=13) == Commit(JOB_DIGEST)
-    assert pair.sink.final == JOB_IMAGE
+    assert pair.sink.committed == JOB_IMAGE
 
 
 @FUZZ
@@ -267,4 +267,4 @@ def test_job_with_one_mutated_byte(
         return
     assert mangled
     assert commit == Commit(JOB_DIGEST)
-    assert [sink.final for sink in pair.receiver.sinks.values()] == [JOB_IMAGE]
+    assert [sink.committed for sink in pair.receiver.sinks.values()] == [JOB_IMAGE]

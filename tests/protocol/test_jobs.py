@@ -83,7 +83,7 @@ IMAGE = make_image(512, _pages(), tail=100)
 
 def assert_committed(pair: JobPair, image: bytes) -> None:
     """The job committed ``image``, and both sides agree on every figure."""
-    assert pair.sink.final == image
+    assert pair.sink.committed == image
     assert pair.sink.partial is None and pair.sink.progress is None
     manifest = pair.sender.manifest
     digest = straightforward_digest(manifest, image)
@@ -398,7 +398,7 @@ def test_receiver_killed_resumes_from_its_checkpoint() -> None:
     sink = pair.sink
     manifest = pair.sender.manifest
     start, length = manifest.range_bytes(3, 4)
-    assert sink.partial is not None and any(sink.partial[start : start + length])
+    assert sink.partial is not None and any(sink.partial.read(start, length))
     changed = bytearray(IMAGE)
     changed[start:] = bytes(len(IMAGE) - start)
     again = JobPair(bytes(changed), channels=2, chunk_packets=1, receiver=receiver.crash())
@@ -415,7 +415,7 @@ def test_receiver_killed_before_a_checkpoint_starts_empty() -> None:
     pair.stream()
     pair.deliver(0, frames=4)
     sink = pair.sink
-    assert sink.progress is None and sink.partial is not None and any(sink.partial)
+    assert sink.progress is None and sink.partial is not None and any(sink.partial.tobytes())
     zeros = bytes(len(IMAGE))
     again = JobPair(zeros, channels=1, receiver=receiver.crash())
     again.run(resume=True)
