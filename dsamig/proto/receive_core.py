@@ -16,6 +16,7 @@ every rule that depends on time is tested without waiting.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -50,6 +51,11 @@ CHECKPOINT_INTERVAL_S: Final = 0.25
 #: Checkpoints are spaced so that their records (about 4 bytes per packet)
 #: are written at no more than this, whatever the sender sends.
 CHECKPOINT_RECORD_BYTES_PER_S: Final = 32 * MiB
+#: A checkpoint whose missing packets form more runs than this is not
+#: restored: each run is a hole to punch, and a sender that stored every
+#: other packet must not make a resume cost seconds and gigabytes. A crash
+#: of a real transfer leaves about a window per channel missing.
+MAX_RESTORE_RUNS: Final = 1 << 16
 
 
 def checkpoint_bytes(manifest: Manifest, channels: int) -> int:
@@ -158,14 +164,17 @@ class ReceiveJobCore:
 
     # --- resume --------------------------------------------------------------------------
 
-    def restore(self, record: bytes | None) -> tuple[list[tuple[int, int]] | None, str | None]:
+    def restore(
+        self, record: bytes | None
+    ) -> tuple[Iterator[tuple[int, int]] | None, str | None]:
         """Continue from a kept partial file's checkpoint ``record``.
 
         Returns ``(ranges, None)``: the byte ranges of the partial file that
-        no checkpoint covers, which must be made zero (holes) before data is
-        accepted, since they may hold bytes of a receiver killed between
-        writing and checkpointing. Or ``(None, reason)``: no usable checkpoint;
-        the partial file must start empty.
+        no checkpoint covers (at most MAX_RESTORE_RUNS, yielded one by one),
+        which must be made zero (holes) before data is accepted, since they
+        may hold bytes of a receiver killed between writing and
+        checkpointing. Or ``(None, reason)``: no usable checkpoint; the
+        partial file must start empty.
         """
         if record is None:
             return None, "no checkpoint"
@@ -176,6 +185,11 @@ class ReceiveJobCore:
         if progress.manifest != self.manifest:
             return None, "another image layout"
         self.tracker.restore(progress)
+        runs = self.tracker.not_done_run_count()
+        if runs > MAX_RESTORE_RUNS:
+            self.forget_restored()
+            return None, (f"checkpoint too fragmented ({runs} runs of missing packets, "
+                          f"at most {MAX_RESTORE_RUNS})")
         self._checkpointed_packets = self._durable_packets = progress.received_packets
         counters = self.counters
         counters.resumed_packets = progress.received_packets
@@ -183,9 +197,9 @@ class ReceiveJobCore:
         counters.reused_normal_pages = counters.normal_pages
         counters.reused_bytes = counters.done_bytes
         self._window_bytes = counters.done_bytes
-        ranges = [self.manifest.range_bytes(first, count)
-                  for first, count in self.tracker.not_done_runs()]
-        return ranges, None
+        manifest = self.manifest
+        return (manifest.range_bytes(first, count)
+                for first, count in self.tracker.not_done_runs()), None
 
     def forget_restored(self) -> None:
         """The restored checkpoint cannot be used after all (the partial file
@@ -427,6 +441,7 @@ __all__ = [
     "CHECKPOINT_BYTES_PER_CHANNEL",
     "CHECKPOINT_INTERVAL_S",
     "CHECKPOINT_RECORD_BYTES_PER_S",
+    "MAX_RESTORE_RUNS",
     "MIN_WINDOW_BYTES",
     "Checkpoint",
     "ReceiveJobCore",

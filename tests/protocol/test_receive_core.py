@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 
 import pytest
@@ -20,12 +21,17 @@ from dsamig.proto import (
     Manifest,
     PacketHeader,
     PacketTracker,
+    Progress,
     ReceiveJobCore,
     RemoteProtocolError,
     ZeroRange,
     checkpoint_bytes,
 )
-from dsamig.proto.receive_core import CHECKPOINT_INTERVAL_S, CHECKPOINT_RECORD_BYTES_PER_S
+from dsamig.proto.receive_core import (
+    CHECKPOINT_INTERVAL_S,
+    CHECKPOINT_RECORD_BYTES_PER_S,
+    MAX_RESTORE_RUNS,
+)
 from dsamig.settings import KiB, ReceiverLimits
 
 JOB = uuid.UUID(int=7)
@@ -166,11 +172,12 @@ def test_restore_names_what_the_checkpoint_does_not_cover() -> None:
     record = checkpoint_of(done=[1, 2, 9], zero=[5])
     core = core_for()
     ranges, reason = core.restore(record)
-    assert reason is None
+    assert reason is None and ranges is not None
     # Not done: 0, 3..4, 6..8, as byte ranges of the partial file.
-    assert core.tracker.not_done_runs() == [(0, 1), (3, 2), (6, 3)]
-    assert ranges == [(0, PACKET_BYTES), (3 * PACKET_BYTES, 2 * PACKET_BYTES),
-                      (6 * PACKET_BYTES, 3 * PACKET_BYTES)]
+    assert list(core.tracker.not_done_runs()) == [(0, 1), (3, 2), (6, 3)]
+    assert core.tracker.not_done_run_count() == 3
+    assert list(ranges) == [(0, PACKET_BYTES), (3 * PACKET_BYTES, 2 * PACKET_BYTES),
+                            (6 * PACKET_BYTES, 3 * PACKET_BYTES)]
     c = core.counters
     assert c.resumed_packets == 4
     assert (c.normal_pages, c.zero_pages) == (4 + 4 + 2, 4)
@@ -197,7 +204,7 @@ def test_restore_names_what_the_checkpoint_does_not_cover() -> None:
 def test_restore_everything_done_leaves_nothing_to_clear() -> None:
     core = core_for()
     ranges, _ = core.restore(checkpoint_of(done=list(range(5)), zero=list(range(5, 10))))
-    assert ranges == []
+    assert ranges is not None and list(ranges) == []
     assert core.tracker.complete
 
 
@@ -221,6 +228,41 @@ def test_restore_of_another_layout() -> None:
     assert core.restore(other.begin_checkpoint(0.0)) == (None, "another image layout")
 
 
+def fragmented(runs: int) -> tuple[ReceiveJobCore, bytes]:
+    """A core and a checkpoint of every other packet done: ``runs`` holes."""
+    manifest = Manifest(2 * runs * 512, 512, 1)
+    done = bytes([0b10101010]) * (runs // 4)  # packets 1, 3, 5 ... done (and zero)
+    progress = Progress(manifest, done, done, bytes(4 * manifest.packet_count), runs, runs,
+                        0, 0)
+    core = ReceiveJobCore(Hello(JOB, 0, 1, manifest, features=FEATURE_ACKS), LIMITS, 0.0)
+    return core, progress.to_bytes()
+
+
+def test_a_fragmented_checkpoint_is_not_restored() -> None:
+    # A sender that stored every other packet made each packet a hole to
+    # punch on resume: 2 million runs cost a minute of Python on the loop and
+    # half a GiB of tuples. Beyond MAX_RESTORE_RUNS the file starts empty.
+    core, record = fragmented(2 * MAX_RESTORE_RUNS)
+    tracemalloc.start()
+    try:
+        ranges, reason = core.restore(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ranges is None
+    assert reason == (f"checkpoint too fragmented ({2 * MAX_RESTORE_RUNS} runs of missing "
+                      f"packets, at most {MAX_RESTORE_RUNS})")
+    assert peak < 24 * 4 * MAX_RESTORE_RUNS  # some bytes per packet, not tuples per run
+    assert core.tracker.received_packets == 0 and core.counters.resumed_packets == 0
+    # At the bound it is restored, and the ranges come one at a time.
+    core, record = fragmented(MAX_RESTORE_RUNS)
+    ranges, reason = core.restore(record)
+    assert reason is None and ranges is not None
+    assert next(ranges) == (0, 512)
+    assert sum(1 for _ in ranges) == MAX_RESTORE_RUNS - 1
+    assert core.counters.resumed_packets == MAX_RESTORE_RUNS
+
+
 def test_forget_restored_starts_from_nothing() -> None:
     core = core_for()
     core.restore(checkpoint_of(done=[1, 2], zero=[5]))
@@ -228,7 +270,7 @@ def test_forget_restored_starts_from_nothing() -> None:
     c = core.counters
     assert (c.resumed_packets, c.zero_pages, c.normal_pages, c.done_bytes, c.reused_bytes) == (
         0, 0, 0, 0, 0)
-    assert core.tracker.not_done_runs() == [(0, 10)]
+    assert list(core.tracker.not_done_runs()) == [(0, 10)]
     assert not core.dirty
 
 
