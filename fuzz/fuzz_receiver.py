@@ -139,6 +139,9 @@ def replay(options: argparse.Namespace) -> int:
 def atheris_mode(argv: list[str]) -> None:
     import atheris
 
+    # dsamig and the target are imported already: instrument what is loaded.
+    atheris.instrument_all()
+
     def one_input(data: bytes) -> None:
         provider = atheris.FuzzedDataProvider(data)
         seed = provider.ConsumeIntInRange(0, 2**32 - 1)
