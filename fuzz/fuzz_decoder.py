@@ -123,12 +123,11 @@ def run(data: bytes) -> None:
 def make_corpus(directory: str) -> None:
     """Seed inputs: whole valid jobs (both roles, with and without a key)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.protocol.helpers import make_image, send_job
+    from tests.protocol.pair import job_streams, make_image
 
     os.makedirs(directory, exist_ok=True)
     image = make_image(512, [1, None, 2, None, None, 3, 4, None, 5, 6, None, None, 7], 100)
-    job = send_job(image, channel_count=2)
-    for n, stream in enumerate(job.streams):
+    for n, stream in enumerate(job_streams(image, channels=2)):
         # Receiving, no key; one cut size (2 x 4 bytes, then 2 x 255).
         for cut in (4, 255):
             with open(os.path.join(directory, f"job-{n}-{cut}"), "wb") as f:

@@ -1,8 +1,9 @@
 """The receiver's checkpoint: which packets are durable, in a file beside the partial one.
 
-The format is versioned by its magic; a checkpoint of another version, of
-another image layout or damaged in any way is refused with ValueError, and
-the receiver then starts the partial file afresh.
+The format is versioned by its magic and ends with a CRC32C of everything
+before it; a checkpoint of another version, of another image layout or
+damaged in any way is refused with ValueError, and the receiver then starts
+the partial file afresh.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from dsamig.checksum import crc32c
 from dsamig.proto.frames import Manifest
 
-# P3: P2 and a flags word (FLAG_LIVE).
+# P3: P2, a flags word (FLAG_LIVE) and a trailing CRC32C, without which a bit
+# flipped in the bitmaps or records went unnoticed (only the counters and the
+# length were checked).
 _PROGRESS_MAGIC: Final = b"DSAMIGP3"
 _PROGRESS_STRUCT: Final = struct.Struct("<8sQIIQQQQQI")
+_CRC_SIZE: Final = 4
 #: The job took live rounds: packets it holds may have been rewritten after
 #: this checkpoint was written, so their records must be read again from the
 #: partial file before they are trusted.
@@ -49,17 +54,21 @@ class Progress:
             self.received_packets, self.zero_pages, self.normal_pages, self.payload_bytes,
             FLAG_LIVE if self.live else 0,
         )
-        return head + self.done + self.zero + self.records
+        body = head + self.done + self.zero + self.records
+        return body + crc32c(body).to_bytes(_CRC_SIZE, "little")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Progress:
         """Parse a checkpoint; ValueError if it is damaged or of another version."""
-        if len(data) < _PROGRESS_STRUCT.size:
+        if len(data) < _PROGRESS_STRUCT.size + _CRC_SIZE:
             raise ValueError("checkpoint too short")
         (magic, size, page_size, packet_pages, packet_count, received, zero, normal,
          payload, flags) = _PROGRESS_STRUCT.unpack_from(data)
         if magic != _PROGRESS_MAGIC:
             raise ValueError("not a dsamig checkpoint of this version")
+        body = memoryview(data)[:-_CRC_SIZE]  # a record may be tens of MiB: no copy
+        if crc32c(body) != int.from_bytes(data[-_CRC_SIZE:], "little"):
+            raise ValueError("checkpoint damaged (CRC32C)")
         if flags & ~FLAG_LIVE:
             raise ValueError(f"checkpoint has unknown flags 0x{flags:x}")
         manifest = Manifest(image_size=size, page_size=page_size, packet_pages=packet_pages)
@@ -67,18 +76,18 @@ class Progress:
         if problem or manifest.packet_count != packet_count:
             raise ValueError(f"checkpoint manifest is invalid: {problem or 'packet count'}")
         bits = (packet_count + 7) >> 3
-        if len(data) != _PROGRESS_STRUCT.size + 2 * bits + 4 * packet_count:
+        if len(body) != _PROGRESS_STRUCT.size + 2 * bits + 4 * packet_count:
             raise ValueError("checkpoint length does not match its packet count")
         off = _PROGRESS_STRUCT.size
-        done = data[off : off + bits]
-        zero_bits = data[off + bits : off + 2 * bits]
+        done = bytes(body[off : off + bits])
+        zero_bits = bytes(body[off + bits : off + 2 * bits])
         done_int = int.from_bytes(done, "little")
         if done_int.bit_count() != received:
             raise ValueError("checkpoint counters do not match its bitmap")
         if int.from_bytes(zero_bits, "little") & ~done_int:
             raise ValueError("checkpoint marks packets zero that are not done")
-        return cls(manifest, done, zero_bits, data[off + 2 * bits :], received, zero, normal,
-                   payload, bool(flags & FLAG_LIVE))
+        return cls(manifest, done, zero_bits, bytes(body[off + 2 * bits :]), received, zero,
+                   normal, payload, bool(flags & FLAG_LIVE))
 
 
 __all__ = ["FLAG_LIVE", "Progress"]

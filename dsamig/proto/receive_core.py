@@ -16,6 +16,7 @@ every rule that depends on time is tested without waiting.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -55,6 +56,11 @@ CHECKPOINT_INTERVAL_S: Final = 0.25
 #: Checkpoints are spaced so that their records (about 4 bytes per packet)
 #: are written at no more than this, whatever the sender sends.
 CHECKPOINT_RECORD_BYTES_PER_S: Final = 32 * MiB
+#: A checkpoint whose missing packets form more runs than this is not
+#: restored: each run is a hole to punch, and a sender that stored every
+#: other packet must not make a resume cost seconds and gigabytes. A crash
+#: of a real transfer leaves about a window per channel missing.
+MAX_RESTORE_RUNS: Final = 1 << 16
 
 
 def checkpoint_bytes(manifest: Manifest, channels: int) -> int:
@@ -152,6 +158,7 @@ class ReceiveJobCore:
         record_bytes = self.manifest.packet_count * 4 + self.manifest.packet_count // 4
         self._checkpoint_gap_s = record_bytes / CHECKPOINT_RECORD_BYTES_PER_S
         self._checkpointed_changes = 0
+        self._durable_changes = 0  # what the last checkpoint that landed covers
         self._last_checkpoint = now
         self._checkpointing = False
         self._checkpoint_again = False
@@ -173,14 +180,17 @@ class ReceiveJobCore:
 
     # --- resume --------------------------------------------------------------------------
 
-    def restore(self, record: bytes | None) -> tuple[list[tuple[int, int]] | None, str | None]:
+    def restore(
+        self, record: bytes | None
+    ) -> tuple[Iterator[tuple[int, int]] | None, str | None]:
         """Continue from a kept partial file's checkpoint ``record``.
 
         Returns ``(ranges, None)``: the byte ranges of the partial file that
-        no checkpoint covers, which must be made zero (holes) before data is
-        accepted, since they may hold bytes of a receiver killed between
-        writing and checkpointing. Or ``(None, reason)``: no usable checkpoint;
-        the partial file must start empty.
+        no checkpoint covers (at most MAX_RESTORE_RUNS, yielded one by one),
+        which must be made zero (holes) before data is accepted, since they
+        may hold bytes of a receiver killed between writing and
+        checkpointing. Or ``(None, reason)``: no usable checkpoint; the
+        partial file must start empty.
         """
         if record is None:
             return None, "no checkpoint"
@@ -191,16 +201,21 @@ class ReceiveJobCore:
         if progress.manifest != self.manifest:
             return None, "another image layout"
         self.tracker.restore(progress)
-        self._checkpointed_changes = self.tracker.changes
+        runs = self.tracker.not_done_run_count()
+        if runs > MAX_RESTORE_RUNS:
+            self.forget_restored()
+            return None, (f"checkpoint too fragmented ({runs} runs of missing packets, "
+                          f"at most {MAX_RESTORE_RUNS})")
+        self._checkpointed_changes = self._durable_changes = self.tracker.changes
         counters = self.counters
         counters.resumed_packets = progress.received_packets
         counters.reused_zero_pages = counters.zero_pages
         counters.reused_normal_pages = counters.normal_pages
         counters.reused_bytes = counters.done_bytes
         self._window_bytes = counters.done_bytes
-        ranges = [self.manifest.range_bytes(first, count)
-                  for first, count in self.tracker.not_done_runs()]
-        return ranges, None
+        manifest = self.manifest
+        return (manifest.range_bytes(first, count)
+                for first, count in self.tracker.not_done_runs()), None
 
     @property
     def needs_reload(self) -> bool:
@@ -260,7 +275,7 @@ class ReceiveJobCore:
         counters.resumed_packets = counters.reused_bytes = 0
         counters.reused_zero_pages = counters.reused_normal_pages = 0
         self.tracker = self._new_tracker()
-        self._checkpointed_changes = 0
+        self._checkpointed_changes = self._durable_changes = 0
         self._window_bytes = 0
 
     def resume_frames(self) -> list[ResumeState]:
@@ -293,9 +308,14 @@ class ReceiveJobCore:
         return self._generation
 
     def restart_session(self, now: float) -> None:
-        """Channel 0 said HELLO again: a new session; every old connection is stale."""
+        """Channel 0 said HELLO again: a new session; every old connection is stale.
+
+        The session's other channels join it afresh: their HELLOs do not
+        count as sessions of their own.
+        """
         self._new_session()
         self._ledgers.clear()
+        self._joined.clear()
         self.ended.clear()
         self._round_ended.clear()
         self.last_progress = now
@@ -466,13 +486,19 @@ class ReceiveJobCore:
         """The checkpoint is durable: the ACKs it allows, per channel index, and
         whether another checkpoint was asked for meanwhile."""
         self._checkpointing = False
+        self._durable_changes = self._checkpointed_changes
         acks = self._deliver(self._pending_acks)
         self._pending_acks = []
         return acks, self._checkpoint_again
 
     def checkpoint_failed(self) -> None:
-        """Writing the checkpoint failed (the job fails with it)."""
+        """Writing the checkpoint failed (the job fails with it).
+
+        What it would have covered is not durable: the job stays dirty, so
+        that nothing of it is ever acknowledged without a checkpoint.
+        """
         self._checkpointing = False
+        self._checkpointed_changes = self._durable_changes
         self._pending_acks = []
 
     def acks_due(self) -> list[tuple[int, Ack]]:
@@ -529,6 +555,7 @@ __all__ = [
     "CHECKPOINT_BYTES_PER_CHANNEL",
     "CHECKPOINT_INTERVAL_S",
     "CHECKPOINT_RECORD_BYTES_PER_S",
+    "MAX_RESTORE_RUNS",
     "MIN_WINDOW_BYTES",
     "Checkpoint",
     "ReceiveJobCore",

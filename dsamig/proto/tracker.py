@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from dsamig.proto.checkpoint import Progress
@@ -355,24 +356,32 @@ class PacketTracker:
         """Whether ``packet_number`` is verified and stored."""
         return self._status[packet_number] >= _DONE
 
-    def not_done_runs(self) -> list[tuple[int, int]]:
-        """``(first_packet, packet_count)`` of every run of packets not done.
+    def not_done_runs(self) -> Iterator[tuple[int, int]]:
+        """``(first_packet, packet_count)`` of every run of packets not done,
+        in order, as of this call (yielded one by one: there may be many).
 
         After a crash these are the packets whose bytes in a kept partial file
         are unknown: written perhaps, but never recorded.
         """
-        runs: list[tuple[int, int]] = []
         flags = self._status.translate(_DONE_DIGITS)
-        n, count = 0, len(flags)
-        while n < count:
-            start = flags.find(b"0", n)
-            if start < 0:
-                break
-            stop = flags.find(b"1", start)
-            stop = count if stop < 0 else stop
-            runs.append((start, stop - start))
-            n = stop
-        return runs
+
+        def runs() -> Iterator[tuple[int, int]]:
+            n, count = 0, len(flags)
+            while n < count:
+                start = flags.find(b"0", n)
+                if start < 0:
+                    return
+                stop = flags.find(b"1", start)
+                stop = count if stop < 0 else stop
+                yield start, stop - start
+                n = stop
+
+        return runs()
+
+    def not_done_run_count(self) -> int:
+        """How many runs :meth:`not_done_runs` yields, counted in C."""
+        flags = self._status.translate(_DONE_DIGITS)
+        return flags.count(b"10") + flags.startswith(b"0")
 
     def snapshot(self) -> Progress:
         """What is done now: for a durable checkpoint beside the partial file."""

@@ -16,7 +16,7 @@ from dsamig.verify import compare
 from tests.conftest import read_bytes
 from tests.fault.test_bad_input import assert_one_line_error
 from tests.integration.helpers import dsamig
-from tests.protocol.helpers import make_image, send_job
+from tests.protocol.pair import JobPair, make_image
 
 MiB = 1 << 20
 
@@ -38,13 +38,15 @@ def write(path, data: bytes) -> str:
     ],
 )
 def test_digest_is_the_protocol_digest(tmp_path, pages, tail) -> None:
-    # send_job computes the digest page by page, independently of the native
-    # scan; verify must agree with it for every layout, the short tail included.
+    # The job cores in memory, fed by a page-by-page scan rather than the
+    # native one, commit a digest; verify must agree with it for every
+    # layout, the short tail included.
     image = make_image(512, pages, tail)
     path = write(tmp_path / "image", image)
     result = compare(path, path, page_size=512, packet_size=4 * 512)
     assert result.identical
-    assert result.image_digest == result.dest_digest == send_job(image).digest
+    committed = JobPair(image, page_size=512, packet_pages=4).run().digest
+    assert result.image_digest == result.dest_digest == committed
 
 
 async def test_digest_is_the_senders(tmp_path, image_factory) -> None:

@@ -137,18 +137,42 @@ def test_snapshot_restore_and_resume_frames() -> None:
     assert len(frames[0].records) == 12
 
 
+def sealed(body: bytes) -> bytes:
+    """A checkpoint body with the CRC32C that makes it look intact."""
+    return body + crc32c(body).to_bytes(4, "little")
+
+
 @pytest.mark.parametrize(
     ("mangle", "message"),
     [
         (lambda b: b"NOTADSAM" + b[8:], "not a dsamig checkpoint"),
-        (lambda b: b[:-1], "length"),
+        (lambda b: b[:-1], "damaged"),
         (lambda b: b[:10], "too short"),
+        # Intact, but inconsistent: what the CRC cannot tell.
+        (lambda b: sealed(b[:-5]), "length"),
+        (lambda b: sealed(b[:24] + (9).to_bytes(8, "little") + b[32:-4]), "packet count"),
     ],
 )
 def test_damaged_checkpoint_is_refused(mangle, message: str) -> None:
     data = PacketTracker(MANIFEST).snapshot().to_bytes()
     with pytest.raises(ValueError, match=message):
         Progress.from_bytes(mangle(data))
+
+
+def test_any_flipped_bit_of_a_checkpoint_is_refused() -> None:
+    # A flipped bit in the bitmaps or the records used to pass: the record
+    # then claimed packets the partial file does not hold.
+    tracker = PacketTracker(MANIFEST)
+    payload = b"p" * 4096
+    tracker.check_packet(header(3, b"\x0e", payload))
+    tracker.packet_done(header(3, b"\x0e", payload), crc32c(payload))
+    data = tracker.snapshot().to_bytes()
+    assert Progress.from_bytes(data) == tracker.snapshot()
+    for at in range(len(data)):
+        damaged = bytearray(data)
+        damaged[at] ^= 0x10
+        with pytest.raises(ValueError):
+            Progress.from_bytes(bytes(damaged))
 
 
 def test_restore_refuses_another_manifest() -> None:

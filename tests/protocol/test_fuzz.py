@@ -36,7 +36,8 @@ from dsamig.proto import (
     Welcome,
     encode,
 )
-from tests.protocol.helpers import feed_zero_copy, make_image, receive_job, send_job
+from tests.protocol.helpers import feed_zero_copy
+from tests.protocol.pair import JobPair, SendFailed, job_streams, make_image
 
 # DSAMIG_FUZZ_EXAMPLES raises the count for a long local or nightly run.
 FUZZ = settings(
@@ -161,37 +162,39 @@ def test_preamble_then_arbitrary_bytes(data: bytes, sizes: list[int]) -> None:
     run_decoder(PREAMBLE + data, sizes, expect_preamble=True)
 
 
+JOB_IMAGE = make_image(512, [1, None, 2, None, None, None, None, None, 3, 4], tail=100)
+
+
+JOB_STREAMS = job_streams(JOB_IMAGE, packet_pages=2, channels=2)
+
+
 def _valid_streams() -> list[tuple[bytes, bool]]:
     """A few well-formed streams of both directions, to mutate."""
-    job = send_job(
-        make_image(512, [1, None, 2, None, None, None, None, None, 3, 4], tail=100),
-        packet_pages=2,
-        channel_count=2,
-    )
+    job = JOB_STREAMS
     job_id = uuid.UUID(int=99)
     receiver_side = (
         encode(Welcome(job_id))
         + encode(Error(ErrorCode.IO, "disk full: ü"))
         + encode(Commit(bytes(range(32))))
     )
-    one_channel = send_job(
-        make_image(512, [None, 7, None], tail=3), packet_pages=4, channel_count=1
-    )
+    one_channel = job_streams(make_image(512, [None, 7, None], tail=3), channels=1)
     manifest_hello = PREAMBLE + encode(Hello(job_id, 0, 3, Manifest(12345, 512, 3), "name"))
     return [
-        *((s, True) for s in job.streams),
-        *((s, True) for s in one_channel.streams),
+        *((s, True) for s in job),
+        *((s, True) for s in one_channel),
         (receiver_side, False),
         (manifest_hello, True),
     ]
 
 
 VALID_STREAMS = _valid_streams()
-JOB = send_job(
-    make_image(512, [1, None, 2, None, None, None, None, None, 3, 4], tail=100),
-    packet_pages=2,
-    channel_count=2,
-)
+
+
+def job_pair(offer_acks: bool = True) -> JobPair:
+    return JobPair(JOB_IMAGE, packet_pages=2, channels=2, chunk_packets=1, offer_acks=offer_acks)
+
+
+JOB_DIGEST = job_pair().run().digest
 
 
 def test_valid_streams_decode_cleanly() -> None:
@@ -200,8 +203,9 @@ def test_valid_streams_decode_cleanly() -> None:
         events = run_decoder(data, [7], expect_preamble=preamble)
         assert events
         assert all(not isinstance(e, Error) or e.code is ErrorCode.IO for e in events)
-    received = receive_job(JOB.streams, step=13)
-    assert received.commit == Commit(JOB.digest)
+    pair = job_pair()
+    assert pair.run(step=13) == Commit(JOB_DIGEST)
+    assert pair.sink.committed == JOB_IMAGE
 
 
 @FUZZ
@@ -222,26 +226,40 @@ def test_one_mutated_byte(which: int, position: int, xor: int, sizes: list[int])
 
 @FUZZ
 @given(
-    channel=st.integers(0, len(JOB.streams) - 1),
+    channel=st.integers(0, len(JOB_STREAMS) - 1),
     position=st.integers(min_value=0),
     xor=st.integers(1, 255),
     truncate=st.booleans(),
+    offer_acks=st.booleans(),
 )
-def test_receiver_pipeline_on_mutated_job(
-    channel: int, position: int, xor: int, truncate: bool
+def test_job_with_one_mutated_byte(
+    channel: int, position: int, xor: int, truncate: bool, offer_acks: bool
 ) -> None:
-    """Decoder + channel state + tracker: a broken job fails only with RemoteProtocolError."""
-    streams = list(JOB.streams)
-    mutated = bytearray(streams[channel])
-    position %= len(mutated)
-    mutated[position] ^= xor
-    if truncate:
-        del mutated[position:]
-    streams[channel] = bytes(mutated)
+    """A whole job (the cores, the state machines, the decoder) with one byte
+    of one channel changed, or the channel cut there: it fails with the
+    receiver's ERROR, or, with ACKS, heals by sending again, or the byte did
+    not matter; nothing but the image is ever committed, and nothing but a
+    RemoteProtocolError's failure comes out of the receiver."""
+    pair = job_pair(offer_acks)
+    position %= len(JOB_STREAMS[channel])  # where in the first connection of the channel
+    mangled = False
+
+    def mangle(index: int, offset: int, data: bytes) -> bytes:
+        nonlocal mangled
+        if index != channel or mangled or not offset <= position < offset + len(data):
+            return data
+        mangled = True
+        at = position - offset
+        if truncate:
+            return data[:at]
+        return data[:at] + bytes([data[at] ^ xor]) + data[at + 1 :]
+
+    pair.mangle = mangle
     try:
-        received = receive_job(streams, max_packets=1 << 12)
-    except RemoteProtocolError:
+        commit = pair.run()
+    except SendFailed:
+        assert all(sink.final is None for sink in pair.receiver.sinks.values())
         return
-    # The job got through: then it must be the job that was sent (a byte of
-    # the name can change harmlessly, nothing that reaches the image can).
-    assert received.commit == Commit(JOB.digest)
+    assert mangled
+    assert commit == Commit(JOB_DIGEST)
+    assert [sink.committed for sink in pair.receiver.sinks.values()] == [JOB_IMAGE]

@@ -1,10 +1,12 @@
-"""Channel state machines, PacketTracker and JobDigest."""
+"""Channel state machines, PacketTracker and JobDigest.
+
+Whole jobs through them, with the job cores, are in test_jobs.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
 
 import pytest
 
@@ -37,7 +39,6 @@ from dsamig.proto import (
     ZeroRange,
     packet_record,
 )
-from tests.protocol.helpers import make_image, receive_job, scan_packet, send_job
 
 JOB = uuid.UUID(int=42)
 OTHER_JOB = uuid.UUID(int=43)
@@ -703,16 +704,6 @@ def test_tracker_commit_request_incomplete() -> None:
 # -- JobDigest ------------------------------------------------------------------
 
 
-def straightforward_digest(manifest: Manifest, image: bytes) -> bytes:
-    """The job digest computed the slow, obvious way from docs/protocol.md."""
-    records = b""
-    for n in range(manifest.packet_count):
-        bitmap, payload = scan_packet(manifest, image, n)
-        crc = crc32c(payload) if payload else 0
-        records += crc32c(bitmap + crc.to_bytes(4, "little")).to_bytes(4, "little")
-    return hashlib.sha256(records).digest()
-
-
 def test_packet_record() -> None:
     assert packet_record(b"\x05", 0xDEADBEEF) == crc32c(b"\x05\xef\xbe\xad\xde")
 
@@ -766,62 +757,6 @@ def test_digest_range_checks_do_not_resize() -> None:
     with pytest.raises(ValueError, match="out of range"):
         digest.record_packet(-1, b"\x00", 0)
     assert digest.digest() == before
-
-
-IMAGES: list[Callable[[], tuple[bytes, int, int]]] = [
-    lambda: (make_image(512, [1, None, 2, None, None, None, None, None, 3, 4], tail=100), 512, 2),
-    lambda: (make_image(512, [None] * 9, tail=7), 512, 4),
-    lambda: (make_image(512, [5, 6, 7, 8, 9], tail=0), 512, 3),
-    lambda: (make_image(1024, [None, 1, None, None, None, None, 2], tail=1), 1024, 2),
-    lambda: (b"", 512, 4),
-]
-
-
-@pytest.mark.parametrize("make", IMAGES)
-@pytest.mark.parametrize("zero_ranges", [True, False])
-def test_digest_matches_straightforward_computation(
-    make: Callable[[], tuple[bytes, int, int]], zero_ranges: bool
-) -> None:
-    image, page_size, packet_pages = make()
-    job = send_job(
-        image,
-        page_size=page_size,
-        packet_pages=packet_pages,
-        channel_count=3,
-        zero_ranges=zero_ranges,
-    )
-    assert job.digest == straightforward_digest(job.manifest, image)
-    received = receive_job(job.streams, step=None)
-    assert received.image == image
-    assert received.commit == Commit(job.digest)
-    assert received.tracker.digest() == job.digest
-    assert (received.tracker.zero_pages, received.tracker.normal_pages) == (
-        job.zero_pages,
-        job.normal_pages,
-    )
-    assert all(s.state is SenderState.AWAIT_COMMIT for s in job.senders[:1])
-    job.senders[0].on_frame(received.commit)
-    assert job.senders[0].state is SenderState.DONE
-    assert received.channels[0].state is ReceiverState.CLOSED
-
-
-def test_end_to_end_byte_by_byte() -> None:
-    image = make_image(512, [None, 3, None, None, 4], tail=33)
-    job = send_job(image, packet_pages=2, channel_count=2)
-    received = receive_job(job.streams, step=1)
-    assert received.image == image
-    assert received.commit == Commit(job.digest)
-
-
-def test_end_to_end_corrupted_payload_fails_integrity() -> None:
-    image = make_image(512, [1, 2, 3, 4], tail=0)
-    job = send_job(image, packet_pages=2, channel_count=1)
-    stream = bytearray(job.streams[0])
-    stream[-200] ^= 0x40  # inside the last packet's payload
-    with pytest.raises(RemoteProtocolError) as info:
-        receive_job([bytes(stream)])
-    assert info.value.code is ErrorCode.INTEGRITY
-    assert "payload_crc" in str(info.value)
 
 
 def test_an_ack_of_frames_never_sent_is_refused() -> None:
