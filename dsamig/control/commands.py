@@ -20,9 +20,11 @@ from typing import Any, TextIO, TypeVar
 
 from dsamig.control.client import ControlClient
 from dsamig.control.protocol import EVENT_JOB_STATUS_CHANGE, EVENT_SHUTDOWN
-from dsamig.errors import EXIT_CANCELLED, EXIT_OK, EXIT_TRANSFER, ConfigError
+from dsamig.errors import ConfigError
 from dsamig.jobs.config import default_control_socket, load_job
 from dsamig.report import rate_with_cap
+from dsamig.runtime import run_loop
+from dsamig.settings import EXIT_OK, exit_code_for
 from dsamig.units import BYTES, RateUnit, format_bytes, rate_unit
 
 #: How often ``start --wait`` refreshes its progress bar.
@@ -39,17 +41,10 @@ def default_socket() -> str:
 
 
 def _run(main: Callable[[], Awaitable[T]]) -> T:
-    from dsamig.oneshot import run_loop
-
     async def wrapper() -> T:
         return await main()
 
     return run_loop(wrapper())
-
-
-def exit_code_for(status: str) -> int:
-    """The exit code of ``start --wait`` for a job that ended in ``status``."""
-    return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_TRANSFER)
 
 
 # --- formatting ---------------------------------------------------------------------

@@ -49,10 +49,11 @@ from dsamig.daemon.metrics import (
     reconnects_of,
 )
 from dsamig.daemon.sdnotify import Notifier
-from dsamig.errors import EXIT_OK, ConfigError
+from dsamig.errors import ConfigError
 from dsamig.jobs.config import DaemonConfig
 from dsamig.jobs.model import JobRecord, JobRegistry, JobState
 from dsamig.logs import configure, get_logger, loop_exception_handler
+from dsamig.settings import EXIT_OK
 from dsamig.units import format_bytes
 
 DEFAULT_TICK_S = 0.5

@@ -32,13 +32,13 @@ from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
 from dsamig.daemon.checks import Check, check_security, check_source_dirs
 from dsamig.daemon.metrics import Figures, reconnects_of
 from dsamig.engine import EnginePool
-from dsamig.errors import ConfigError, DsamigError
+from dsamig.errors import ConfigError, DsamigError, SourceError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord, JobState
 from dsamig.logs import get_logger
-from dsamig.pages import PageSource
+from dsamig.pages import PageSource, image_size
 from dsamig.transport.pacing import TokenBucket, fair_shares
-from dsamig.transport.sender import Sender
+from dsamig.transport.sender import Sender, SendOptions
 
 
 @dataclass
@@ -66,6 +66,17 @@ class SendingJob:
         if self.source_fd is not None:
             os.close(self.source_fd)
             self.source_fd = None
+
+
+def send_options(spec: JobSpec, job_id: uuid.UUID, pacer: TokenBucket | None = None) -> SendOptions:
+    """The transport's options for running the job ``spec`` as ``job_id``."""
+    return SendOptions(
+        host=spec.host, port=spec.port, channels=spec.channels,
+        packet_size=spec.packet_size, page_size=spec.page_size,
+        engine=spec.engine.kind, engine_threads=spec.engine.threads, dsa=spec.engine.dsa,
+        name=spec.name, job_id=job_id, timeouts=spec.timeouts, pacer=pacer,
+        resume=spec.resume, retry_for_s=spec.retry_for_s, security=spec.security,
+    )
 
 
 class SourceRefusedError(CommandError):
@@ -138,13 +149,10 @@ def open_source_beneath(source: str, source_dirs: tuple[str, ...]) -> tuple[int,
                 raise SourceRefusedError(_open_failure(source, walked, exc, fd, part)) from None
             os.close(fd)
             fd = next_fd
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        elif stat.S_ISBLK(st.st_mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        else:
-            raise SourceRefusedError(f"{source!r} is not a regular file or block device")
+        try:
+            size = image_size(fd, source)
+        except SourceError as exc:
+            raise SourceRefusedError(exc.args[0]) from None
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -292,7 +300,7 @@ class SenderDaemon(Daemon):
         try:
             record.advance(JobState.SETUP)
             source = PageSource(job.spec.source, fd=job.take_source_fd())
-            job.sender = Sender(source, job.spec.send_options(record.id, job.pacer),
+            job.sender = Sender(source, send_options(job.spec, record.id, job.pacer),
                                 self.engines)
             record.stats = job.sender.stats
             await job.sender.run()

@@ -69,6 +69,14 @@ from dsamig.proto import (
     window_bytes,
 )
 from dsamig.proto.send_core import ZERO
+from dsamig.settings import (
+    DEFAULT_CHANNELS,
+    DEFAULT_PACKET_SIZE,
+    DEFAULT_PAGE_SIZE,
+    MAX_CHANNELS,
+    RETRY_FOR_S,
+    geometry_problem,
+)
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Drain, Timeouts, tune_socket
 from dsamig.transport.security import (
@@ -78,12 +86,8 @@ from dsamig.transport.security import (
     psk_of,
 )
 
-DEFAULT_CHANNELS = 4
-DEFAULT_PACKET_SIZE = 512 * 1024
-DEFAULT_PAGE_SIZE = 4096
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 WRITE_HIGH_WATER = 8 * 1024 * 1024
-RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
 
 T = TypeVar("T")
 # States in which a receiver that hangs up refused us rather than failed.
@@ -119,15 +123,11 @@ class SendOptions:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
-        if not 1 <= self.channels <= 64:
-            raise ConfigError(f"channels must be 1..64, not {self.channels}")
-        ps = self.page_size
-        if ps < 512 or ps > 1 << 20 or ps & (ps - 1):
-            raise ConfigError(f"page size must be a power of two 512..1MiB, not {ps}")
-        if self.packet_size % ps or not 1 <= self.packet_size // ps <= 4096:
-            raise ConfigError(
-                f"packet size must be 1..4096 pages of {ps} bytes, not {self.packet_size}"
-            )
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"channels must be 1..{MAX_CHANNELS}, not {self.channels}")
+        problem = geometry_problem(self.page_size, packet_size=self.packet_size)
+        if problem is not None:
+            raise ConfigError(str(problem))
         if self.retry_for_s < 0:
             raise ConfigError(f"retry time must not be negative, not {self.retry_for_s}")
 

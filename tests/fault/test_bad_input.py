@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_TRANSFER, EXIT_USAGE
 from dsamig.proto import PREAMBLE, Hello, Manifest, encode
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_TRANSFER, EXIT_USAGE
 from tests.integration.helpers import Receiver, dsamig
 
 
@@ -89,7 +89,7 @@ def test_bad_options(tmp_path, image_factory) -> None:
     assert_one_line_error(result.stderr, "port 99999 out of range")
     result = dsamig("send", image, "--to", "127.0.0.1:9", "--packet-size", "12345")
     assert result.returncode == EXIT_USAGE
-    assert_one_line_error(result.stderr, "packet size")
+    assert_one_line_error(result.stderr, "packet_size")
 
 
 class FakePeer:

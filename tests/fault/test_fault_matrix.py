@@ -19,9 +19,10 @@ import uuid
 
 import pytest
 
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, DsamigError
+from dsamig.errors import DsamigError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import PREAMBLE, Hello, Manifest, encode
+from dsamig.settings import EXIT_OK, EXIT_TRANSFER
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.sender import Sender, SendOptions

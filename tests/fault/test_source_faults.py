@@ -24,10 +24,11 @@ import time
 import pytest
 import uvloop
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_TRANSFER, SourceError
+from dsamig.errors import SourceError
 from dsamig.native import native
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_TRANSFER
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.sender import Sender, SenderChannel, SendOptions

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 from tests.conftest import read_bytes
-from tests.integration.helpers import Receiver, dsamig, last_json
+from tests.integration.daemon_helpers import Daemon, job_document, ok, short_dir
+from tests.integration.helpers import TIMEOUT_S, Receiver, dsamig, last_json
 
 
 def test_send_receive_json(tmp_path, image_factory) -> None:
@@ -107,7 +110,7 @@ def test_make_image(tmp_path) -> None:
     assert zero_pages == figures["zero-pages"]
     # The same seed gives the same image; an existing file is kept unless --force.
     kept = dsamig("make-image", str(path), "--size", "8MiB", "--seed", "4")
-    assert kept.returncode == 3 and "exists (--force replaces it)" in kept.stderr
+    assert kept.returncode == 3 and "already exists (--force replaces it)" in kept.stderr
     assert path.read_bytes() == data
     other = tmp_path / "again.ram"
     assert dsamig("make-image", str(other), "--size", "8MiB", "--zero-ratio", "0.75",
@@ -169,3 +172,41 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
     # The rate is shown in the unit of the cap, with the cap beside it.
     assert "Mbit/s (cap 64.0 Mbit/s)" in text
     assert "dsamig sender" in text and "completed" in text
+
+
+def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``python -X importtime -m dsamig ARGS``; its result and every module it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsamig", *args],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    names = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+             if line.startswith("import time:") and line.count("|") == 2}
+    return done, names
+
+
+def test_control_commands_load_neither_engine_nor_transport(tmp_path) -> None:
+    """`dsamig status`, `stop` and `jobs` talk to a socket: the zero-page
+    engine, the transport and the daemons stay unloaded (docs/architecture.md
+    "Layers")."""
+    image = tmp_path / "small.img"
+    image.write_bytes(b"\1" * 4096)
+    with short_dir() as directory:
+        sender = Daemon.start("sender", directory, {"source_dirs": [str(tmp_path)]})
+        try:
+            # Port 1: nothing listens there, so the job fails at once.
+            job = ok(sender.socket, "job-start", job_document("imports", str(image), 1))
+            sender.wait_job(job["id"])
+            runs = {
+                "status JOB": imported_modules("status", "imports", "--socket", sender.socket),
+                "status": imported_modules("status", "--socket", sender.socket),
+                "jobs": imported_modules("jobs", "--socket", sender.socket),
+                "stop": imported_modules("stop", "imports", "--socket", sender.socket),
+            }
+        finally:
+            sender.stop()
+    for what, (done, names) in runs.items():
+        assert "dsamig.control.commands" in names, (what, done.stderr[-2000:])
+        assert done.returncode == (2 if what == "stop" else 0), (what, done.stderr[-2000:])
+        loaded = sorted(n for n in names
+                        if n.startswith(("dsamig.engine", "dsamig.transport", "dsamig.daemon")))
+        assert not loaded, (what, loaded)
+    assert "already failed" in runs["stop"][0].stderr

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, EXIT_USAGE, TransferError
+from dsamig.errors import TransferError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.security import SecurityConfig
+from dsamig.settings import EXIT_OK, EXIT_TRANSFER, EXIT_USAGE
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import Sender, SendOptions
 from tests.conftest import read_bytes
 from tests.fault.test_bad_input import assert_one_line_error
