@@ -7,9 +7,10 @@ The lifecycle is three explicit phases, as in uvicorn's ``Server``:
     endpoint; only then ``READY=1``.  A failure here exits non-zero before
     systemd ever hears READY.
 ``main_loop()``
-    one tick every ``tick_s``: follow job states, forget expired jobs,
-    measure the rate, ``STATUS=``, ``WATCHDOG=1``; a SIGHUP reloads between
-    ticks.
+    one tick every ``tick_s``: forget expired jobs, measure the rate,
+    ``STATUS=``, ``WATCHDOG=1``; a SIGHUP reloads between ticks.  Job states
+    are not polled: each record follows its job's stats
+    (:meth:`JobRecord.follow`) and hears of every change at once.
 ``shutdown()``
     ``STOPPING=1``; refuse new work; let running jobs finish for at most
     ``shutdown_timeout``; cancel the rest (their partial files are deleted);
@@ -51,15 +52,12 @@ from dsamig.daemon.metrics import (
 from dsamig.daemon.sdnotify import Notifier
 from dsamig.errors import ConfigError
 from dsamig.jobs.config import DaemonConfig
-from dsamig.jobs.model import JobRecord, JobRegistry, JobState
+from dsamig.jobs.model import JobRecord, JobRegistry
 from dsamig.logs import configure, get_logger, loop_exception_handler
-from dsamig.settings import EXIT_OK
+from dsamig.settings import EXIT_OK, JobState
 from dsamig.units import format_bytes
 
 DEFAULT_TICK_S = 0.5
-#: Job states are followed more often than the tick, so that a subscriber
-#: sees ``active`` while a short job is still active.
-FOLLOW_S = 0.1
 #: After the graceful wait, cancelled jobs get this long to clean up.
 CANCEL_BOUND_S = 10.0
 
@@ -112,7 +110,6 @@ class Daemon(ABC):
         self.started_wall = time.time()
         self._reload_requested = False
         self._wake: asyncio.Event | None = None
-        self._follower: asyncio.Task[None] | None = None
         self._last_ping = 0.0
         self._image_rate = RateMeter()
 
@@ -147,10 +144,6 @@ class Daemon(ABC):
     @abstractmethod
     async def cancel_job(self, record: JobRecord) -> None:
         """Cancel one job (``job-cancel``); CommandError if it cannot be."""
-
-    @abstractmethod
-    def sync_jobs(self) -> None:
-        """Bring job records up to date with the transport's state."""
 
     @abstractmethod
     def status_line(self) -> str:
@@ -249,7 +242,6 @@ class Daemon(ABC):
             except BaseException:
                 await self._close_all()
                 raise
-            self._follower = asyncio.ensure_future(self._follow_jobs())
             try:
                 if not self.should_exit:
                     self.notifier.ready(self.status_line())
@@ -329,20 +321,7 @@ class Daemon(ABC):
         await self._close_all()
         self.log.info("daemon stopped")
 
-    async def _follow_jobs(self) -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_S)
-            try:
-                self.sync_jobs()
-            except Exception:
-                self.log.exception("following job states failed")
-
     async def _close_all(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
         if self.control is not None:
             await self.control.close()
         if self.metrics is not None:
@@ -361,7 +340,6 @@ class Daemon(ABC):
     def tick(self) -> None:
         """Periodic work; a bug here is logged, never fatal to the jobs."""
         try:
-            self.sync_jobs()
             self.registry.purge()
             figures = self.totals.figures.plus(self.live_figures())
             self._image_rate.update(figures.image_bytes)
@@ -527,22 +505,18 @@ class Daemon(ABC):
 
     async def _cmd_query_daemon(self, arguments: dict[str, Any]) -> dict[str, Any]:
         expect_keys(arguments)
-        self.sync_jobs()
         return self.query_daemon_fields()
 
     async def _cmd_job_list(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
         expect_keys(arguments)
-        self.sync_jobs()
         return [record.summary() for record in self.registry]
 
     async def _cmd_query_jobs(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
         expect_keys(arguments)
-        self.sync_jobs()
         return [record.to_dict() for record in self.registry]
 
     async def _cmd_query_job(self, arguments: dict[str, Any]) -> dict[str, Any]:
         record = self.find_job(arguments)
-        self.sync_jobs()
         return record.to_dict()
 
     async def _cmd_job_cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -557,7 +531,6 @@ class Daemon(ABC):
 
     def snapshot(self) -> Snapshot:
         """Everything the metrics endpoint shows, now."""
-        self.sync_jobs()
         return Snapshot(
             role=self.role,
             version=__version__,

@@ -34,9 +34,10 @@ from dsamig.daemon.metrics import Figures, reconnects_of
 from dsamig.engine import EnginePool
 from dsamig.errors import ConfigError, DsamigError, SourceError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
-from dsamig.jobs.model import JobRecord, JobState
+from dsamig.jobs.model import JobRecord
 from dsamig.logs import get_logger
 from dsamig.pages import PageSource, image_size
+from dsamig.settings import JobState
 from dsamig.transport.pacing import TokenBucket, fair_shares
 from dsamig.transport.sender import Sender, SendOptions
 
@@ -302,7 +303,7 @@ class SenderDaemon(Daemon):
             source = PageSource(job.spec.source, fd=job.take_source_fd())
             job.sender = Sender(source, send_options(job.spec, record.id, job.pacer),
                                 self.engines)
-            record.stats = job.sender.stats
+            record.follow(job.sender.stats)
             await job.sender.run()
             record.advance(JobState.COMPLETED)
         except DsamigError as exc:
@@ -351,6 +352,7 @@ class SenderDaemon(Daemon):
 
     def _cancel(self, job: SendingJob, reason: str) -> None:
         job.cancel_reason = reason
+        job.record.cancelling(reason)
         # The sender tells the receiver why, so it records a cancellation
         # rather than a broken connection (and deletes the partial file).
         if job.sender is not None:
@@ -378,11 +380,6 @@ class SenderDaemon(Daemon):
             await asyncio.wait(tasks, timeout=CANCEL_BOUND_S)
 
     # --- reporting ---------------------------------------------------------------------
-
-    def sync_jobs(self) -> None:
-        for job in list(self.running.values()):
-            if job.sender is not None and job.sender.stats.status in ("active", "completing"):
-                job.record.advance(JobState(job.sender.stats.status))
 
     def live_figures(self) -> Figures:
         live = Figures()
