@@ -300,7 +300,7 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                        help="print one JSON object: the submitted job, or with --wait the "
                             "finished job's stats")
     status = _command(sub, "status", "show a daemon's jobs, or one job in full", _examples(
-        "dsamig status vm-1234",
+        "dsamig status vm-1234 --watch",
         "dsamig status --json | jq '.daemon.queued, .jobs[].status'",
     ))
     status.add_argument("job", nargs="?", metavar="JOB", help="job id or name")
@@ -308,12 +308,18 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     status.add_argument("--json", action="store_true",
                         help="print one JSON object: the job's stats, or without JOB the "
                              "daemon's state and every job")
+    status.add_argument("--watch", action="store_true",
+                        help="show JOB again every second until it ends (with --json: one "
+                             "object per line)")
     stop = _command(sub, "stop", "cancel a queued or running job", _examples(
         "dsamig stop vm-1234",
-        "dsamig stop 3f0c9a6e-8d4b-4c1e-9a57-1b2f6f1d2e11 --socket /run/dsamig/receiver.sock",
+        "dsamig stop vm-1234 --keep-partial --socket /run/dsamig/receiver.sock",
     ))
     stop.add_argument("job", metavar="JOB", help="job id or name")
     stop.add_argument("--socket", metavar="PATH", help=socket_help)
+    stop.add_argument("--keep-partial", action="store_true",
+                      help="a receiver's job: keep the partial file and its checkpoint, so "
+                           "that sending the job again with resume continues it")
     jobs = _command(sub, "jobs", "list a daemon's jobs", _examples(
         "dsamig jobs",
         "dsamig jobs --socket /run/dsamig/receiver.sock --json",
@@ -437,9 +443,9 @@ def _dispatch_service(args: argparse.Namespace) -> int:
     if args.command == "start":
         return StartCommand(args.job_file, socket, wait=args.wait, as_json=args.json).run()
     if args.command == "status":
-        return StatusCommand(socket, job=args.job, as_json=args.json).run()
+        return StatusCommand(socket, job=args.job, as_json=args.json, watch=args.watch).run()
     if args.command == "stop":
-        return StopCommand(socket, args.job).run()
+        return StopCommand(socket, args.job, keep_partial=args.keep_partial).run()
     return JobsCommand(socket, as_json=args.json).run()
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import os
 import signal
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -54,29 +55,13 @@ from dsamig.errors import ConfigError
 from dsamig.jobs.config import DaemonConfig
 from dsamig.jobs.model import JobRecord, JobRegistry
 from dsamig.logs import configure, get_logger, loop_exception_handler
+from dsamig.report import RateMeter
 from dsamig.settings import EXIT_OK, JobState
 from dsamig.units import format_bytes
 
 DEFAULT_TICK_S = 0.5
 #: After the graceful wait, cancelled jobs get this long to clean up.
 CANCEL_BOUND_S = 10.0
-
-
-class RateMeter:
-    """Bytes per second from a growing counter, smoothed over a few ticks."""
-
-    def __init__(self) -> None:
-        self.rate = 0.0
-        self._last: tuple[float, int] | None = None
-
-    def update(self, counter: int) -> float:
-        """Feed the counter's current value; the smoothed rate."""
-        now = time.monotonic()
-        if self._last is not None and now > self._last[0]:
-            current = max(counter - self._last[1], 0) / (now - self._last[0])
-            self.rate = current if self.rate == 0 else 0.5 * self.rate + 0.5 * current
-        self._last = (now, counter)
-        return self.rate
 
 
 class Daemon(ABC):
@@ -112,6 +97,8 @@ class Daemon(ABC):
         self._wake: asyncio.Event | None = None
         self._last_ping = 0.0
         self._image_rate = RateMeter()
+        #: Per running job: the rate meters of its wire bytes and image bytes.
+        self._job_meters: dict[uuid.UUID, tuple[RateMeter, RateMeter]] = {}
 
     @property
     def log(self) -> Any:
@@ -142,8 +129,10 @@ class Daemon(ABC):
         """Cancel every running job; return once they ended (bounded)."""
 
     @abstractmethod
-    async def cancel_job(self, record: JobRecord) -> None:
-        """Cancel one job (``job-cancel``); CommandError if it cannot be."""
+    async def cancel_job(self, record: JobRecord, *, keep_partial: bool = False) -> None:
+        """Cancel one job (``job-cancel``); CommandError if it cannot be.
+        ``keep_partial``: a receiver keeps the partial file and its
+        checkpoint, for a later resume."""
 
     @abstractmethod
     def status_line(self) -> str:
@@ -212,6 +201,41 @@ class Daemon(ABC):
     def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
         """Role-specific fields of a running job's :class:`JobSeries`."""
         return {}
+
+    def job_view(self, record: JobRecord) -> dict[str, Any]:
+        """What ``query-job`` gives: the job's JSON form and, while it is not
+        finished, what ``virsh domjobinfo`` would show of it: the current
+        rates of the wire and the image, the ETA, the time since data last
+        moved, and the role's own fields (:meth:`job_view_extra`)."""
+        out = record.to_dict()
+        if record.finished:
+            return out
+        stats = record.stats
+        if stats is not None:
+            wire, image = self._measure(record, time.monotonic())
+            out["wire-bytes-per-second"] = round(wire.rate)
+            out["image-bytes-per-second"] = round(image.rate)
+            remaining = out["remaining"]
+            out["eta-s"] = round(remaining / image.rate, 1) if image.rate > 0 else None
+            out["last-data-s"] = (round(time.monotonic() - wire.last_change, 1)
+                                  if wire.last_change is not None else None)
+        out.update(self.job_view_extra(record))
+        return out
+
+    def job_view_extra(self, record: JobRecord) -> dict[str, Any]:
+        """Role-specific fields of an unfinished job's :meth:`job_view`."""
+        return {}
+
+    def _measure(self, record: JobRecord, now: float) -> tuple[RateMeter, RateMeter]:
+        """Feed the job's rate meters its counters as of ``now``."""
+        assert record.stats is not None
+        meters = self._job_meters.get(record.id)
+        if meters is None:
+            meters = self._job_meters[record.id] = (RateMeter(), RateMeter())
+        wire, image = meters
+        wire.update(record.stats.transferred, now)
+        image.update(record.stats.counters.done_bytes, now)
+        return meters
 
     def bandwidth_limit(self) -> float | None:
         """The daemon-wide bandwidth cap, if there is one."""
@@ -342,7 +366,11 @@ class Daemon(ABC):
         try:
             self.registry.purge()
             figures = self.totals.figures.plus(self.live_figures())
-            self._image_rate.update(figures.image_bytes)
+            now = time.monotonic()
+            self._image_rate.update(figures.image_bytes, now)
+            for record in self.registry:
+                if not record.finished and record.stats is not None:
+                    self._measure(record, now)
             self.notifier.status(self.status_line())
         except Exception:
             self.log.exception("daemon tick failed")
@@ -452,6 +480,7 @@ class Daemon(ABC):
         log.debug("job state", status=record.state.value,
                   previous=previous.value if previous else None)
         if record.finished:
+            self._job_meters.pop(record.id, None)
             self.totals.job_finished(record.state.value, record.stats)
             # The canonical line: one per job, short, with the key figures;
             # query-job has the rest.  A failure is a warning; a cancel is not.
@@ -459,9 +488,10 @@ class Daemon(ABC):
             level("job finished", **finished_fields(record))
             self.wake()
 
-    def find_job(self, arguments: dict[str, Any]) -> JobRecord:
-        """The job ``{"id": REF}`` names (id or name), or a CommandError."""
-        expect_keys(arguments, required=("id",))
+    def find_job(self, arguments: dict[str, Any], optional: tuple[str, ...] = ()) -> JobRecord:
+        """The job ``{"id": REF}`` names (id or name), or a CommandError;
+        ``optional`` are the other arguments the command takes."""
+        expect_keys(arguments, required=("id",), optional=optional)
         ref = arguments["id"]
         if not isinstance(ref, str):
             raise CommandError(ErrorClass.INVALID_ARGUMENT, "id must be a job id or name (string)")
@@ -513,18 +543,21 @@ class Daemon(ABC):
 
     async def _cmd_query_jobs(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
         expect_keys(arguments)
-        return [record.to_dict() for record in self.registry]
+        return [self.job_view(record) for record in self.registry]
 
     async def _cmd_query_job(self, arguments: dict[str, Any]) -> dict[str, Any]:
         record = self.find_job(arguments)
-        return record.to_dict()
+        return self.job_view(record)
 
     async def _cmd_job_cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        record = self.find_job(arguments)
+        record = self.find_job(arguments, optional=("keep-partial",))
+        keep_partial = arguments.get("keep-partial", False)
+        if not isinstance(keep_partial, bool):
+            raise CommandError(ErrorClass.INVALID_ARGUMENT, "keep-partial must be true or false")
         if record.finished:
             raise CommandError(ErrorClass.INVALID_STATE,
                                f"job {record.name} ({record.id}) already {record.state.value}")
-        await self.cancel_job(record)
+        await self.cancel_job(record, keep_partial=keep_partial)
         return record.summary()
 
     # --- metrics ------------------------------------------------------------------------

@@ -179,12 +179,30 @@ class ReceiverDaemon(Daemon):
             for job in list(self.server.jobs.values()):
                 job.fail(JobFailedError(reason, ErrorCode.CANCELLED))
 
-    async def cancel_job(self, record: JobRecord) -> None:
+    async def cancel_job(self, record: JobRecord, *, keep_partial: bool = False) -> None:
         job = self.server.jobs.get(record.id) if self.server is not None else None
         if job is None:
             raise CommandError(ErrorClass.INVALID_STATE, f"job {record.name} is not running")
-        # fail() deletes the partial file, tells the sender and closes the channels.
-        job.fail(JobFailedError("cancelled by the receiver's operator", ErrorCode.CANCELLED))
+        if keep_partial and not job.acks:
+            raise CommandError(ErrorClass.INVALID_STATE,
+                               f"job {record.name} cannot be resumed (its sender does not "
+                               "acknowledge), so there is no partial file to keep")
+        reason = "cancelled by the receiver's operator"
+        if keep_partial:
+            reason += "; the partial file is kept: send again with resume to continue"
+        # fail() tells the sender, closes the channels and deletes the partial
+        # file, or keeps it with its checkpoint for a resume.
+        job.fail(JobFailedError(reason, ErrorCode.CANCELLED, resumable=keep_partial))
+
+    def job_view_extra(self, record: JobRecord) -> dict[str, Any]:
+        """A running job's channels: connected ones against those it has."""
+        job = self.server.jobs.get(record.id) if self.server is not None else None
+        if job is None:
+            return {}
+        connected = len(job.channels)
+        return {"channels-connected": connected, "channels-wanted": job.channel_count,
+                "reconnecting": job.stats.setup_done is not None
+                and connected < job.channel_count}
 
     # --- reporting ---------------------------------------------------------------------
 

@@ -245,10 +245,11 @@ class SenderChannel(asyncio.Protocol):
                     self.commit.set_result(event)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
-                error_class = (
-                    ReceiverBusyError if event.code == ErrorCode.REJECTED else TransferError
-                )
-                self._fail(error_class(f"receiver failed the job ({code}): {event.message}"))
+                if event.code == ErrorCode.REJECTED:  # the receiver will not take the job
+                    self._fail(ReceiverBusyError(f"refused: {event.message}"))
+                else:
+                    self._fail(TransferError(f"receiver failed the job ({code}): "
+                                             f"{event.message}"))
                 return
 
     def _acknowledged(self, frames: int) -> None:
@@ -751,17 +752,24 @@ class Sender:
 
 
 async def send_image(
-    path: str, options: SendOptions, *, on_start: Callable[[Sender], None] | None = None
+    image: str | PageSource, options: SendOptions, *, engines: EngineSource | None = None,
+    on_start: Callable[[Sender], None] | None = None,
 ) -> JobStats:
-    """Send the image at ``path``; the stats of the committed job.
+    """Run one job from its image to its end; the stats of the committed job.
 
-    ``on_start(sender)`` runs once the job exists, before it connects (the
-    CLI hangs its progress bar on ``sender.stats`` there).  A DsamigError
-    carries the job's stats as ``exc.stats``.
+    The one job runner of ``dsamig send`` and of the sender daemon.
+    ``image`` is a path, or a PageSource already open (the daemon opens its
+    sources at job-start); it is closed when the job ends.  ``engines`` is
+    where the engine comes from (a daemon's EnginePool; else the job opens
+    its own).  ``on_start(sender)`` runs once the job exists, before it
+    connects: the caller hangs its progress bar or its job record on
+    ``sender.stats`` there, and keeps ``sender`` to end the job with
+    ``sender.cancel(reason)``, the one cancel path.  A DsamigError carries
+    the job's stats as ``exc.stats``.
     """
-    source = PageSource(path)
+    source = PageSource(image) if isinstance(image, str) else image
     try:
-        sender = Sender(source, options)
+        sender = Sender(source, options, engines)
         if on_start is not None:
             on_start(sender)
         try:

@@ -12,8 +12,6 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import uuid
 
@@ -43,18 +41,7 @@ def first_packet_offset() -> int:
 
 def start_receiver(output: str, *extra: str) -> Receiver:
     """``dsamig receive`` logging warnings too (the self-healing path only logs)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsamig", "--log-level", "warning", "receive", "--listen",
-         "127.0.0.1:0", "--output", output, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"receiver did not start: {line}{proc.stderr.read()}")
-    return Receiver(proc, int(line.rsplit(":", 1)[1]))
+    return Receiver.start(output, *extra, log_level="warning")
 
 
 def send_through(proxy_port: int, image: str, *extra: str):  # type: ignore[no-untyped-def]
