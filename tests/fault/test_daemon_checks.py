@@ -210,7 +210,7 @@ def _serve(role: str, path: str, socket_path: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # reaps it and closes its pipe
 
 
 @pytest.mark.parametrize("role", ["receiver", "sender"])

@@ -108,7 +108,7 @@ def kill_mid_transfer(proc: subprocess.Popen[str], output: str) -> None:
     wait_for_progress(output)
     wait_for_stored(output, stored(output) + MiB)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 def stored(output: str) -> int:
@@ -139,7 +139,7 @@ def reap(*procs: subprocess.Popen[str]) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # reaps it and closes its pipes
 
 
 def wait_for_progress(output: str, min_bytes: int = 1) -> None:

@@ -115,10 +115,10 @@ class Receiver:
         return self.finish()
 
     def kill(self) -> None:
-        """SIGKILL whatever is still running, and reap it."""
+        """SIGKILL whatever is still running, reap it and close its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+        self.proc.communicate()
 
 
 def read_lines_until(proc: subprocess.Popen[str], prefix: str,

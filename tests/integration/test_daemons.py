@@ -509,6 +509,7 @@ def test_metrics_endpoint(pair: Pair) -> None:
     assert 0 < time.time() - samples["process_start_time_seconds"] < 3600
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{address}/other", timeout=5)
+    info.value.close()  # the error holds the response and its socket
     assert info.value.code == 404
 
 
