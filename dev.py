@@ -125,12 +125,15 @@ TWIN_TESTS = (
     "tests/integration/test_verify.py",
     "tests/integration/test_cli.py::test_send_receive_json",
 )
+# The big images of those (9 and 64 MiB) take the twin half a minute each and
+# prove nothing the small ones do not: the native run has them.
+TWIN_SKIP = "not test_destination_is_sparse and not 9437191"
 
 
 def twin_tests(py: str) -> None:
     """Run TWIN_TESTS with the native extension disabled."""
     env = {**os.environ, "DSAMIG_NO_EXTENSIONS": "1"}
-    run(py, "-m", "pytest", "-q", *TWIN_TESTS, env=env)
+    run(py, "-m", "pytest", "-q", "-k", TWIN_SKIP, *TWIN_TESTS, env=env)
 
 
 def main() -> int:
