@@ -198,8 +198,8 @@ EXIT_CODES: Final = (
     (EXIT_LOCAL_IO, "the image or the destination could not be read or written"),
     (EXIT_NETWORK, "could not listen or connect (no daemon at the control socket)"),
     (EXIT_CANCELLED, "start --wait: the job was cancelled"),
-    (EXIT_HANGUP, "the terminal hung up (SIGHUP); start --wait leaves the job running"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); send and start --wait cancel the job"),
+    (EXIT_HANGUP, "the terminal hung up (SIGHUP): as 130; start --wait leaves the job running"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM): send and receive cancel their jobs"),
 )
 
 

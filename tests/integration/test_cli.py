@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
-from dsamig.settings import EXIT_INTERRUPTED, EXIT_LOCAL_IO, EXIT_TRANSFER
+import pytest
+
+from dsamig.settings import EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_LOCAL_IO, EXIT_TRANSFER
 from tests.conftest import read_bytes
 from tests.integration.daemon_helpers import Daemon, job_document, ok, short_dir
 from tests.integration.helpers import TIMEOUT_S, Receiver, dsamig, last_json
@@ -234,9 +236,12 @@ def wait_stored(path: str, at_least: int) -> None:
         time.sleep(0.02)
 
 
-def test_an_interrupted_send_cancels_its_job(tmp_path, image_factory) -> None:
-    """Ctrl-C on `dsamig send` cancels the job as `dsamig stop` would: the
-    receiver learns why and keeps nothing."""
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, EXIT_INTERRUPTED),
+                                                   (signal.SIGHUP, EXIT_HANGUP)])
+def test_an_interrupted_send_cancels_its_job(tmp_path, image_factory, signum: signal.Signals,
+                                             exit_code: int) -> None:
+    """Ctrl-C (or a hang-up) on `dsamig send` cancels the job as `dsamig stop`
+    would: the receiver learns why and keeps nothing."""
     image, _, _ = image_factory(16 * MiB, seed=9, zero_every=0)
     output = str(tmp_path / "dest.img")
     receiver = Receiver.start(output, "--once", "--json")
@@ -246,20 +251,20 @@ def test_an_interrupted_send_cancels_its_job(tmp_path, image_factory) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_stored(output + ".partial", MiB)
-        sender.send_signal(signal.SIGINT)
+        sender.send_signal(signum)
         out, err = sender.communicate(timeout=TIMEOUT_S)
         code, rout, rerr = receiver.finish()
     finally:
         sender.kill()
         sender.communicate()
         receiver.kill()
-    assert sender.returncode == EXIT_INTERRUPTED, err
+    assert sender.returncode == exit_code, err
     assert err.strip().splitlines()[-1] == "dsamig: interrupted: the job was cancelled"
     assert last_json(out)["status"] == "cancelled"
     assert code == EXIT_TRANSFER, rerr
     received = last_json(rout)
     assert received["status"] == "cancelled"
-    assert "interrupted (SIGINT) on the sending host" in received["error-desc"]
+    assert f"interrupted ({signum.name}) on the sending host" in received["error-desc"]
     assert not os.path.exists(output) and not os.path.exists(output + ".partial")
 
 
