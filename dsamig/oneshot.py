@@ -111,6 +111,17 @@ def stop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
+def default_job_name(image: str) -> str:
+    """The image's file name, the name a receiver daemon stores it under
+    (empty when it cannot travel in a HELLO: not UTF-8)."""
+    name = os.path.basename(os.path.abspath(image))
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return name
+
+
 @dataclass
 class SendCommand:
     """``dsamig send IMAGE --to HOST:PORT ...``.
@@ -141,7 +152,7 @@ class SendCommand:
         options = SendOptions(
             host=host, port=port, channels=self.channels, packet_size=self.packet_size,
             page_size=self.page_size, engine=self.engine, engine_threads=self.engine_threads,
-            dsa=self.dsa, name=self.name or os.path.basename(self.image), resume=self.resume,
+            dsa=self.dsa, name=self.name or default_job_name(self.image), resume=self.resume,
             retry_for_s=self.retry_for_s, timeouts=self.timeouts,
             pacer=TokenBucket(self.max_bandwidth) if self.max_bandwidth else None,
             security=self.security,
