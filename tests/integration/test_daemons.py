@@ -223,9 +223,11 @@ def _active_with_progress(daemon: Daemon, job_id: str) -> bool:
 
 
 def test_cancel_mid_transfer_leaves_nothing(pair: Pair, image_factory) -> None:
-    image, _, _ = image_factory(8 * MiB, seed=5, zero_every=0)
+    # Eight seconds of paced sending: time enough for `dsamig stop` to start
+    # and cancel it even on a busy host.
+    image, _, _ = image_factory(16 * MiB, seed=5, zero_every=0)
     job = ok(pair.sender.socket, "job-start", job_document(
-        "cancel-me", image, pair.receiver.port, max_bandwidth="4MiB"))
+        "cancel-me", image, pair.receiver.port, max_bandwidth="2MiB"))
     wait_for(lambda: _active_with_progress(pair.sender, job["id"]), what="progress")
     assert "cancel-me.partial" in stored(pair)
     stopped = dsamig("stop", job["id"], "--socket", pair.sender.socket)
@@ -386,9 +388,10 @@ def test_status_of_a_running_job(pair: Pair, image_factory) -> None:
     """`dsamig status JOB` has what virsh domjobinfo has: rates of the wire and
     the image, the ETA, the bandwidth share, channels, time since data moved,
     sessions and the engine; --watch follows it to its end."""
+    # Four seconds of paced sending, to look at it while it runs.
     image, _, _ = image_factory(8 * MiB, seed=62, zero_every=0)
     job = ok(pair.sender.socket, "job-start", job_document(
-        "watched", image, pair.receiver.port, max_bandwidth="4MiB", channels=2))
+        "watched", image, pair.receiver.port, max_bandwidth="2MiB", channels=2))
     watch = subprocess.Popen(
         [sys.executable, "-m", "dsamig", "status", job["id"], "--socket", pair.sender.socket,
          "--watch", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -405,8 +408,8 @@ def test_status_of_a_running_job(pair: Pair, image_factory) -> None:
         watch.kill()
         watch.communicate()
     assert live["status"] == "active"
-    assert live["bandwidth-limit"] == live["max-bandwidth"] == 4 * MiB
-    assert 0 < live["image-bytes-per-second"] <= 8 * MiB
+    assert live["bandwidth-limit"] == live["max-bandwidth"] == 2 * MiB
+    assert 0 < live["image-bytes-per-second"] <= 4 * MiB
     assert live["wire-bytes-per-second"] > 0 and live["eta-s"] > 0
     assert 0 <= live["last-data-s"] < 5
     assert (live["channels-connected"], live["channels-wanted"]) == (2, 2)
@@ -415,7 +418,7 @@ def test_status_of_a_running_job(pair: Pair, image_factory) -> None:
     assert human.returncode == 0, human.stderr
     rows = {line.strip().split("  ", 1)[0]: line.strip().split("  ", 1)[1].strip()
             for line in human.stdout.splitlines()[1:]}
-    assert rows["bandwidth"] == "4.0 MiB/s"
+    assert rows["bandwidth"] == "2.0 MiB/s"
     assert rows["channels"].startswith("2 of 2 connected")
     assert rows["remaining"].endswith(" s") and rows["rates now"].startswith("wire ")
     assert rows["sessions"].startswith("1 (0 reconnects)")
@@ -468,10 +471,11 @@ def test_a_resuming_sender_takes_its_orphaned_job_over(pair: Pair, image_factory
 
 
 def test_stop_keep_partial_keeps_the_receivers_work(pair: Pair, image_factory) -> None:
+    # Eight seconds of paced sending: time for two `dsamig stop` on a busy host.
     image, _, _ = image_factory(16 * MiB, seed=64, zero_every=0)
     partial = os.path.join(pair.storage, "kept.partial")
     job = ok(pair.sender.socket, "job-start", job_document(
-        "kept", image, pair.receiver.port, max_bandwidth="4MiB", channels=2))
+        "kept", image, pair.receiver.port, max_bandwidth="2MiB", channels=2))
     wait_for(lambda: os.path.exists(partial + ".progress"), what="a checkpoint")
     on_sender = dsamig("stop", "kept", "--keep-partial", "--socket", pair.sender.socket)
     assert on_sender.returncode == 2
