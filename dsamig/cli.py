@@ -10,36 +10,30 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dsamig import __version__
-from dsamig.demo import DEFAULT_ZERO_RATIO
-from dsamig.engine.dsa import DsaConfig, FaultSpec
-from dsamig.errors import (
-    EXIT_CANCELLED,
-    EXIT_HANGUP,
+from dsamig.errors import ConfigError, DsamigError
+from dsamig.logs import LEVELS, configure, get_logger
+from dsamig.settings import (
+    DEFAULT_CHANNELS,
+    DEFAULT_ENGINE,
+    DEFAULT_PACKET_SIZE,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_ZERO_RATIO,
+    ENGINE_NAMES,
+    EXIT_CODES,
     EXIT_INTERRUPTED,
-    EXIT_LOCAL_IO,
-    EXIT_NETWORK,
     EXIT_OK,
     EXIT_TRANSFER,
     EXIT_USAGE,
-    DsamigError,
-)
-from dsamig.logs import LEVELS, configure, get_logger
-from dsamig.transport.common import Timeouts, parse_address
-from dsamig.transport.pacing import TokenBucket
-from dsamig.transport.security import SecurityConfig
-from dsamig.transport.sender import (
-    DEFAULT_CHANNELS,
-    DEFAULT_PACKET_SIZE,
-    DEFAULT_PAGE_SIZE,
     RETRY_FOR_S,
-    LiveOptions,
-    SendOptions,
+    Timeouts,
 )
 from dsamig.units import parse_duration, parse_rate, parse_size
 
-ENGINE_CHOICES = ("auto", "cpu", "dsa", "none")
+if TYPE_CHECKING:
+    from dsamig.security import SecurityConfig
 
 
 def _rate(text: str) -> float:
@@ -66,16 +60,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-EXIT_CODES = (
-    (EXIT_OK, "success (start --wait: the job completed)"),
-    (EXIT_TRANSFER, "the transfer failed (start --wait: the job failed)"),
-    (EXIT_USAGE, "bad arguments or configuration; a control command the daemon refused"),
-    (EXIT_LOCAL_IO, "the image or the destination could not be read or written"),
-    (EXIT_NETWORK, "could not listen or connect (no daemon at the control socket)"),
-    (EXIT_CANCELLED, "start --wait: the job was cancelled"),
-    (EXIT_HANGUP, "the terminal hung up (SIGHUP); start --wait leaves the job running"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C, or SIGTERM for receive)"),
-)
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES) + """
 
 examples:
@@ -108,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address")
     send.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
                       help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
-    send.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+    send.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none (send every page)")
     send.add_argument("--engine-threads", type=int, default=None, metavar="N",
                       help="CPU engine scan threads (default: one per two cores, at most 4)")
@@ -127,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bytes per packet, e.g. 512KiB (default)")
     send.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
                       help="page size, e.g. 4KiB (default)")
-    send.add_argument("--name", default="", help="job name shown by the receiver")
+    send.add_argument("--name", default="",
+                      help="job name; a receiver daemon stores the image under it "
+                           "(default: the image's file name)")
     send.add_argument("--connect-timeout", type=float, default=Timeouts.connect_s, metavar="S",
                       help=f"bound on opening each TCP channel (default {Timeouts.connect_s:g})")
     send.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
@@ -176,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--output", required=True, metavar="PATH",
                          help="destination file (written as PATH.partial until committed)")
     receive.add_argument("--once", action="store_true", help="exit after the first job")
+    receive.add_argument("--force", action="store_true",
+                         help="replace PATH if it exists (without it, an existing PATH is "
+                              "refused at start and to every sender)")
     receive.add_argument("--idle-timeout", type=float, default=Timeouts.idle_s, metavar="S",
                          help="fail a job whose sender is silent for S seconds "
                               f"(default {Timeouts.idle_s:g})")
@@ -224,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image size (default 256MiB)")
     demo.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
                       help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
-    demo.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+    demo.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none")
     demo.add_argument("--workdir", default=None, metavar="DIR",
                       help="keep the image and its copy in DIR (dsamig-demo.img, "
@@ -302,6 +291,8 @@ def _add_security_args(parser: argparse.ArgumentParser, role: str) -> None:
 
 def _security(args: argparse.Namespace) -> SecurityConfig | None:
     """The SecurityConfig the options ask for, or None for the plain path."""
+    from dsamig.security import SecurityConfig
+
     config = SecurityConfig(
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         tls_server_name=getattr(args, "tls_server_name", None), psk_file=args.psk_file,
@@ -339,7 +330,7 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                        help="print one JSON object: the submitted job, or with --wait the "
                             "finished job's stats")
     status = _command(sub, "status", "show a daemon's jobs, or one job in full", _examples(
-        "dsamig status vm-1234",
+        "dsamig status vm-1234 --watch",
         "dsamig status --json | jq '.daemon.queued, .jobs[].status'",
     ))
     status.add_argument("job", nargs="?", metavar="JOB", help="job id or name")
@@ -347,12 +338,18 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     status.add_argument("--json", action="store_true",
                         help="print one JSON object: the job's stats, or without JOB the "
                              "daemon's state and every job")
+    status.add_argument("--watch", action="store_true",
+                        help="show JOB again every second until it ends (with --json: one "
+                             "object per line)")
     stop = _command(sub, "stop", "cancel a queued or running job", _examples(
         "dsamig stop vm-1234",
-        "dsamig stop 3f0c9a6e-8d4b-4c1e-9a57-1b2f6f1d2e11 --socket /run/dsamig/receiver.sock",
+        "dsamig stop vm-1234 --keep-partial --socket /run/dsamig/receiver.sock",
     ))
     stop.add_argument("job", metavar="JOB", help="job id or name")
     stop.add_argument("--socket", metavar="PATH", help=socket_help)
+    stop.add_argument("--keep-partial", action="store_true",
+                      help="a receiver's job: keep the partial file and its checkpoint, so "
+                           "that sending the job again with resume continues it")
     jobs = _command(sub, "jobs", "list a daemon's jobs", _examples(
         "dsamig jobs",
         "dsamig jobs --socket /run/dsamig/receiver.sock --json",
@@ -398,35 +395,36 @@ def _silence_stdout() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dsamig.demo import DemoCommand, MakeImageCommand
-    from dsamig.oneshot import ReceiveCommand, SendCommand
-
+    # Each command imports only what it runs: `dsamig status` loads neither
+    # the engine nor the transport.
     if args.command == "send":
-        host, port = parse_address(args.to)
-        options = SendOptions(
-            host=host, port=port, channels=args.channels, packet_size=args.packet_size,
+        from dsamig.dsa_config import DsaConfig, FaultSpec
+        from dsamig.oneshot import SendCommand
+        from dsamig.transport.sender import LiveOptions
+
+        dsa = DsaConfig(
+            wqs=args.dsa_wq, emulate=args.dsa_emulate, timeout_s=args.dsa_timeout,
+            emulate_faults=(FaultSpec.parse(args.dsa_emulate_faults)
+                            if args.dsa_emulate_faults else None),
+        )
+        return SendCommand(
+            args.image, args.to, channels=args.channels, packet_size=args.packet_size,
             page_size=args.page_size, engine=args.engine, engine_threads=args.engine_threads,
-            dsa=DsaConfig(
-                wqs=args.dsa_wq, emulate=args.dsa_emulate, timeout_s=args.dsa_timeout,
-                emulate_faults=(FaultSpec.parse(args.dsa_emulate_faults)
-                                if args.dsa_emulate_faults else None),
-            ),
-            name=args.name, resume=args.resume, refresh=args.refresh,
+            dsa=dsa, name=args.name, resume=args.resume, refresh=args.refresh,
             retry_for_s=args.retry_for,
             timeouts=Timeouts(connect_s=args.connect_timeout, idle_s=args.idle_timeout),
-            pacer=TokenBucket(args.max_bandwidth) if args.max_bandwidth else None,
-            security=_security(args),
+            max_bandwidth=args.max_bandwidth, security=_security(args), as_json=args.json,
             live=LiveOptions(
                 max_downtime_s=args.max_downtime, max_rounds=args.max_rounds,
                 pause_cmd=args.pause_cmd, resume_cmd=args.resume_cmd, qmp=args.qmp,
                 keep_paused=not args.resume_writer,
             ) if args.live else None,
-        )
-        options.validate()
-        return SendCommand(args.image, options, as_json=args.json).run()
+        ).run()
     if args.command == "receive":
+        from dsamig.oneshot import ReceiveCommand
+
         return ReceiveCommand(
-            args.listen, args.output, once=args.once, as_json=args.json,
+            args.listen, args.output, once=args.once, force=args.force, as_json=args.json,
             timeouts=Timeouts(idle_s=args.idle_timeout), security=_security(args),
         ).run()
     if args.command == "verify":
@@ -437,7 +435,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dsa":
         if args.dsa_command == "check":
             from dsamig.engine.dsa_check import check_command
-            from dsamig.errors import ConfigError
 
             if not 0 <= args.emulate <= 16 or not 0 < args.timeout <= 60:
                 raise ConfigError("dsa check: --emulate must be 0..16 and --timeout 0..60 s")
@@ -446,18 +443,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dsamig.engine.dsa_discovery import list_command
 
         return list_command(as_json=args.json)
-    if args.command == "demo":
-        return DemoCommand(size=args.size, channels=args.channels, engine=args.engine,
-                           as_json=args.json, workdir=args.workdir).run()
-    if args.command == "make-image":
-        return MakeImageCommand(args.path, size=args.size, zero_ratio=args.zero_ratio,
-                                seed=args.seed, force=args.force, as_json=args.json).run()
+    if args.command in ("demo", "make-image"):
+        return _dispatch_demo(args)
     if args.command in ("receiver", "sender", "start", "status", "stop", "jobs"):
         return _dispatch_service(args)
     return EXIT_USAGE
 
 
+def _dispatch_demo(args: argparse.Namespace) -> int:
+    from dsamig.demo import DemoCommand, MakeImageCommand
+
+    if args.command == "demo":
+        return DemoCommand(size=args.size, channels=args.channels, engine=args.engine,
+                           as_json=args.json, workdir=args.workdir).run()
+    return MakeImageCommand(args.path, size=args.size, zero_ratio=args.zero_ratio,
+                            seed=args.seed, force=args.force, as_json=args.json).run()
+
+
 def _dispatch_service(args: argparse.Namespace) -> int:
+    if args.command in ("receiver", "sender"):
+        from dsamig.daemon import DaemonCommand
+
+        # An explicit --log-level sets the daemon's level too (the config's otherwise).
+        level = args.daemon_log_level or getattr(args, "log_level", None)
+        return DaemonCommand(args.command, args.config, log_level=level,
+                             check_only=args.check).run()
     from dsamig.control.commands import (
         JobsCommand,
         StartCommand,
@@ -465,20 +475,14 @@ def _dispatch_service(args: argparse.Namespace) -> int:
         StopCommand,
         default_socket,
     )
-    from dsamig.daemon import DaemonCommand
 
-    if args.command in ("receiver", "sender"):
-        # An explicit --log-level sets the daemon's level too (the config's otherwise).
-        level = args.daemon_log_level or getattr(args, "log_level", None)
-        return DaemonCommand(args.command, args.config, log_level=level,
-                             check_only=args.check).run()
     socket = args.socket or default_socket()
     if args.command == "start":
         return StartCommand(args.job_file, socket, wait=args.wait, as_json=args.json).run()
     if args.command == "status":
-        return StatusCommand(socket, job=args.job, as_json=args.json).run()
+        return StatusCommand(socket, job=args.job, as_json=args.json, watch=args.watch).run()
     if args.command == "stop":
-        return StopCommand(socket, args.job).run()
+        return StopCommand(socket, args.job, keep_partial=args.keep_partial).run()
     return JobsCommand(socket, as_json=args.json).run()
 
 

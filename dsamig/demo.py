@@ -19,13 +19,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, ConfigError, SinkError, TransferError
+from dsamig.errors import ConfigError, SinkError, TransferError
+from dsamig.pages.sink import check_output
+from dsamig.settings import DEFAULT_ZERO_RATIO, EXIT_OK, EXIT_TRANSFER
 from dsamig.units import format_bytes
 
 PAGE = 4096
-#: The default share of zero pages of a generated image (guest RAM is often
-#: mostly zero; 0.4 keeps enough data to show the wire at work).
-DEFAULT_ZERO_RATIO = 0.4
 #: Names of the demo's files in ``--workdir``.
 DEMO_IMAGE = "dsamig-demo.img"
 DEMO_COPY = "dsamig-demo.received.img"
@@ -108,10 +107,7 @@ class MakeImageCommand:
 
     def run(self) -> int:
         """Write the image and say what it holds; the exit code."""
-        if os.path.isdir(self.path):
-            raise SinkError(f"{self.path!r} is a directory")
-        if os.path.lexists(self.path) and not self.force:
-            raise SinkError(f"{self.path!r} exists (--force replaces it)")
+        check_output(self.path, replace=self.force)
         try:
             zero, normal = generate_image(self.path, self.size, self.seed, self.zero_ratio)
         except OSError as exc:
@@ -164,8 +160,9 @@ class DemoCommand:
             print(text, flush=True)
 
     def _run(self, directory: str) -> int:
-        from dsamig.oneshot import SendCommand, run_loop
-        from dsamig.transport.sender import SendOptions, send_image
+        from dsamig.oneshot import SendCommand
+        from dsamig.runtime import run_loop
+        from dsamig.transport.sender import send_image
 
         image = os.path.join(directory, DEMO_IMAGE)
         dest = os.path.join(directory, DEMO_COPY)
@@ -191,13 +188,13 @@ class DemoCommand:
         try:
             port = _read_port(receiver)
             self._say(f"receiver listening on 127.0.0.1:{port} (pid {receiver.pid})")
-            options = SendOptions(host="127.0.0.1", port=port, channels=self.channels,
+            command = SendCommand(image, f"127.0.0.1:{port}", channels=self.channels,
                                   engine=self.engine, name="demo")
             if self.as_json:  # the sender's stats go into our one document
-                sender = run_loop(send_image(image, options)).to_dict()
+                sender = run_loop(send_image(image, command.options())).to_dict()
                 sent = EXIT_OK
             else:
-                sent = SendCommand(image, options).run()
+                sent = command.run()
             out, err = receiver.communicate(timeout=60)
         finally:
             if receiver.poll() is None:

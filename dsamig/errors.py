@@ -1,4 +1,4 @@
-"""dsamig's error classes and the exit codes they map to.
+"""dsamig's error classes and the exit codes (``dsamig.settings``) they map to.
 
 Every error a user can cause or meet carries a one-line message that names the
 problem (the path, the address, the field); the CLI prints it without a
@@ -7,15 +7,12 @@ traceback and exits with the class's code.
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_TRANSFER = 1  # the job ran and failed (peer error, integrity, disconnect)
-EXIT_USAGE = 2  # bad arguments or configuration
-EXIT_LOCAL_IO = 3  # the image or the output cannot be read, created or written
-EXIT_NETWORK = 4  # cannot listen, cannot connect
-EXIT_CANCELLED = 5  # dsamig start --wait: the job was cancelled
-# 128 + the signal's number, as a shell reports a command a signal ended:
-EXIT_HANGUP = 129  # SIGHUP: the terminal went away during a one-shot command
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C) or SIGTERM ended a one-shot command
+from dsamig.settings import (
+    EXIT_LOCAL_IO,
+    EXIT_NETWORK,
+    EXIT_TRANSFER,
+    EXIT_USAGE,
+)
 
 
 class DsamigError(Exception):

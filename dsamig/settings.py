@@ -1,11 +1,13 @@
-"""Defaults and limits that several layers share: a leaf module.
+"""Defaults, limits, the geometry rules, engine names and exit codes: a leaf.
 
-Nothing here imports another part of dsamig, so the CLI, the YAML schema,
-the transport and the daemons can all take their defaults from one place.
+Nothing here imports another part of dsamig, so every layer, from the wire
+format to the CLI, takes its defaults and rules from this one place: the
+CLI's defaults are the YAML schema's defaults are the transport's.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Final
 
@@ -14,8 +16,120 @@ MiB: Final = 1024 * KiB
 GiB: Final = 1024 * MiB
 TiB: Final = 1024 * GiB
 
+# --- geometry: pages, packets, images ----------------------------------------------------
+
 #: The largest image the wire format can describe (docs/protocol.md).
 WIRE_MAX_IMAGE_SIZE: Final = 1 << 50
+MIN_PAGE_SIZE: Final = 512
+MAX_PAGE_SIZE: Final = 1 << 20
+MAX_PACKET_PAGES: Final = 4096
+#: A PACKET's payload_length is a u32, so a packet's pages must fit in one.
+MAX_PACKET_BYTES: Final = 0xFFFFFFFF
+
+DEFAULT_PAGE_SIZE: Final = 4096
+DEFAULT_PACKET_SIZE: Final = 128 * DEFAULT_PAGE_SIZE  # QEMU's multifd packet
+
+
+@dataclass(frozen=True)
+class GeometryProblem:
+    """A geometry rule a job breaks: the key it is about and what is wrong.
+
+    ``str()`` gives ``"page_size 3000 is not a power of two in 512..1048576"``;
+    a YAML error names the key itself and shows only ``text``.
+    """
+
+    key: str  # page_size, packet_size, packet_pages or image_size
+    text: str  # the value and the rule, without the key
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.text}"
+
+
+def geometry_problem(
+    page_size: int, *, packet_pages: int | None = None, packet_size: int | None = None,
+    image_size: int = 0,
+) -> GeometryProblem | None:
+    """The first geometry rule broken, or None: the one check of page size,
+    packet size and image size that the wire format, the sender's options,
+    the job schema and ``dsamig verify`` all apply.
+
+    The packet is given as the manifest has it (``packet_pages``) or as an
+    operator writes it (``packet_size`` in bytes, which must then be a whole
+    number of pages).  The rules: a page is a power of two of 512 bytes to
+    1 MiB; a packet is 1..4096 pages whose bytes fit the u32 payload length;
+    an image is at most 2**50 bytes.
+    """
+    ps = page_size
+    if not (MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE and ps & (ps - 1) == 0):
+        return GeometryProblem(
+            "page_size", f"{ps} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
+    key, shown = "packet_pages", packet_pages
+    if packet_size is not None:
+        if packet_size % ps:
+            return GeometryProblem(
+                "packet_size", f"{packet_size} is not a whole number of {ps}-byte pages")
+        key, shown, packet_pages = "packet_size", packet_size, packet_size // ps
+    if packet_pages is None:
+        raise TypeError("geometry_problem needs packet_pages or packet_size")
+    if not 1 <= packet_pages <= MAX_PACKET_PAGES:
+        if key == "packet_size":
+            return GeometryProblem(key, f"{shown} is {packet_pages} pages of {ps} bytes, "
+                                        f"not 1..{MAX_PACKET_PAGES}")
+        return GeometryProblem(key, f"{shown} out of range (1..{MAX_PACKET_PAGES})")
+    if not 0 <= image_size <= WIRE_MAX_IMAGE_SIZE:
+        return GeometryProblem(
+            "image_size", f"{image_size} out of range (0..{WIRE_MAX_IMAGE_SIZE})")
+    if ps * packet_pages > MAX_PACKET_BYTES:
+        how = f"{shown}" if key == "packet_size" else f"{shown} x page_size {ps}"
+        return GeometryProblem(
+            key, f"{how} exceeds {MAX_PACKET_BYTES} bytes (payload_length is 32 bits)")
+    return None
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+#: The receiver's data port.
+DEFAULT_PORT: Final = 7780
+DEFAULT_CHANNELS: Final = 4
+#: TCP channels of one job (a HELLO's channel count is a byte, but 64 is plenty).
+MAX_CHANNELS: Final = 64
+#: How long a started job keeps reconnecting a broken transfer.
+RETRY_FOR_S: Final = 60.0
+#: Zero-page detection backends; ``auto`` picks DSA when usable, else the CPU.
+ENGINE_NAMES: Final = ("auto", "cpu", "dsa", "none")
+DEFAULT_ENGINE: Final = "auto"
+#: ``dsamig demo`` and ``make-image``: the share of zero pages of a generated
+#: image (guest RAM is often mostly zero; 0.4 keeps the wire busy enough to show).
+DEFAULT_ZERO_RATIO: Final = 0.4
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every wait of a transfer has one of these bounds (seconds)."""
+
+    connect_s: float = 10.0
+    handshake_s: float = 10.0
+    idle_s: float = 60.0  # no progress on a channel for this long fails the job
+    commit_s: float = 600.0  # fsync of a large image on a slow disk
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life: one enum for the transport's figures
+    (``JobStats.status``) and the daemons' records; the value is what the
+    JSON and the control API report."""
+
+    QUEUED = "queued"
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETING = "completing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Completed, failed or cancelled: no change is possible any more."""
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -64,4 +178,35 @@ class ReceiverLimits:
         return self.max_channels + self.max_unauthenticated + 2 * self.max_jobs + 128
 
 
-__all__ = ["WIRE_MAX_IMAGE_SIZE", "GiB", "KiB", "MiB", "ReceiverLimits", "TiB"]
+# --- exit codes ---------------------------------------------------------------------------
+
+EXIT_OK: Final = 0
+EXIT_TRANSFER: Final = 1  # the job ran and failed (peer error, integrity, disconnect)
+EXIT_USAGE: Final = 2  # bad arguments or configuration
+EXIT_LOCAL_IO: Final = 3  # the image or the output cannot be read, created or written
+EXIT_NETWORK: Final = 4  # cannot listen, cannot connect
+EXIT_CANCELLED: Final = 5  # dsamig start --wait: the job was cancelled
+# 128 + the signal's number, as a shell reports a command a signal ended:
+EXIT_HANGUP: Final = 129  # SIGHUP: the terminal went away during a one-shot command
+EXIT_INTERRUPTED: Final = 130  # SIGINT (Ctrl-C) or SIGTERM ended a one-shot command
+
+#: Every exit code with what it means: ``dsamig --help`` and README.md show this table.
+EXIT_CODES: Final = (
+    (EXIT_OK, "success (start --wait: the job completed)"),
+    (EXIT_TRANSFER, "the transfer failed (start --wait: the job failed)"),
+    (EXIT_USAGE, "bad arguments or configuration; a control command the daemon refused"),
+    (EXIT_LOCAL_IO, "the image or the destination could not be read or written"),
+    (EXIT_NETWORK, "could not listen or connect (no daemon at the control socket)"),
+    (EXIT_CANCELLED, "start --wait: the job was cancelled"),
+    (EXIT_HANGUP, "the terminal hung up (SIGHUP): as 130; start --wait leaves the job running"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM): send and receive cancel their jobs"),
+)
+
+
+def exit_code_for(state: str) -> int:
+    """The exit code of a command that waited for a job that ended in ``state``."""
+    if state == JobState.COMPLETED:
+        return EXIT_OK
+    if state == JobState.CANCELLED:
+        return EXIT_CANCELLED
+    return EXIT_TRANSFER

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dsamig.proto.counters import JobCounters
+from dsamig.settings import DEFAULT_PAGE_SIZE, JobState
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -84,16 +86,25 @@ class ChannelStats:
         }
 
 
+#: Told of every status change of a job's stats: ``(stats, previous status)``.
+StatusListener = Callable[["JobStats", JobState], None]
+
+
 @dataclass
 class JobStats:
-    """Figures of one job, on either side.  ``to_dict`` gives the ``--json`` object."""
+    """Figures of one job, on either side.  ``to_dict`` gives the ``--json`` object.
+
+    ``status`` is the job's state, the one source of it: the transport sets
+    it as the job moves (a plain string is taken as its :class:`JobState`)
+    and every listener added with :meth:`watch` hears of each change at
+    once; nobody polls.
+    """
 
     role: str
     total: int = 0  # image bytes
-    page_size: int = 4096
+    page_size: int = DEFAULT_PAGE_SIZE
     channels: list[ChannelStats] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)
-    status: str = "setup"
     error: str | None = None
     #: The job core's counters (zero and normal pages, bytes, sessions...).
     counters: JobCounters = field(default_factory=JobCounters)
@@ -109,6 +120,28 @@ class JobStats:
     ended_threads: dict[str, float] = field(default_factory=dict)
     earlier_transferred: int = 0  # bytes of connections closed before a reconnect
     extra: dict[str, Any] = field(default_factory=dict)  # more figures for to_dict
+    _status: JobState = field(default=JobState.SETUP, init=False, repr=False)
+    _listeners: list[StatusListener] = field(default_factory=list, init=False, repr=False,
+                                             compare=False)
+
+    @property
+    def status(self) -> JobState:
+        """Where the job is: setup, active, completing, then how it ended."""
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        state = JobState(value)
+        previous = self._status
+        if state == previous:
+            return
+        self._status = state
+        for listener in list(self._listeners):
+            listener(self, previous)
+
+    def watch(self, listener: StatusListener) -> None:
+        """Call ``listener(stats, previous)`` after every status change from now on."""
+        self._listeners.append(listener)
 
     @property
     def transferred(self) -> int:
@@ -123,11 +156,11 @@ class JobStats:
             self.ended_threads[name] = self.ended_threads.get(name, 0.0) + seconds
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Freeze the clock and the CPU figures."""
+        """Freeze the clock and the CPU figures, then end in ``status``: the
+        listeners hear of the end with every figure final."""
         if self.finished is not None:
             return
         self.finished = time.monotonic()
-        self.status = status
         self.error = error
         self.cpu_end = time.process_time()
         now = thread_cpu_seconds()
@@ -139,6 +172,7 @@ class JobStats:
         for name, seconds in self.ended_threads.items():
             threads[name] = threads.get(name, 0.0) + seconds
         self.threads = {name: round(seconds, 3) for name, seconds in sorted(threads.items())}
+        self.status = status
 
     @property
     def elapsed_s(self) -> float:
@@ -154,7 +188,7 @@ class JobStats:
         cpu_end = self.cpu_end if self.cpu_end is not None else time.process_time()
         out: dict[str, Any] = {
             "role": self.role,
-            "status": self.status,
+            "status": self.status.value,
             "total-time": round(elapsed * 1000, 3),
             "setup-time": round(setup_ms, 3),
             "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),

@@ -12,13 +12,14 @@ verified is a short read, never a SIGBUS.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from dataclasses import dataclass
 
-from dsamig.errors import EXIT_OK, ConfigError, DsamigError, SourceError
+from dsamig.errors import ConfigError, DsamigError, SourceError
 from dsamig.native import impl
+from dsamig.pages import image_size, open_image
 from dsamig.proto import JobDigest, Manifest
+from dsamig.settings import DEFAULT_PACKET_SIZE, DEFAULT_PAGE_SIZE, EXIT_OK, geometry_problem
 
 #: Packets read per step from each file (16 MiB at the default packet size).
 CHUNK_PACKETS = 32
@@ -48,20 +49,9 @@ class _DigestFile:
 
     def __init__(self, path: str, page_size: int, packet_pages: int) -> None:
         self.path = path
+        self.fd = open_image(path)
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceError(f"{path!r} does not exist") from None
-        except OSError as exc:
-            raise SourceError(f"cannot open {path!r}: {exc.strerror}") from None
-        try:
-            st = os.fstat(self.fd)
-            if stat.S_ISBLK(st.st_mode):
-                self.size = os.lseek(self.fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                self.size = st.st_size
-            else:
-                raise SourceError(f"{path!r} is not a regular file or block device")
+            self.size = image_size(self.fd, path)
         except BaseException:
             os.close(self.fd)
             raise
@@ -117,12 +107,9 @@ def _first_different_page(a: memoryview, b: memoryview, page_size: int) -> int:
 
 def compare(image: str, dest: str, page_size: int, packet_size: int) -> Comparison:
     """Recompute both files' job digests and find the first page that differs."""
-    if page_size < 512 or page_size > 1 << 20 or page_size & (page_size - 1):
-        raise ConfigError(f"page size must be a power of two 512..1MiB, not {page_size}")
-    if packet_size % page_size or not 1 <= packet_size // page_size <= 4096:
-        raise ConfigError(
-            f"packet size must be 1..4096 pages of {page_size} bytes, not {packet_size}"
-        )
+    problem = geometry_problem(page_size, packet_size=packet_size)
+    if problem is not None:
+        raise ConfigError(str(problem))
     packet_pages = packet_size // page_size
     files = [_DigestFile(image, page_size, packet_pages)]
     try:
@@ -151,8 +138,8 @@ class VerifyCommand:
 
     image: str
     dest: str
-    page_size: int = 4096
-    packet_size: int = 512 * 1024
+    page_size: int = DEFAULT_PAGE_SIZE
+    packet_size: int = DEFAULT_PACKET_SIZE
 
     def run(self) -> int:
         result = compare(self.image, self.dest, self.page_size, self.packet_size)

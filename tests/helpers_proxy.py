@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +76,22 @@ def _fault_for(plan: Plan, index: int) -> Fault:
     if callable(plan):
         return plan(index)
     return plan[index] if index < len(plan) else PASS
+
+
+async def _sent(sock: socket.socket, bound_s: float = 5.0) -> None:
+    """Wait (bounded) until the peer has acknowledged every byte we queued on
+    ``sock``: a reset discards what is still in our send buffer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    while loop.time() < deadline:
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                    struct.pack("i", 0)))[0]
+        except OSError:
+            return  # the socket is gone already
+        if queued == 0:
+            return
+        await asyncio.sleep(0.001)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -235,6 +253,7 @@ class FaultProxy:
                     link.reset()
                 return
             if log.cut:
+                await _sent(dst)  # "reach the far side": not just our send buffer
                 link.reset()
                 return
             if log.stalled:

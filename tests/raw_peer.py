@@ -88,13 +88,16 @@ class RawChannel:
                 return frame
 
     async def closed(self, timeout_s: float = READ_TIMEOUT_S) -> bytes:
-        """Everything the receiver still sends until it closes."""
+        """Everything the receiver still sends until it closes; then our side closes too."""
         chunks = []
         async def drain() -> None:
             while data := await self.reader.read(65536):
                 chunks.append(data)
 
-        await asyncio.wait_for(drain(), timeout_s)
+        try:
+            await asyncio.wait_for(drain(), timeout_s)
+        finally:
+            self.close()
         return b"".join(chunks)
 
     def close(self) -> None:

@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 from dsamig.control.protocol import MAX_REPLY_LINE, ErrorClass, encode_line
-from dsamig.errors import EXIT_TRANSFER, EXIT_USAGE, DsamigError, NetworkError
+from dsamig.errors import DsamigError, NetworkError
+from dsamig.settings import EXIT_TRANSFER, EXIT_USAGE
 
 
 class ControlError(DsamigError):

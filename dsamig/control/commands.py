@@ -20,15 +20,22 @@ from typing import Any, TextIO, TypeVar
 
 from dsamig.control.client import ControlClient
 from dsamig.control.protocol import EVENT_JOB_STATUS_CHANGE, EVENT_SHUTDOWN
-from dsamig.errors import EXIT_CANCELLED, EXIT_OK, EXIT_TRANSFER, ConfigError
+from dsamig.errors import ConfigError
 from dsamig.jobs.config import default_control_socket, load_job
-from dsamig.report import rate_with_cap
+from dsamig.report import progress_line, reconnect_note, summary_table
+from dsamig.runtime import run_loop
+from dsamig.settings import EXIT_OK, JobState, exit_code_for
 from dsamig.units import BYTES, RateUnit, format_bytes, rate_unit
 
 #: How often ``start --wait`` refreshes its progress bar.
 PROGRESS_INTERVAL_S = 0.25
 #: After asking for a cancellation (Ctrl-C during --wait), how long to wait for it.
 CANCEL_WAIT_S = 15.0
+#: How often ``status --watch`` shows the job again.
+WATCH_INTERVAL_S = 1.0
+#: Home the cursor and clear the terminal: ``status --watch`` redraws in place.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+FINISHED = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 T = TypeVar("T")
 
@@ -39,42 +46,13 @@ def default_socket() -> str:
 
 
 def _run(main: Callable[[], Awaitable[T]]) -> T:
-    from dsamig.oneshot import run_loop
-
     async def wrapper() -> T:
         return await main()
 
     return run_loop(wrapper())
 
 
-def exit_code_for(status: str) -> int:
-    """The exit code of ``start --wait`` for a job that ended in ``status``."""
-    return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_TRANSFER)
-
-
 # --- formatting ---------------------------------------------------------------------
-
-def job_table(job: dict[str, Any]) -> str:
-    """One job, for people."""
-    seconds = job.get("total-time", 0) / 1000
-    status = job["status"] + (f" — {job['error-desc']}" if job.get("error-desc") else "")
-    engine = job.get("engine") or {}
-    rows = [
-        ("job", f"{job['name']} ({job['id']})"),
-        ("status", status),
-        ("role", job.get("role", "?") + (f", peer {job['peer']}" if job.get("peer") else "")),
-        ("image", f"{format_bytes(job['total'])}, {format_bytes(job.get('remaining', 0))} to go"),
-        ("time", f"{seconds:.3f} s (setup {job.get('setup-time', 0):.1f} ms)"),
-        ("on the wire", f"{format_bytes(job.get('transferred', 0))} at "
-                        f"{job.get('mbps', 0):.0f} Mbit/s"),
-        ("zero pages", str(job.get("duplicate", 0))),
-        ("normal pages", f"{job.get('normal', 0)} ({format_bytes(job.get('normal-bytes', 0))})"),
-        ("channels", str(job.get("channels", 0))),
-        ("engine", str(engine.get("backend", "-"))),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     """Many jobs, one line each, for people.
@@ -99,15 +77,18 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def progress_line(job: dict[str, Any], rate: float, unit: RateUnit = BYTES,
-                  cap: float | None = None) -> str:
-    """The ``start --wait`` progress bar for a job summary; the rate in ``unit``
-    (the unit the job's ``max_bandwidth`` was written in)."""
-    total = max(job.get("total", 0), 1)
-    done = total - job.get("remaining", total)
-    bar = "#" * int(min(done / total, 1.0) * 30)
-    return (f"[{bar:<30}] {format_bytes(done)} / {format_bytes(job.get('total', 0))}  "
-            f"{rate_with_cap(rate, unit, cap)}  {job['status']:<10}")
+def job_progress_line(job: dict[str, Any], unit: RateUnit = BYTES,
+                      cap: float | None = None) -> str:
+    """The ``start --wait`` progress line of a job as ``query-job`` gives it: the
+    daemon's image rate, in ``unit`` (the unit the job's cap was written in)."""
+    total = job.get("total", 0)
+    note = job["status"]
+    reconnects = reconnect_note(job)
+    if reconnects:
+        note += f", {reconnects}"
+    return progress_line(total - job.get("remaining", total), total,
+                         job.get("image-bytes-per-second", 0), unit=unit, cap=cap,
+                         note=f"{note:<12}")
 
 
 # --- commands -------------------------------------------------------------------------
@@ -179,7 +160,7 @@ class StartCommand:
         if self.as_json:
             print(json.dumps(final), flush=True)
         else:
-            print(job_table(final), flush=True)
+            print(summary_table(final), flush=True)
         return exit_code_for(status)
 
     async def _follow(self, client: ControlClient, job_id: str, interrupted: asyncio.Event,
@@ -187,8 +168,6 @@ class StartCommand:
         """Wait for the job's last state change; returns it."""
         cancel_deadline: float | None = None
         loop = asyncio.get_running_loop()
-        last: tuple[float, int] | None = None
-        rate = 0.0
         while True:
             if interrupted.is_set() and cancel_deadline is None:
                 cancel_deadline = loop.time() + CANCEL_WAIT_S
@@ -201,19 +180,14 @@ class StartCommand:
                 event = None
             if event is not None and event.get("event") == EVENT_JOB_STATUS_CHANGE:
                 data = event.get("data", {})
-                if data.get("id") == job_id and data.get("status") in (
-                        "completed", "failed", "cancelled"):
+                if data.get("id") == job_id and data.get("status") in FINISHED:
                     return str(data["status"])
             if event is None:
                 job = await client.execute("query-job", {"id": job_id})
-                if job["status"] in ("completed", "failed", "cancelled"):
+                if job["status"] in FINISHED:
                     return str(job["status"])  # ended between subscribe and job-start's reply
                 if show_bar:
-                    now, done = loop.time(), job["total"] - job["remaining"]
-                    if last is not None and now > last[0]:
-                        rate = 0.5 * rate + 0.5 * (done - last[1]) / (now - last[0])
-                    last = (now, done)
-                    self.stream.write("\r" + progress_line(job, rate, self._unit, self._cap))
+                    self.stream.write("\r" + job_progress_line(job, self._unit, self._cap))
                     self.stream.flush()
             if cancel_deadline is not None and loop.time() > cancel_deadline:
                 return "cancelled"
@@ -221,37 +195,60 @@ class StartCommand:
 
 @dataclass
 class StatusCommand:
-    """``dsamig status [JOB] [--json]``: one job in full, or the daemon and every job.
+    """``dsamig status [JOB] [--watch] [--json]``: one job in full, or the daemon and every job.
 
     ``--json`` without a job prints ``{"daemon": <query-daemon>, "jobs":
-    [<query-job>, ...]}``: the daemon's state (rates, limits, queue) with the jobs.
+    [<query-job>, ...]}``: the daemon's state (rates, limits, queue) with the
+    jobs.  ``--watch`` shows the job again every ``interval_s`` until it
+    ended (with ``--json``, one object per line).
     """
 
     socket: str
     job: str | None = None
     as_json: bool = False
+    watch: bool = False
+    interval_s: float = WATCH_INTERVAL_S
+    stream: TextIO = sys.stdout
 
     def run(self) -> int:
         """Ask the daemon and print the answer; the exit code."""
+        if self.watch and self.job is None:
+            raise ConfigError("status --watch needs a JOB to watch")
         return _run(self._main)
 
     async def _main(self) -> int:
         async with await ControlClient.connect(self.socket) as client:
             if self.job is not None:
-                job = await client.execute("query-job", {"id": self.job})
-                print(json.dumps(job) if self.as_json else job_table(job), flush=True)
-                return EXIT_OK
+                return await self._show_job(client)
             jobs = await client.execute("query-jobs")
             daemon = await client.execute("query-daemon")
             if self.as_json:
-                print(json.dumps({"daemon": daemon, "jobs": jobs}), flush=True)
+                print(json.dumps({"daemon": daemon, "jobs": jobs}), file=self.stream,
+                      flush=True)
                 return EXIT_OK
             counts = ", ".join(f"{n} {s}" for s, n in daemon["jobs"].items() if n)
             print(f"dsamig {daemon['role']} (pid {daemon['pid']}, {daemon['state']}): "
                   f"{counts or 'no jobs'}; {format_bytes(daemon['rate-bytes-per-second'])}/s",
-                  flush=True)
-            print(jobs_table(jobs), flush=True)
+                  file=self.stream, flush=True)
+            print(jobs_table(jobs), file=self.stream, flush=True)
             return EXIT_OK
+
+    async def _show_job(self, client: ControlClient) -> int:
+        redraw = self.watch and not self.as_json and self.stream.isatty()
+        while True:
+            job = await client.execute("query-job", {"id": self.job})
+            if self.as_json:
+                self.stream.write(json.dumps(job) + "\n")
+            else:
+                if redraw:
+                    self.stream.write(CLEAR_SCREEN)
+                self.stream.write(summary_table(job) + "\n")
+                if self.watch and not redraw:
+                    self.stream.write("\n")
+            self.stream.flush()
+            if not self.watch or job["status"] in FINISHED:
+                return EXIT_OK
+            await asyncio.sleep(self.interval_s)
 
 
 @dataclass
@@ -274,17 +271,26 @@ class JobsCommand:
 
 @dataclass
 class StopCommand:
-    """``dsamig stop JOB``: cancel a queued or running job."""
+    """``dsamig stop JOB [--keep-partial]``: cancel a queued or running job.
+
+    ``keep_partial`` (a receiver's job) keeps the partial file and its
+    checkpoint, so that the job can be sent again with resume later.
+    """
 
     socket: str
     job: str
+    keep_partial: bool = False
 
     def run(self) -> int:
         """Ask the daemon and print the answer; the exit code."""
         return _run(self._main)
 
     async def _main(self) -> int:
+        arguments: dict[str, Any] = {"id": self.job}
+        if self.keep_partial:
+            arguments["keep-partial"] = True
         async with await ControlClient.connect(self.socket) as client:
-            job = await client.execute("job-cancel", {"id": self.job})
-        print(f"{job['name']} ({job['id']}): {job['status']}", flush=True)
+            job = await client.execute("job-cancel", arguments)
+        kept = "; the partial file is kept for a resume" if self.keep_partial else ""
+        print(f"{job['name']} ({job['id']}): {job['status']}{kept}", flush=True)
         return EXIT_OK

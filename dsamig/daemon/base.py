@@ -7,9 +7,10 @@ The lifecycle is three explicit phases, as in uvicorn's ``Server``:
     endpoint; only then ``READY=1``.  A failure here exits non-zero before
     systemd ever hears READY.
 ``main_loop()``
-    one tick every ``tick_s``: follow job states, forget expired jobs,
-    measure the rate, ``STATUS=``, ``WATCHDOG=1``; a SIGHUP reloads between
-    ticks.
+    one tick every ``tick_s``: forget expired jobs, measure the rate,
+    ``STATUS=``, ``WATCHDOG=1``; a SIGHUP reloads between ticks.  Job states
+    are not polled: each record follows its job's stats
+    (:meth:`JobRecord.follow`) and hears of every change at once.
 ``shutdown()``
     ``STOPPING=1``; refuse new work; let running jobs finish for at most
     ``shutdown_timeout``; cancel the rest (their partial files are deleted);
@@ -27,6 +28,7 @@ import dataclasses
 import os
 import signal
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -49,35 +51,17 @@ from dsamig.daemon.metrics import (
     reconnects_of,
 )
 from dsamig.daemon.sdnotify import Notifier
-from dsamig.errors import EXIT_OK, ConfigError
+from dsamig.errors import ConfigError
 from dsamig.jobs.config import DaemonConfig
-from dsamig.jobs.model import JobRecord, JobRegistry, JobState
+from dsamig.jobs.model import JobRecord, JobRegistry
 from dsamig.logs import configure, get_logger, loop_exception_handler
+from dsamig.report import RateMeter
+from dsamig.settings import EXIT_OK, JobState
 from dsamig.units import format_bytes
 
 DEFAULT_TICK_S = 0.5
-#: Job states are followed more often than the tick, so that a subscriber
-#: sees ``active`` while a short job is still active.
-FOLLOW_S = 0.1
 #: After the graceful wait, cancelled jobs get this long to clean up.
 CANCEL_BOUND_S = 10.0
-
-
-class RateMeter:
-    """Bytes per second from a growing counter, smoothed over a few ticks."""
-
-    def __init__(self) -> None:
-        self.rate = 0.0
-        self._last: tuple[float, int] | None = None
-
-    def update(self, counter: int) -> float:
-        """Feed the counter's current value; the smoothed rate."""
-        now = time.monotonic()
-        if self._last is not None and now > self._last[0]:
-            current = max(counter - self._last[1], 0) / (now - self._last[0])
-            self.rate = current if self.rate == 0 else 0.5 * self.rate + 0.5 * current
-        self._last = (now, counter)
-        return self.rate
 
 
 class Daemon(ABC):
@@ -111,9 +95,10 @@ class Daemon(ABC):
         self.started_wall = time.time()
         self._reload_requested = False
         self._wake: asyncio.Event | None = None
-        self._follower: asyncio.Task[None] | None = None
         self._last_ping = 0.0
         self._image_rate = RateMeter()
+        #: Per running job: the rate meters of its wire bytes and image bytes.
+        self._job_meters: dict[uuid.UUID, tuple[RateMeter, RateMeter]] = {}
 
     @property
     def log(self) -> Any:
@@ -144,12 +129,10 @@ class Daemon(ABC):
         """Cancel every running job; return once they ended (bounded)."""
 
     @abstractmethod
-    async def cancel_job(self, record: JobRecord) -> None:
-        """Cancel one job (``job-cancel``); CommandError if it cannot be."""
-
-    @abstractmethod
-    def sync_jobs(self) -> None:
-        """Bring job records up to date with the transport's state."""
+    async def cancel_job(self, record: JobRecord, *, keep_partial: bool = False) -> None:
+        """Cancel one job (``job-cancel``); CommandError if it cannot be.
+        ``keep_partial``: a receiver keeps the partial file and its
+        checkpoint, for a later resume."""
 
     @abstractmethod
     def status_line(self) -> str:
@@ -224,6 +207,41 @@ class Daemon(ABC):
         """Role-specific fields of a running job's :class:`JobSeries`."""
         return {}
 
+    def job_view(self, record: JobRecord) -> dict[str, Any]:
+        """What ``query-job`` gives: the job's JSON form and, while it is not
+        finished, what ``virsh domjobinfo`` would show of it: the current
+        rates of the wire and the image, the ETA, the time since data last
+        moved, and the role's own fields (:meth:`job_view_extra`)."""
+        out = record.to_dict()
+        if record.finished:
+            return out
+        stats = record.stats
+        if stats is not None:
+            wire, image = self._measure(record, time.monotonic())
+            out["wire-bytes-per-second"] = round(wire.rate)
+            out["image-bytes-per-second"] = round(image.rate)
+            remaining = out["remaining"]
+            out["eta-s"] = round(remaining / image.rate, 1) if image.rate > 0 else None
+            out["last-data-s"] = (round(time.monotonic() - wire.last_change, 1)
+                                  if wire.last_change is not None else None)
+        out.update(self.job_view_extra(record))
+        return out
+
+    def job_view_extra(self, record: JobRecord) -> dict[str, Any]:
+        """Role-specific fields of an unfinished job's :meth:`job_view`."""
+        return {}
+
+    def _measure(self, record: JobRecord, now: float) -> tuple[RateMeter, RateMeter]:
+        """Feed the job's rate meters its counters as of ``now``."""
+        assert record.stats is not None
+        meters = self._job_meters.get(record.id)
+        if meters is None:
+            meters = self._job_meters[record.id] = (RateMeter(), RateMeter())
+        wire, image = meters
+        wire.update(record.stats.transferred, now)
+        image.update(record.stats.counters.done_bytes, now)
+        return meters
+
     def bandwidth_limit(self) -> float | None:
         """The daemon-wide bandwidth cap, if there is one."""
         return None
@@ -253,7 +271,6 @@ class Daemon(ABC):
             except BaseException:
                 await self._close_all()
                 raise
-            self._follower = asyncio.ensure_future(self._follow_jobs())
             try:
                 if not self.should_exit:
                     self.notifier.ready(self.status_line())
@@ -333,20 +350,7 @@ class Daemon(ABC):
         await self._close_all()
         self.log.info("daemon stopped")
 
-    async def _follow_jobs(self) -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_S)
-            try:
-                self.sync_jobs()
-            except Exception:
-                self.log.exception("following job states failed")
-
     async def _close_all(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
         if self.control is not None:
             await self.control.close()
         if self.metrics is not None:
@@ -365,10 +369,13 @@ class Daemon(ABC):
     def tick(self) -> None:
         """Periodic work; a bug here is logged, never fatal to the jobs."""
         try:
-            self.sync_jobs()
             self.registry.purge()
             figures = self.totals.figures.plus(self.live_figures())
-            self._image_rate.update(figures.image_bytes)
+            now = time.monotonic()
+            self._image_rate.update(figures.image_bytes, now)
+            for record in self.registry:
+                if not record.finished and record.stats is not None:
+                    self._measure(record, now)
             self.notifier.status(self.status_line())
         except Exception:
             self.log.exception("daemon tick failed")
@@ -478,6 +485,7 @@ class Daemon(ABC):
         log.debug("job state", status=record.state.value,
                   previous=previous.value if previous else None)
         if record.finished:
+            self._job_meters.pop(record.id, None)
             self.totals.job_finished(record.state.value, record.stats)
             # The canonical line: one per job, short, with the key figures;
             # query-job has the rest.  A failure is a warning; a cancel is not.
@@ -485,9 +493,10 @@ class Daemon(ABC):
             level("job finished", **finished_fields(record))
             self.wake()
 
-    def find_job(self, arguments: dict[str, Any]) -> JobRecord:
-        """The job ``{"id": REF}`` names (id or name), or a CommandError."""
-        expect_keys(arguments, required=("id",))
+    def find_job(self, arguments: dict[str, Any], optional: tuple[str, ...] = ()) -> JobRecord:
+        """The job ``{"id": REF}`` names (id or name), or a CommandError;
+        ``optional`` are the other arguments the command takes."""
+        expect_keys(arguments, required=("id",), optional=optional)
         ref = arguments["id"]
         if not isinstance(ref, str):
             raise CommandError(ErrorClass.INVALID_ARGUMENT, "id must be a job id or name (string)")
@@ -531,37 +540,35 @@ class Daemon(ABC):
 
     async def _cmd_query_daemon(self, arguments: dict[str, Any]) -> dict[str, Any]:
         expect_keys(arguments)
-        self.sync_jobs()
         return self.query_daemon_fields()
 
     async def _cmd_job_list(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
         expect_keys(arguments)
-        self.sync_jobs()
         return [record.summary() for record in self.registry]
 
     async def _cmd_query_jobs(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
         expect_keys(arguments)
-        self.sync_jobs()
-        return [record.to_dict() for record in self.registry]
+        return [self.job_view(record) for record in self.registry]
 
     async def _cmd_query_job(self, arguments: dict[str, Any]) -> dict[str, Any]:
         record = self.find_job(arguments)
-        self.sync_jobs()
-        return record.to_dict()
+        return self.job_view(record)
 
     async def _cmd_job_cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        record = self.find_job(arguments)
+        record = self.find_job(arguments, optional=("keep-partial",))
+        keep_partial = arguments.get("keep-partial", False)
+        if not isinstance(keep_partial, bool):
+            raise CommandError(ErrorClass.INVALID_ARGUMENT, "keep-partial must be true or false")
         if record.finished:
             raise CommandError(ErrorClass.INVALID_STATE,
                                f"job {record.name} ({record.id}) already {record.state.value}")
-        await self.cancel_job(record)
+        await self.cancel_job(record, keep_partial=keep_partial)
         return record.summary()
 
     # --- metrics ------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         """Everything the metrics endpoint shows, now."""
-        self.sync_jobs()
         return Snapshot(
             role=self.role,
             version=__version__,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from dsamig.control.server import MAX_SOCKET_PATH
 from dsamig.errors import ConfigError, NetworkError, SinkError, SourceError
-from dsamig.transport.security import SecurityConfig, is_loopback_host
+from dsamig.security import SecurityConfig, is_loopback_host
 
 #: A check: raises what start-up would raise, or returns warnings.
 Check = Callable[[], list[str]]

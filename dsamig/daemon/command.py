@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass
 
 from dsamig.daemon.base import Daemon
-from dsamig.errors import EXIT_OK
 from dsamig.logs import configure
 from dsamig.native import impl
+from dsamig.runtime import run_loop
+from dsamig.settings import EXIT_OK
 
 
 @dataclass
@@ -38,8 +39,6 @@ class DaemonCommand:
 
     def run(self) -> int:
         """Validate, then serve until stopped; the exit code."""
-        from dsamig.oneshot import run_loop
-
         daemon = self.build()
         if self.check_only:
             for warning in daemon.preflight():

@@ -27,10 +27,11 @@ from dsamig.daemon.checks import (
     open_storage_dir,
 )
 from dsamig.jobs.config import ReceiverConfig, job_name_problem, load_receiver_config
-from dsamig.jobs.model import JobRecord, JobState
+from dsamig.jobs.model import JobRecord
 from dsamig.pages import PageSink
 from dsamig.pages.sink import PARTIAL_SUFFIX
 from dsamig.proto import ErrorCode, Hello
+from dsamig.settings import JobState
 from dsamig.transport.receiver import JobFailedError, ReceiverJob, ReceiverServer
 
 
@@ -80,7 +81,7 @@ class ReceiverDaemon(Daemon):
         self.server = ReceiverServer(
             host, port, self._sink_for, timeouts=self.config.timeouts,
             limits=self.config.limits, on_job_started=self._job_started,
-            on_job_finished=self._job_finished, on_job_refused=self._job_refused,
+            on_job_refused=self._job_refused,
             security=security,
         )
         self.listen_address = await self.server.start()
@@ -99,10 +100,12 @@ class ReceiverDaemon(Daemon):
         return self._open_sink(hello.name, hello.manifest.image_size)
 
     def _job_started(self, job: ReceiverJob) -> None:
-        self.registry.add(JobRecord(
+        record = JobRecord(
             job.job_id, job.name, self.role, JobState.SETUP, total=job.manifest.image_size,
-            channels=job.channel_count, on_change=self.job_changed,
-        ))
+            channels=job.channel_count, peer=job.peer_host, on_change=self.job_changed,
+        )
+        self.registry.add(record)
+        record.follow(job.stats)
 
     def _job_refused(self, hello: Hello, reason: str) -> None:
         """Keep a record of every refusal (the operator asks "where is my job?"),
@@ -163,37 +166,7 @@ class ReceiverDaemon(Daemon):
         # never followed either.
         return PageSink(os.path.join(self.config.storage_dir, name), size, dir_fd=self._dir_fd)
 
-    def _job_finished(self, job: ReceiverJob) -> None:
-        record = self.registry.get(str(job.job_id))
-        if record is None or record.finished:
-            return
-        record.stats = job.stats
-        if not record.peer and 0 in job.channels:
-            record.peer = job.channels[0].peer
-        try:
-            state = JobState(job.stats.status)
-        except ValueError:
-            state = JobState.FAILED
-        if not state.finished:
-            state = JobState.FAILED
-        record.advance(state, job.stats.error)
-
     # --- jobs ---------------------------------------------------------------------------
-
-    def sync_jobs(self) -> None:
-        if self.server is None:
-            return
-        for record in self.registry:
-            if record.finished:
-                continue
-            job = self.server.jobs.get(record.id)
-            if job is None:
-                continue
-            record.stats = job.stats
-            if not record.peer and 0 in job.channels:
-                record.peer = job.channels[0].peer
-            if job.stats.status in ("active", "completing"):
-                record.advance(JobState(job.stats.status))
 
     def stop_accepting(self) -> None:
         pass  # _admit refuses every new job once self.stopping is set
@@ -206,12 +179,30 @@ class ReceiverDaemon(Daemon):
             for job in list(self.server.jobs.values()):
                 job.fail(JobFailedError(reason, ErrorCode.CANCELLED))
 
-    async def cancel_job(self, record: JobRecord) -> None:
+    async def cancel_job(self, record: JobRecord, *, keep_partial: bool = False) -> None:
         job = self.server.jobs.get(record.id) if self.server is not None else None
         if job is None:
             raise CommandError(ErrorClass.INVALID_STATE, f"job {record.name} is not running")
-        # fail() deletes the partial file, tells the sender and closes the channels.
-        job.fail(JobFailedError("cancelled by the receiver's operator", ErrorCode.CANCELLED))
+        if keep_partial and not job.acks:
+            raise CommandError(ErrorClass.INVALID_STATE,
+                               f"job {record.name} cannot be resumed (its sender does not "
+                               "acknowledge), so there is no partial file to keep")
+        reason = "cancelled by the receiver's operator"
+        if keep_partial:
+            reason += "; the partial file is kept: send again with resume to continue"
+        # fail() tells the sender, closes the channels and deletes the partial
+        # file, or keeps it with its checkpoint for a resume.
+        job.fail(JobFailedError(reason, ErrorCode.CANCELLED, resumable=keep_partial))
+
+    def job_view_extra(self, record: JobRecord) -> dict[str, Any]:
+        """A running job's channels: connected ones against those it has."""
+        job = self.server.jobs.get(record.id) if self.server is not None else None
+        if job is None:
+            return {}
+        connected = len(job.channels)
+        return {"channels-connected": connected, "channels-wanted": job.channel_count,
+                "reconnecting": job.stats.setup_done is not None
+                and connected < job.channel_count}
 
     # --- reporting ---------------------------------------------------------------------
 

@@ -32,13 +32,15 @@ from dsamig.daemon.base import CANCEL_BOUND_S, Daemon, rate_text
 from dsamig.daemon.checks import Check, check_security, check_source_dirs
 from dsamig.daemon.metrics import Figures, reconnects_of
 from dsamig.engine import EnginePool
-from dsamig.errors import ConfigError, DsamigError
+from dsamig.errors import ConfigError, DsamigError, SourceError
 from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
-from dsamig.jobs.model import JobRecord, JobState
+from dsamig.jobs.model import JobRecord
 from dsamig.logs import get_logger
-from dsamig.pages import PageSource
+from dsamig.pages import PageSource, image_size
+from dsamig.report import live_fields
+from dsamig.settings import JobState
 from dsamig.transport.pacing import TokenBucket, fair_shares
-from dsamig.transport.sender import Sender
+from dsamig.transport.sender import Sender, SendOptions, send_image
 
 
 @dataclass
@@ -50,7 +52,6 @@ class SendingJob:
     pacer: TokenBucket
     task: asyncio.Task[None] | None = None
     sender: Sender | None = None
-    cancel_reason: str | None = None
     #: The source, opened and checked at job-start; the job's PageSource takes it over.
     source_fd: int | None = None
 
@@ -66,6 +67,18 @@ class SendingJob:
         if self.source_fd is not None:
             os.close(self.source_fd)
             self.source_fd = None
+
+
+def send_options(spec: JobSpec, job_id: uuid.UUID, pacer: TokenBucket | None = None) -> SendOptions:
+    """The transport's options for running the job ``spec`` as ``job_id``."""
+    return SendOptions(
+        host=spec.host, port=spec.port, channels=spec.channels,
+        packet_size=spec.packet_size, page_size=spec.page_size,
+        engine=spec.engine.kind, engine_threads=spec.engine.threads, dsa=spec.engine.dsa,
+        name=spec.name, job_id=job_id, timeouts=spec.timeouts, pacer=pacer,
+        resume=spec.resume, refresh=spec.refresh, retry_for_s=spec.retry_for_s,
+        security=spec.security, live=None if spec.live is None else spec.live.options(),
+    )
 
 
 class SourceRefusedError(CommandError):
@@ -138,13 +151,10 @@ def open_source_beneath(source: str, source_dirs: tuple[str, ...]) -> tuple[int,
                 raise SourceRefusedError(_open_failure(source, walked, exc, fd, part)) from None
             os.close(fd)
             fd = next_fd
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        elif stat.S_ISBLK(st.st_mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        else:
-            raise SourceRefusedError(f"{source!r} is not a regular file or block device")
+        try:
+            size = image_size(fd, source)
+        except SourceError as exc:
+            raise SourceRefusedError(exc.args[0]) from None
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -285,30 +295,30 @@ class SenderDaemon(Daemon):
             job.pacer.set_rate(share)
 
     async def _run(self, job: SendingJob) -> None:
-        """One job from setup to its end; whatever happens, the record says how it ended."""
+        """One job from setup to its end, through the runner ``dsamig send``
+        uses too; whatever happens, the record says how it ended."""
         record = job.record
         log = get_logger(role=self.role, job=str(record.id), name=record.name)
-        source: PageSource | None = None
+
+        def started(sender: Sender) -> None:
+            job.sender = sender
+            record.follow(sender.stats)  # from here on the stats move the record
+
         try:
             record.advance(JobState.SETUP)
             source = PageSource(job.spec.source, fd=job.take_source_fd())
-            job.sender = Sender(source, job.spec.send_options(record.id, job.pacer),
-                                self.engines)
-            record.stats = job.sender.stats
-            await job.sender.run()
-            record.advance(JobState.COMPLETED)
+            await send_image(source, send_options(job.spec, record.id, job.pacer),
+                             engines=self.engines, on_start=started)
         except DsamigError as exc:
-            record.advance(JobState.FAILED, str(exc))
+            record.advance(JobState.FAILED, str(exc))  # before the job existed, if at all
         except asyncio.CancelledError:
             # We own this task: its cancellation is the job's end, not ours.
-            record.advance(JobState.CANCELLED, job.cancel_reason or "cancelled")
+            record.advance(JobState.CANCELLED)
         except Exception as exc:  # a bug fails this job, never the daemon or the others
             log.exception("job crashed")
             record.advance(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             job.release_source()
-            if source is not None:
-                source.close()
 
     def _reap_task(self, job: SendingJob, task: asyncio.Task[None]) -> None:
         """The job's task ended: free its slot and start the next.
@@ -318,7 +328,7 @@ class SenderDaemon(Daemon):
         """
         job.release_source()  # a task cancelled before its first step never took it
         if not job.record.finished:
-            job.record.advance(JobState.CANCELLED, job.cancel_reason or "cancelled")
+            job.record.advance(JobState.CANCELLED)
         self.running.pop(job.record.id, None)
         if not self.stopping:
             self._schedule()
@@ -328,12 +338,18 @@ class SenderDaemon(Daemon):
 
     # --- cancelling ----------------------------------------------------------------------
 
-    async def cancel_job(self, record: JobRecord) -> None:
+    async def cancel_job(self, record: JobRecord, *, keep_partial: bool = False) -> None:
+        if keep_partial:
+            raise CommandError(
+                ErrorClass.INVALID_ARGUMENT,
+                "keep-partial applies to a receiver's job (the receiver keeps the partial "
+                "file): stop the job on the receiver's socket with --keep-partial")
         for queued in self.queue:
             if queued.record is record:
                 self.queue.remove(queued)
                 queued.release_source()
-                record.advance(JobState.CANCELLED, "cancelled before it started")
+                record.cancelling("cancelled before it started")
+                record.advance(JobState.CANCELLED)
                 return
         job = self.running.get(record.id)
         if job is None or job.task is None:
@@ -342,19 +358,21 @@ class SenderDaemon(Daemon):
         await asyncio.wait({job.task}, timeout=CANCEL_BOUND_S)
 
     def _cancel(self, job: SendingJob, reason: str) -> None:
-        job.cancel_reason = reason
-        # The sender tells the receiver why, so it records a cancellation
-        # rather than a broken connection (and deletes the partial file).
+        job.record.cancelling(reason)
         if job.sender is not None:
+            # The one cancel path, as `dsamig send` interrupted: the receiver
+            # is told why (it records a cancellation and deletes the partial
+            # file), then the job's task is cancelled.
             job.sender.cancel(reason)
-        if job.task is not None:
-            job.task.cancel()
+        elif job.task is not None:
+            job.task.cancel()  # not started yet: nobody to tell
 
     def stop_accepting(self) -> None:
         while self.queue:
             job = self.queue.popleft()
             job.release_source()
-            job.record.advance(JobState.CANCELLED, "the sender shut down before the job started")
+            job.record.cancelling("the sender shut down before the job started")
+            job.record.advance(JobState.CANCELLED)
 
     def running_jobs(self) -> int:
         return len(self.running)
@@ -370,11 +388,6 @@ class SenderDaemon(Daemon):
             await asyncio.wait(tasks, timeout=CANCEL_BOUND_S)
 
     # --- reporting ---------------------------------------------------------------------
-
-    def sync_jobs(self) -> None:
-        for job in list(self.running.values()):
-            if job.sender is not None and job.sender.stats.status in ("active", "completing"):
-                job.record.advance(JobState(job.sender.stats.status))
 
     def live_figures(self) -> Figures:
         live = Figures()
@@ -392,6 +405,29 @@ class SenderDaemon(Daemon):
         for shared in self.engines.engine_stats():
             live.add_engine(shared)
         return live
+
+    def job_view_extra(self, record: JobRecord) -> dict[str, Any]:
+        """A queued job says why it waits; a running one its bandwidth share,
+        its channels and the engine it uses."""
+        queued = next((job for job in self.queue if job.record is record), None)
+        if queued is not None:
+            return {"queue-reason": self.queue_reason(queued),
+                    "queue-position": self.queue.index(queued) + 1,
+                    "max-bandwidth": queued.spec.max_bandwidth}
+        job = self.running.get(record.id)
+        if job is None:
+            return {}
+        out: dict[str, Any] = {"bandwidth-limit": job.pacer.rate,
+                               "max-bandwidth": job.spec.max_bandwidth,
+                               "channels-wanted": job.spec.channels}
+        sender = job.sender
+        if sender is not None:
+            out["channels-connected"] = len(sender.stats.channels)
+            out.update(live_fields(sender.stats))
+            if sender.engine is not None and not sender.stats.engine:
+                with contextlib.suppress(Exception):  # closing under us: nothing to show
+                    out["engine"] = sender.engine.stats()
+        return out
 
     def job_series_extra(self, record: JobRecord) -> dict[str, Any]:
         job = self.running.get(record.id)

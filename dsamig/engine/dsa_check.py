@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsamig.engine.dsa import DsaConfig, dsa_available
+from dsamig.dsa_config import DsaConfig
+from dsamig.engine.dsa import dsa_available
 from dsamig.engine.dsa_discovery import DEV_ROOT, SYSFS_ROOT, Discovery, discover
 from dsamig.native import impl, native
 

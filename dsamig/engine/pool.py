@@ -20,11 +20,13 @@ import functools
 import json
 from typing import Any, Protocol
 
+from dsamig.dsa_config import DsaConfig
 from dsamig.engine.base import Detection, EngineClosedError, ZeroPageEngine
-from dsamig.engine.dsa import DsaConfig, DsaEngine
-from dsamig.engine.select import ENGINE_NAMES, create_engine, resolve_dsa
+from dsamig.engine.dsa import DsaEngine
+from dsamig.engine.select import create_engine, resolve_dsa
 from dsamig.errors import ConfigError, EngineError
 from dsamig.logs import get_logger
+from dsamig.settings import ENGINE_NAMES
 
 
 class EngineSource(Protocol):

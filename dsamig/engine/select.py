@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dsamig.dsa_config import DsaConfig
 from dsamig.engine.base import ZeroPageEngine
 from dsamig.engine.cpu import CpuEngine
-from dsamig.engine.dsa import DsaConfig, DsaEngine, dsa_available
+from dsamig.engine.dsa import DsaEngine, dsa_available
 from dsamig.engine.dsa_discovery import discover
 from dsamig.engine.none import NoneEngine
 from dsamig.errors import ConfigError, EngineError
 from dsamig.native import native_error
-
-ENGINE_NAMES = ("auto", "cpu", "dsa", "none")
+from dsamig.settings import ENGINE_NAMES
 
 
 def default_cpu_threads() -> int:

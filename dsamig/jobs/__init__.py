@@ -1,4 +1,5 @@
-"""Jobs: the state model, and the YAML documents (receiver, sender, job) with their schemas.
+"""Jobs: records and their state table, and the YAML documents (receiver, sender,
+job) with their schemas.  The states are ``dsamig.settings.JobState``.
 
 Importing this package does no I/O; the ``load_*`` functions read one file
 each, validate it completely and return frozen dataclasses.
@@ -14,7 +15,7 @@ from dsamig.jobs.config import (
     load_receiver_config,
     load_sender_config,
 )
-from dsamig.jobs.model import TRANSITIONS, InvalidTransition, JobRecord, JobRegistry, JobState
+from dsamig.jobs.model import TRANSITIONS, InvalidTransition, JobRecord, JobRegistry
 
 __all__ = [
     "TRANSITIONS",
@@ -23,7 +24,6 @@ __all__ = [
     "JobRecord",
     "JobRegistry",
     "JobSpec",
-    "JobState",
     "ReceiverConfig",
     "SenderConfig",
     "job_name_problem",

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsamig.engine.dsa import DsaConfig, dsa_config_converter
+from dsamig.dsa_config import DsaConfig, dsa_config_converter
 from dsamig.jobs.schema import (
     Converter,
     Document,
@@ -37,10 +36,23 @@ from dsamig.jobs.schema import (
     string,
 )
 from dsamig.logs import LEVELS
-from dsamig.settings import WIRE_MAX_IMAGE_SIZE, ReceiverLimits
-from dsamig.transport.common import DEFAULT_PORT, Timeouts
-from dsamig.transport.security import SecurityConfig
-from dsamig.transport.sender import RETRY_FOR_S
+from dsamig.security import SecurityConfig
+from dsamig.settings import (
+    DEFAULT_CHANNELS,
+    DEFAULT_ENGINE,
+    DEFAULT_PACKET_SIZE,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_PORT,
+    ENGINE_NAMES,
+    MAX_CHANNELS,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    RETRY_FOR_S,
+    WIRE_MAX_IMAGE_SIZE,
+    ReceiverLimits,
+    Timeouts,
+    geometry_problem,
+)
 
 # --- job names -----------------------------------------------------------------
 
@@ -77,14 +89,6 @@ def job_name() -> Converter:
         return str(value)
 
     return convert
-
-
-def _engine_names() -> tuple[str, ...]:
-    # Asked at validation time so a backend added to the engine layer is
-    # accepted here without a second list to keep in step.
-    from dsamig.engine.select import ENGINE_NAMES
-
-    return tuple(ENGINE_NAMES)
 
 
 # --- shared pieces -------------------------------------------------------------------
@@ -356,7 +360,7 @@ def load_sender_config(file: str) -> SenderConfig:
 #: here holding a mapping of them (``dsa: {...}``) and one field to
 #: :class:`EngineSpec`.
 ENGINE_KEYS: tuple[Key, ...] = (
-    Key("kind", choice(_engine_names), default="auto",
+    Key("kind", choice(ENGINE_NAMES), default=DEFAULT_ENGINE,
         help="zero-page detection backend: auto picks the best available"),
     Key("threads", optional(integer(1, 256)), default=None,
         help="CPU scan threads (default: one per two cores, at most 4)"),
@@ -397,10 +401,11 @@ JOB_SCHEMA = mapping((
     Key("source", path(), required=True,
         help="image to send (relative to the job file's directory)"),
     Key("destination", mapping(DESTINATION_KEYS), required=True, help="the receiver"),
-    Key("channels", integer(1, 64), default=4, help="parallel TCP channels"),
-    Key("packet_size", size(512, 64 * 1024 * 1024), default=512 * 1024,
+    Key("channels", integer(1, MAX_CHANNELS), default=DEFAULT_CHANNELS,
+        help="parallel TCP channels"),
+    Key("packet_size", size(MIN_PAGE_SIZE, 64 * 1024 * 1024), default=DEFAULT_PACKET_SIZE,
         help="bytes per packet, a whole number of pages"),
-    Key("page_size", size(512, 1024 * 1024), default=4096,
+    Key("page_size", size(MIN_PAGE_SIZE, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,
         help="the image's page size, a power of two"),
     Key("engine", mapping(ENGINE_KEYS), default=None, help="zero-page detection"),
     Key("max_bandwidth", optional(rate()), default=None,
@@ -448,7 +453,7 @@ class LiveSpec:
 class EngineSpec:
     """The ``engine:`` mapping of a job."""
 
-    kind: str = "auto"
+    kind: str = DEFAULT_ENGINE
     threads: int | None = None
     dsa: DsaConfig | None = None
 
@@ -468,9 +473,9 @@ class JobSpec:
     source: str
     host: str
     port: int = DEFAULT_PORT
-    channels: int = 4
-    packet_size: int = 512 * 1024
-    page_size: int = 4096
+    channels: int = DEFAULT_CHANNELS
+    packet_size: int = DEFAULT_PACKET_SIZE
+    page_size: int = DEFAULT_PAGE_SIZE
     engine: EngineSpec = field(default_factory=EngineSpec)
     max_bandwidth: float | None = None  # bytes per second
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -510,7 +515,7 @@ class JobSpec:
                 pause_cmd=values["live"]["pause_cmd"], resume_cmd=values["live"]["resume_cmd"],
                 qmp=values["live"]["qmp"], resume_writer=values["live"]["resume_writer"]),
         )
-        # Cross-key rules the transport enforces, reported here with the file.
+        # The cross-key rules the transport enforces, reported here with the file.
         live = spec.live
         if live is not None:
             if (live.qmp is None) == (live.pause_cmd is None):
@@ -519,13 +524,9 @@ class JobSpec:
             if live.pause_cmd is not None and not live.resume_cmd:
                 doc.root.child("live").fail("pause_cmd needs resume_cmd: a guest must never "
                                             "stay paused after a failure")
-        ps = spec.page_size
-        if ps & (ps - 1):
-            doc.root.child("page_size").fail(f"must be a power of two, not {ps}")
-        if spec.packet_size % ps or not 1 <= spec.packet_size // ps <= 4096:
-            doc.root.child("packet_size").fail(
-                f"must be 1..4096 whole pages of {ps} bytes, not {spec.packet_size}"
-            )
+        problem = geometry_problem(spec.page_size, packet_size=spec.packet_size)
+        if problem is not None:
+            doc.root.child(problem.key).fail(problem.text)
         return spec
 
     def with_security_defaults(self, defaults: SecurityConfig | None) -> JobSpec:
@@ -564,20 +565,6 @@ class JobSpec:
         if self.live is not None:  # absent, not null: a null mapping means its defaults
             doc["live"] = self.live.to_document()
         return doc
-
-    def send_options(self, job_id: uuid.UUID, pacer: Any = None) -> Any:
-        """The transport's :class:`SendOptions` for running this job as ``job_id``."""
-        from dsamig.transport.sender import SendOptions
-
-        return SendOptions(
-            host=self.host, port=self.port, channels=self.channels,
-            packet_size=self.packet_size, page_size=self.page_size,
-            engine=self.engine.kind, engine_threads=self.engine.threads, dsa=self.engine.dsa,
-            name=self.name, job_id=job_id, timeouts=self.timeouts, pacer=pacer,
-            resume=self.resume, refresh=self.refresh, retry_for_s=self.retry_for_s,
-            security=self.security,
-            live=None if self.live is None else self.live.options(),
-        )
 
 
 def load_job(file: str) -> JobSpec:

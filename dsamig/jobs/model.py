@@ -1,42 +1,24 @@
-"""Jobs as the daemons track them: states, the transition table, a registry.
+"""Jobs as the daemons track them: the transition table, records, a registry.
 
-Every allowed state change is one entry of :data:`TRANSITIONS`; a change not
-in the table is a bug and raises :class:`InvalidTransition`.  The transport
-moves a job through its phases on its own (``JobStats.status``); the daemons
-follow with :meth:`JobRecord.advance`, which walks the normal path
-(queued → setup → active → completing → completed) one state at a time, so a
-listener sees every state a job passed through even when it passed quickly.
+The states are :class:`dsamig.settings.JobState`, the one enum of both the
+transport's figures (``JobStats.status``) and the daemons' records.  Every
+allowed change is one entry of :data:`TRANSITIONS`; a change not in the
+table is a bug and raises :class:`InvalidTransition`.  A record follows its
+job's stats (:meth:`JobRecord.follow`): each status change the transport
+makes is pushed to the record at once, which walks the normal path
+(queued → setup → active → completing → completed) one state at a time, so
+a listener sees every state a job passed through even when it passed quickly.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from dsamig.settings import JobState
 from dsamig.stats import JobStats
-
-
-class JobState(enum.StrEnum):
-    """Where a job is in its life; the value is what the control API reports."""
-
-    QUEUED = "queued"
-    SETUP = "setup"
-    ACTIVE = "active"
-    COMPLETING = "completing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        """Completed, failed or cancelled: no change is possible any more."""
-        return self in FINISHED
-
-
-FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 
 #: state -> the states it may change to.  A job may fail or be cancelled from
 #: every unfinished state; it completes only after completing.
@@ -66,8 +48,9 @@ StateListener = Callable[["JobRecord", JobState | None], None]
 class JobRecord:
     """One job of a daemon: identity, state, error text and live stats.
 
-    ``stats`` is the transport's own :class:`JobStats` while the job runs (so
-    queries see live figures) and stays with the record once it finished.
+    ``stats`` is the transport's own :class:`JobStats` once the job runs (so
+    queries see live figures; :meth:`follow`) and stays with the record once
+    it finished; before that (queued, refused) the daemon sets the state.
     ``on_change(record, previous)`` is called after every change, and once at
     creation with ``previous`` None.
     """
@@ -94,6 +77,8 @@ class JobRecord:
         self.channels = channels
         self.peer = peer
         self.stats: JobStats | None = None
+        #: Why the daemon is cancelling the job: the error it ends with.
+        self.cancel_reason: str | None = None
         self.created_at = time.time()
         self.finished_mono = time.monotonic() if state.finished else None
         self.on_change = on_change
@@ -105,12 +90,28 @@ class JobRecord:
         """Whether the job has ended."""
         return self.state.finished
 
+    def follow(self, stats: JobStats) -> None:
+        """Take ``stats`` as the job's live figures and its state: every
+        change of ``stats.status`` moves this record at once."""
+        self.stats = stats
+        stats.watch(self._status_changed)
+        self._status_changed(stats, None)
+
+    def _status_changed(self, stats: JobStats, previous: JobState | None) -> None:
+        self.advance(stats.status, stats.error)
+
+    def cancelling(self, reason: str) -> None:
+        """The daemon is cancelling the job: it ends cancelled with ``reason``."""
+        self.cancel_reason = reason
+
     def transition(self, new: JobState, error: str | None = None) -> None:
         """Change to ``new`` (which the table must allow); keep ``error`` on failure."""
         if new not in TRANSITIONS[self.state]:
             raise InvalidTransition(f"job {self.id}: {self.state} -> {new} is not allowed")
         previous = self.state
         self.state = new
+        if new == JobState.CANCELLED and self.cancel_reason is not None:
+            error = self.cancel_reason
         if new in (JobState.FAILED, JobState.CANCELLED):
             self.error = error or self.error or new.value
         if new.finished:
@@ -157,7 +158,7 @@ class JobRecord:
         stats = self.stats
         if stats is None:  # still queued or refused: the figures are all zero
             stats = JobStats(role=self.role, total=self.total, threads_start={})
-            stats.status = self.state.value
+            stats.status = self.state
             stats.finished = stats.started
             stats.cpu_end = stats.cpu_start
         out = stats.to_dict()

@@ -31,6 +31,29 @@ def max_checkpoint_bytes(image_size: int) -> int:
     return 4096 + image_size // 64
 
 
+def check_output(path: str, *, dir_fd: int | None = None, replace: bool = True) -> None:
+    """The one check of a destination before anything is written to it.
+
+    Its directory exists (or is ``dir_fd``), ``path`` is not a directory,
+    and, unless ``replace``, nothing is there yet.  SinkError naming the
+    problem otherwise.  Nothing is followed: a link at ``path`` counts as
+    something there.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if dir_fd is None and not os.path.isdir(directory):
+        raise SinkError(f"output directory {directory!r} does not exist")
+    try:
+        st = os.stat(os.path.basename(path) if dir_fd is not None else path, dir_fd=dir_fd,
+                     follow_symlinks=False)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise SinkError(f"output {path!r} is a directory")
+    if not replace:
+        raise SinkError(f"output {path!r} already exists (--force replaces it)")
+
+
 class PageSink:
     """Receives pages into ``<path>.partial`` and renames it into place on commit.
 
@@ -80,15 +103,7 @@ class PageSink:
         self._busy = 0  # blocking operations now using the descriptors
         self._aborted: bool | None = None  # keep_for_resume of the abort, once aborted
         self._finished = False  # committed or aborted: nothing more to do
-        if dir_fd is None and not os.path.isdir(self.directory):
-            raise SinkError(f"output directory {self.directory!r} does not exist")
-        try:
-            st = os.stat(self.name if dir_fd is not None else self.path, dir_fd=dir_fd,
-                         follow_symlinks=False)
-        except OSError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            raise SinkError(f"output {self.path!r} is a directory")
+        check_output(self.path, dir_fd=dir_fd)
 
     # --- the directory ---------------------------------------------------------------
 

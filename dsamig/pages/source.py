@@ -10,6 +10,39 @@ import stat
 from dsamig.errors import SourceError
 
 
+def open_image(path: str) -> int:
+    """A read-only descriptor of the image at ``path``; SourceError saying why not."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceError(f"image {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise SourceError(f"image {path!r} is a directory") from None
+    except PermissionError:
+        raise SourceError(f"image {path!r} is not readable (permission denied)") from None
+    except OSError as exc:
+        raise SourceError(f"cannot open image {path!r}: {exc.strerror}") from None
+
+
+def image_size(fd: int, path: str) -> int:
+    """Bytes of the image open as ``fd``: the one check of what may be sent
+    (the one-shot sender, the sender daemon, ``dsamig verify``).
+
+    An image is a regular file or a block device; anything else (a
+    directory, a FIFO, a socket) is a SourceError naming ``path``.
+    """
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:
+        raise SourceError(f"cannot read image {path!r}: {exc.strerror}") from None
+    what = " (it is a directory)" if stat.S_ISDIR(st.st_mode) else ""
+    raise SourceError(f"image {path!r} is not a regular file or block device{what}")
+
+
 class PageSource:
     """A memory image opened for sending.
 
@@ -25,21 +58,10 @@ class PageSource:
         ``fd`` from here on: it is closed with the source, or at once if the
         file cannot be sent."""
         self.path = path
-        if fd is not None:
-            self._fd = fd
-        else:
-            self._fd = self._open(path)
+        self._fd = open_image(path) if fd is None else fd
         try:
-            st = os.fstat(self._fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise SourceError(f"image {path!r} is a directory")
-            self._regular = stat.S_ISREG(st.st_mode)
-            if self._regular:
-                self.size = st.st_size
-            elif stat.S_ISBLK(st.st_mode):
-                self.size = os.lseek(self._fd, 0, os.SEEK_END)
-            else:
-                raise SourceError(f"image {path!r} is not a regular file or block device")
+            self.size = image_size(self._fd, path)
+            self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
             self._map: mmap.mmap | None = None
             self.view = memoryview(b"")
             if self.size:
@@ -52,19 +74,6 @@ class PageSource:
             os.close(self._fd)
             raise
         self._closed = False
-
-    @staticmethod
-    def _open(path: str) -> int:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceError(f"image {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise SourceError(f"image {path!r} is a directory") from None
-        except PermissionError:
-            raise SourceError(f"image {path!r} is not readable (permission denied)") from None
-        except OSError as exc:
-            raise SourceError(f"cannot open image {path!r}: {exc.strerror}") from None
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Byte ranges ``[(start, end)]`` that may hold data; the rest are holes.

@@ -15,6 +15,14 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
 from dsamig.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from dsamig.settings import (
+    MAX_PACKET_BYTES,
+    MAX_PACKET_PAGES,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    WIRE_MAX_IMAGE_SIZE,
+    geometry_problem,
+)
 
 PREAMBLE: Final = b"\x89DSAMIG\n"
 PROTOCOL_VERSION: Final = 1
@@ -23,12 +31,9 @@ MAX_BODY: Final = 65536
 MAX_CHANNELS: Final = 64
 MAX_NAME: Final = 255
 MAX_ERROR_MESSAGE: Final = 4096
-MAX_IMAGE_SIZE: Final = 2**50
-MIN_PAGE_SIZE: Final = 512
-MAX_PAGE_SIZE: Final = 1 << 20
-MAX_PACKET_PAGES: Final = 4096
-# payload_length is a u32, so a packet's pages must fit in one.
-MAX_PACKET_BYTES: Final = 0xFFFFFFFF
+# The geometry rules are dsamig.settings' (geometry_problem), shared with the
+# sender's options, the job schema and verify.
+MAX_IMAGE_SIZE: Final = WIRE_MAX_IMAGE_SIZE
 CHECKSUM_CRC32C: Final = 1
 DIGEST_SHA256_RECORDS: Final = 1
 DIGEST_SIZE: Final = 32
@@ -264,21 +269,10 @@ class Manifest:
 
     def problem(self) -> str | None:
         """Describe the first rule this manifest breaks, or return None."""
-        ps = self.page_size
-        if not (MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE and ps & (ps - 1) == 0):
-            return (
-                f"manifest page_size {ps} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}"
-            )
-        message = _range_problem(
-            "manifest packet_pages", self.packet_pages, 1, MAX_PACKET_PAGES
-        ) or _range_problem("manifest image_size", self.image_size, 0, MAX_IMAGE_SIZE)
-        if message:
-            return message
-        if ps * self.packet_pages > MAX_PACKET_BYTES:
-            return (
-                f"manifest packet_pages {self.packet_pages} x page_size {ps} exceeds "
-                f"{MAX_PACKET_BYTES} bytes (payload_length is 32 bits)"
-            )
+        geometry = geometry_problem(self.page_size, packet_pages=self.packet_pages,
+                                    image_size=self.image_size)
+        if geometry is not None:
+            return f"manifest {geometry}"
         if self.checksum != CHECKSUM_CRC32C:
             return f"manifest checksum {self.checksum} not supported (1 = CRC32C)"
         if self.digest != DIGEST_SHA256_RECORDS:

@@ -1,32 +1,23 @@
-"""Pieces shared by the sending and receiving sides of a channel."""
+"""Pieces shared by the sending and receiving sides of a channel.
+
+``Timeouts`` and ``DEFAULT_PORT`` live in ``dsamig.settings``; they are
+re-exported here for the channel modules.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
 
 from dsamig.errors import ConfigError, NetworkError
 from dsamig.proto import Manifest
+from dsamig.settings import DEFAULT_PORT, MiB, Timeouts
 
-DEFAULT_PORT = 7780
-
-MiB = 1024 * 1024
 # The receiver checkpoints (fsync + progress record) at least every this many
 # payload bytes per channel, then acknowledges; the sender may run this far
 # ahead of its ACKs per channel.  See checkpoint_bytes() and window_bytes().
 CHECKPOINT_BYTES_PER_CHANNEL = 8 * MiB
 MIN_WINDOW_BYTES = 64 * MiB
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Every wait of a transfer has one of these bounds (seconds)."""
-
-    connect_s: float = 10.0
-    handshake_s: float = 10.0
-    idle_s: float = 60.0  # no progress on a channel for this long fails the job
-    commit_s: float = 600.0  # fsync of a large image on a slow disk
 
 
 # TCP keepalive on data connections: a peer whose host died (no FIN, no RST)
@@ -117,3 +108,16 @@ class Drain:
             await asyncio.wait_for(asyncio.shield(self._waiter), timeout_s)
         except TimeoutError:
             raise NetworkError(f"{what}: peer stopped reading for {timeout_s:g} s") from None
+
+
+__all__ = [
+    "CHECKPOINT_BYTES_PER_CHANNEL",
+    "DEFAULT_PORT",
+    "MIN_WINDOW_BYTES",
+    "Drain",
+    "Timeouts",
+    "checkpoint_bytes",
+    "parse_address",
+    "tune_socket",
+    "window_bytes",
+]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 #: How long a waiting acquire sleeps at most before it looks at the rate
 #: again, so a rate change (a job started or finished) applies quickly.
 RECHECK_S = 0.1
+#: A debt smaller than this (bytes) is paid: rounding in the refill must not
+#: send a waiter back to sleep for a few femtoseconds, again and again.
+ROUNDING_BYTES = 1e-3
 
 
 class TokenBucket:
@@ -28,14 +31,17 @@ class TokenBucket:
     served in order (one lock), so a job's channels share its rate evenly.
     An acquire that is cancelled (its job stopped, its session ended) gives
     its tokens back: bytes never sent leave no debt for the next session.
-    ``clock`` is the time source (tests inject their own).
+    ``clock`` is the time source and ``sleep`` how a waiter waits (tests
+    inject a clock that only their sleep moves).
     """
 
     def __init__(self, rate: float | None = None, burst_s: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._rate = rate
         self.burst_s = burst_s
         self._clock = clock
+        self._sleep = sleep
         self._tokens = 0.0
         self._stamp = clock()
         self._lock = asyncio.Lock()
@@ -74,8 +80,8 @@ class TokenBucket:
             self._tokens -= nbytes
             started = self._clock()
             try:
-                while self._rate is not None and self._tokens < 0:
-                    await asyncio.sleep(min(-self._tokens / self._rate, RECHECK_S))
+                while self._rate is not None and self._tokens < -ROUNDING_BYTES:
+                    await self._sleep(min(-self._tokens / self._rate, RECHECK_S))
                     self._refill()
             except asyncio.CancelledError:
                 # The bytes will not be sent: give their tokens back.

@@ -1317,6 +1317,14 @@ class ReceiverServer:
 
     def _open_job(self, hello: Hello, peer_host: str) -> ReceiverJob:
         assert hello.manifest is not None
+        orphan = self._orphan_for(hello, peer_host)
+        if orphan is not None:
+            # A restarted sender resumes what its predecessor left: hand the
+            # partial file and checkpoint over now, not after the idle timeout.
+            orphan.log.info("job taken over by a resuming sender", by=str(hello.job_id))
+            orphan.superseded = True
+            orphan.fail(JobFailedError(f"taken over by resuming job {hello.job_id}",
+                                       ErrorCode.CANCELLED, resumable=True))
         try:
             sink = self.sink_factory(hello)
         except DsamigError as exc:
@@ -1371,6 +1379,18 @@ class ReceiverServer:
         if self.on_job_started is not None:
             self.on_job_started(job)
         return job
+
+    def _orphan_for(self, hello: Hello, peer_host: str) -> ReceiverJob | None:
+        """The job a resuming HELLO takes over: unfinished, without a channel
+        (its sender is gone), the same name, the same image (manifest) and
+        the same peer host."""
+        if not (hello.features & FEATURE_ACKS and hello.features & FEATURE_RESUME):
+            return None
+        for job in self.jobs.values():
+            if (not job.finished and job.acks and not job.channels and job.name == hello.name
+                    and job.manifest == hello.manifest and job.peer_host == peer_host):
+                return job
+        return None
 
     def job_finished(self, job: ReceiverJob) -> None:
         self.jobs.pop(job.job_id, None)

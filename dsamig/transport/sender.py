@@ -91,6 +91,14 @@ from dsamig.proto import (
 from dsamig.proto.live import LivePolicy, RoundFigures
 from dsamig.proto.refresh import SumsExchange, packet_fingerprint, packet_runs
 from dsamig.proto.send_core import ZERO
+from dsamig.settings import (
+    DEFAULT_CHANNELS,
+    DEFAULT_PACKET_SIZE,
+    DEFAULT_PAGE_SIZE,
+    MAX_CHANNELS,
+    RETRY_FOR_S,
+    geometry_problem,
+)
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Drain, Timeouts, tune_socket
 from dsamig.transport.security import (
@@ -100,9 +108,6 @@ from dsamig.transport.security import (
     psk_of,
 )
 
-DEFAULT_CHANNELS = 4
-DEFAULT_PACKET_SIZE = 512 * 1024
-DEFAULT_PAGE_SIZE = 4096
 PIPELINE_DEPTH = 2  # engine batches in flight per channel
 PUMP_DEPTH = 2  # chunks queued on a channel's native thread
 #: Changed packets a live round copies, scans and sends at once.
@@ -111,7 +116,6 @@ LIVE_BATCH_PACKETS = 64
 #: system call, or at once when the socket is full).
 PUMP_STOP_S = 5.0
 WRITE_HIGH_WATER = 8 * 1024 * 1024
-RETRY_FOR_S = 60.0  # keep reconnecting a started job this long
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
@@ -194,15 +198,11 @@ class SendOptions:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
-        if not 1 <= self.channels <= 64:
-            raise ConfigError(f"channels must be 1..64, not {self.channels}")
-        ps = self.page_size
-        if ps < 512 or ps > 1 << 20 or ps & (ps - 1):
-            raise ConfigError(f"page size must be a power of two 512..1MiB, not {ps}")
-        if self.packet_size % ps or not 1 <= self.packet_size // ps <= 4096:
-            raise ConfigError(
-                f"packet size must be 1..4096 pages of {ps} bytes, not {self.packet_size}"
-            )
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"channels must be 1..{MAX_CHANNELS}, not {self.channels}")
+        problem = geometry_problem(self.page_size, packet_size=self.packet_size)
+        if problem is not None:
+            raise ConfigError(str(problem))
         if self.retry_for_s < 0:
             raise ConfigError(f"retry time must not be negative, not {self.retry_for_s}")
         if self.live is not None:
@@ -344,10 +344,11 @@ class SenderChannel(asyncio.Protocol):
                 self.job.sums_received(event)
             elif isinstance(event, Error):
                 code = getattr(event.code, "name", str(event.code))
-                error_class = (
-                    ReceiverBusyError if event.code == ErrorCode.REJECTED else TransferError
-                )
-                self._fail(error_class(f"receiver failed the job ({code}): {event.message}"))
+                if event.code == ErrorCode.REJECTED:  # the receiver will not take the job
+                    self._fail(ReceiverBusyError(f"refused: {event.message}"))
+                else:
+                    self._fail(TransferError(f"receiver failed the job ({code}): "
+                                             f"{event.message}"))
                 return
 
     def _acknowledged(self, frames: int) -> None:
@@ -1453,17 +1454,24 @@ class Sender:
 
 
 async def send_image(
-    path: str, options: SendOptions, *, on_start: Callable[[Sender], None] | None = None
+    image: str | PageSource, options: SendOptions, *, engines: EngineSource | None = None,
+    on_start: Callable[[Sender], None] | None = None,
 ) -> JobStats:
-    """Send the image at ``path``; the stats of the committed job.
+    """Run one job from its image to its end; the stats of the committed job.
 
-    ``on_start(sender)`` runs once the job exists, before it connects (the
-    CLI hangs its progress bar on ``sender.stats`` there).  A DsamigError
-    carries the job's stats as ``exc.stats``.
+    The one job runner of ``dsamig send`` and of the sender daemon.
+    ``image`` is a path, or a PageSource already open (the daemon opens its
+    sources at job-start); it is closed when the job ends.  ``engines`` is
+    where the engine comes from (a daemon's EnginePool; else the job opens
+    its own).  ``on_start(sender)`` runs once the job exists, before it
+    connects: the caller hangs its progress bar or its job record on
+    ``sender.stats`` there, and keeps ``sender`` to end the job with
+    ``sender.cancel(reason)``, the one cancel path.  A DsamigError carries
+    the job's stats as ``exc.stats``.
     """
-    source = PageSource(path)
+    source = PageSource(image) if isinstance(image, str) else image
     try:
-        sender = Sender(source, options)
+        sender = Sender(source, options, engines)
         if on_start is not None:
             on_start(sender)
         try:

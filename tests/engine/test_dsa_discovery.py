@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dsamig.engine.dsa import DsaConfig
+from dsamig.dsa_config import DsaConfig
 from dsamig.engine.dsa_discovery import (
     CpuFeatures,
     combine_cpu_features,
@@ -333,7 +333,7 @@ def test_dsa_list_here_exits_zero_and_says_so() -> None:
 
 
 def test_config_converter_for_the_job_schema() -> None:
-    from dsamig.engine.dsa import dsa_config_converter
+    from dsamig.dsa_config import dsa_config_converter
     from dsamig.jobs.schema import load_yaml_text
 
     doc = load_yaml_text("engine:\n  dsa:\n    emulate: {count: 2, sise: 8}\n", "job.yaml")

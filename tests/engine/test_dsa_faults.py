@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dsamig.engine.dsa import DsaConfig, FaultSpec
+from dsamig.dsa_config import DsaConfig, FaultSpec
 from dsamig.engine.select import create_engine
 from tests.engine.dsa_helpers import (
     PAGE,

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from dsamig.dsa_config import DsaConfig
 from dsamig.engine import EngineClosedError, EngineLease, EnginePool
-from dsamig.engine.dsa import DsaConfig
 from dsamig.errors import EngineError
 from tests.engine.dsa_helpers import PAGE, crafted_pages, oracle, requires_native
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from dsamig.engine.dsa import DsaConfig
+from dsamig.dsa_config import DsaConfig
 from dsamig.engine.select import create_engine
 from dsamig.errors import EngineError
 from tests.engine.dsa_helpers import (

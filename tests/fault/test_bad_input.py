@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_TRANSFER, EXIT_USAGE
 from dsamig.proto import PREAMBLE, Hello, Manifest, encode
-from tests.integration.helpers import Receiver, dsamig
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_TRANSFER, EXIT_USAGE
+from tests.integration.helpers import Receiver, dsamig, refused_port
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> None:
@@ -23,12 +23,6 @@ def assert_one_line_error(stderr: str, *needles: str) -> None:
     assert error.startswith("dsamig: error: "), stderr
     for needle in needles:
         assert needle in error, error
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_port_in_use(tmp_path) -> None:
@@ -44,8 +38,8 @@ def test_port_in_use(tmp_path) -> None:
 
 def test_receiver_unreachable(tmp_path, image_factory) -> None:
     image, _, _ = image_factory(4096)
-    port = free_port()
-    result = dsamig("send", image, "--to", f"127.0.0.1:{port}")
+    with refused_port() as port:
+        result = dsamig("send", image, "--to", f"127.0.0.1:{port}")
     assert result.returncode == EXIT_NETWORK
     assert_one_line_error(result.stderr, f"127.0.0.1:{port}", "refused")
 
@@ -89,7 +83,7 @@ def test_bad_options(tmp_path, image_factory) -> None:
     assert_one_line_error(result.stderr, "port 99999 out of range")
     result = dsamig("send", image, "--to", "127.0.0.1:9", "--packet-size", "12345")
     assert result.returncode == EXIT_USAGE
-    assert_one_line_error(result.stderr, "packet size")
+    assert_one_line_error(result.stderr, "packet_size")
 
 
 class FakePeer:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_OK, EXIT_USAGE
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_NETWORK, EXIT_OK, EXIT_USAGE
 from tests.helpers_tls import make_pki
 from tests.integration.daemon_helpers import Daemon, execute, short_dir, wait_for
 from tests.integration.helpers import dsamig
@@ -210,7 +210,7 @@ def _serve(role: str, path: str, socket_path: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # reaps it and closes its pipe
 
 
 @pytest.mark.parametrize("role", ["receiver", "sender"])

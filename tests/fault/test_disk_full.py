@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from dsamig.errors import EXIT_TRANSFER
+from dsamig.settings import EXIT_TRANSFER
 from tests.conftest import read_bytes
 from tests.fault.test_bad_input import assert_one_line_error
 from tests.integration.helpers import Receiver, dsamig

@@ -12,16 +12,15 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, DsamigError
+from dsamig.errors import DsamigError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import PREAMBLE, Hello, Manifest, encode
+from dsamig.settings import EXIT_OK, EXIT_TRANSFER
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.sender import Sender, SendOptions
@@ -51,18 +50,7 @@ DATA_PATHS = {
 
 def start_receiver(output: str, *extra: str, env: dict[str, str] | None = None) -> Receiver:
     """``dsamig receive`` logging warnings too (the self-healing path only logs)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsamig", "--log-level", "warning", "receive", "--listen",
-         "127.0.0.1:0", "--output", output, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"receiver did not start: {line}{proc.stderr.read()}")
-    return Receiver(proc, int(line.rsplit(":", 1)[1]))
+    return Receiver.start(output, *extra, log_level="warning", env=env)
 
 
 def send_through(proxy_port: int, image: str, *extra: str):  # type: ignore[no-untyped-def]
@@ -314,7 +302,6 @@ async def test_proxy_cut_resets_both_sides(cut_after: int) -> None:
             for _ in range(100):
                 writer.write(bytes(65536))
                 await writer.drain()
-                await asyncio.sleep(0.01)
         await asyncio.wait_for(done.wait(), 10)
         writer.close()
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from dsamig.transport.common import MIN_WINDOW_BYTES as WINDOW_BYTES
 from dsamig.transport.receiver import ReceiverServer
 from tests.conftest import read_bytes
-from tests.integration.helpers import TIMEOUT_S, last_json, transfer_in_process
+from tests.integration.helpers import TIMEOUT_S, Receiver, last_json, transfer_in_process
 
 MiB = 1024 * 1024
 
@@ -91,22 +90,10 @@ async def test_corrupted_payload_is_resent(tmp_path, image_factory) -> None:
     assert sent.to_dict()["sessions"] >= 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_receiver(output: str, port: int, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsamig", "receive", "--listen", f"127.0.0.1:{port}",
-         "--output", output, "--once", "--json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert "listening on" in line, line + proc.stderr.read()
-    return proc
+def start_receiver(output: str, port: int = 0) -> Receiver:
+    """``dsamig receive --once --json`` on ``port`` (0: any; a restarted
+    receiver takes the port its predecessor reported)."""
+    return Receiver.start(output, "--once", "--json", port=port)
 
 
 def start_sender(image: str, port: int, *extra: str) -> subprocess.Popen[str]:
@@ -118,11 +105,29 @@ def start_sender(image: str, port: int, *extra: str) -> subprocess.Popen[str]:
 
 
 def kill_mid_transfer(proc: subprocess.Popen[str], output: str) -> None:
-    """SIGKILL ``proc`` once the receiver has checkpointed part of the job."""
+    """SIGKILL ``proc`` once the receiver has checkpointed part of the job and
+    stored more since (so that part of the image is held, part is not)."""
     wait_for_progress(output)
-    time.sleep(0.2)
+    wait_for_stored(output, stored(output) + MiB)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)  # reaps it and closes its pipes
+
+
+def stored(output: str) -> int:
+    """Bytes of data the partial file holds (its allocated blocks)."""
+    try:
+        return os.stat(output + ".partial").st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_stored(output: str, at_least: int) -> None:
+    """Wait until the partial file holds ``at_least`` bytes of data (bounded)."""
+    deadline = time.monotonic() + 20
+    while stored(output) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the receiver never stored {at_least} bytes")
+        time.sleep(0.02)
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -136,7 +141,7 @@ def reap(*procs: subprocess.Popen[str]) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # reaps it and closes its pipes
 
 
 def wait_for_progress(output: str, min_bytes: int = 1) -> None:
@@ -155,18 +160,18 @@ def wait_for_progress(output: str, min_bytes: int = 1) -> None:
 def test_receiver_killed_and_restarted(tmp_path, image_factory) -> None:
     image, zero, normal = image_factory(40 * MiB, seed=13, zero_every=3)
     output = str(tmp_path / "dest.img")
-    port = free_port()
-    receiver = start_receiver(output, port)
-    sender = start_sender(image, port, "--max-bandwidth", "10MiB", "--retry-for", "30")
+    receiver = start_receiver(output)
+    sender = start_sender(image, receiver.port, "--max-bandwidth", "10MiB", "--retry-for", "30")
     try:
-        kill_mid_transfer(receiver, output)
+        kill_mid_transfer(receiver.proc, output)
         assert not os.path.exists(output)  # nothing that looks complete
         assert os.path.exists(output + ".partial")
-        receiver = start_receiver(output, port)
+        receiver = start_receiver(output, receiver.port)
         sent_code, out, err = finish(sender)
-        code, rout, rerr = finish(receiver)
+        code, rout, rerr = receiver.finish()
     finally:
-        reap(sender, receiver)
+        reap(sender)
+        receiver.kill()
     assert sent_code == 0, err
     assert code == 0, rerr
     assert read_bytes(output) == read_bytes(image)
@@ -183,20 +188,20 @@ def test_receiver_killed_and_restarted(tmp_path, image_factory) -> None:
 def test_sender_killed_and_resumed(tmp_path, image_factory, change: bool) -> None:
     image, zero, normal = image_factory(32 * MiB, seed=14, zero_every=3)
     output = str(tmp_path / "dest.img")
-    port = free_port()
-    receiver = start_receiver(output, port)
-    first = start_sender(image, port, "--max-bandwidth", "8MiB")
+    receiver = start_receiver(output)
+    first = start_sender(image, receiver.port, "--max-bandwidth", "8MiB")
     try:
         kill_mid_transfer(first, output)
         if change:
             with open(image, "r+b") as f:  # the guest ran on meanwhile
                 f.seek(4096 * 7 + 11)
                 f.write(b"changed")
-        second = start_sender(image, port, "--resume")
+        second = start_sender(image, receiver.port, "--resume")
         sent_code, out, err = finish(second)
-        code, rout, rerr = finish(receiver)
+        code, rout, rerr = receiver.finish()
     finally:
-        reap(first, receiver)
+        reap(first)
+        receiver.kill()
     assert sent_code == 0, err
     assert code == 0, rerr
     assert read_bytes(output) == read_bytes(image)

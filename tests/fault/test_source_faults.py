@@ -24,10 +24,11 @@ import time
 import pytest
 import uvloop
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_TRANSFER, SourceError
+from dsamig.errors import SourceError
 from dsamig.native import native
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_TRANSFER
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
 from dsamig.transport.sender import Sender, SenderChannel, SendOptions
@@ -232,14 +233,28 @@ def test_image_truncated_mid_transfer(tmp_path, image_factory) -> None:
     image, _, _ = image_factory(48 * MiB, seed=5, zero_every=0)
     output = str(tmp_path / "dest.img")
     receiver = Receiver.start(output, "--once")
-    cutter = threading.Timer(1.0, os.truncate, (image, 3 * MiB))
+    stop = threading.Event()
+
+    def cut_once_under_way() -> None:
+        # Half way is not a time but a fact: the receiver holds data already.
+        while not stop.is_set():
+            try:
+                if os.stat(output + ".partial").st_blocks * 512 >= 4 * MiB:
+                    os.truncate(image, 3 * MiB)
+                    return
+            except FileNotFoundError:
+                pass
+            stop.wait(0.01)
+
+    cutter = threading.Thread(target=cut_once_under_way)
     try:
         cutter.start()
         result = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--channels", "2",
                         "--max-bandwidth", "16MiB")
         code, _out, err = receiver.finish()
     finally:
-        cutter.cancel()
+        stop.set()
+        cutter.join(timeout=10)
         receiver.kill()
     assert result.returncode == EXIT_LOCAL_IO, result.stderr
     assert_one_line_error(result.stderr, repr(image), "was truncated while being sent",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from dsamig.pages import PageSink, PageSource
@@ -69,34 +73,90 @@ def dsamig(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 @dataclass
 class Receiver:
-    """A ``dsamig receive`` subprocess listening on a free loopback port."""
+    """A ``dsamig receive`` subprocess: the one way the tests start one.
+
+    It listens on ``port`` (0: any free port, which it reports; the tests
+    never pick a port themselves and hand it over, so no other process can
+    take it in between) and ``start`` returns once it listens.  ``before``
+    holds what it printed on stderr before that (warnings).
+    """
 
     proc: subprocess.Popen[str]
     port: int
+    before: list[str] = field(default_factory=list)
+    _rest: str = ""
 
     @classmethod
-    def start(cls, output: str, *extra: str) -> Receiver:
+    def start(cls, output: str, *extra: str, port: int = 0, host: str = "127.0.0.1",
+              log_level: str | None = None, env: dict[str, str] | None = None) -> Receiver:
+        """Start ``dsamig [--log-level L] receive --listen HOST:PORT --output OUTPUT EXTRA...``
+        (``env``: more environment variables)."""
+        command = [sys.executable, "-m", "dsamig"]
+        if log_level is not None:
+            command += ["--log-level", log_level]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsamig", "receive", "--listen", "127.0.0.1:0",
-             "--output", output, *extra],
+            [*command, "receive", "--listen", f"{host}:{port}", "--output", output, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        if "listening on" not in line:
+        lines, rest = read_lines_until(proc, "dsamig: listening on ")
+        if not lines or not lines[-1].startswith("dsamig: listening on "):
             proc.kill()
-            raise AssertionError(f"receiver did not start: {line}{proc.stderr.read()}")
-        return cls(proc, int(line.rsplit(":", 1)[1]))
+            _, err = proc.communicate()
+            raise AssertionError(f"receiver did not start: {''.join(lines)}{rest}{err}")
+        return cls(proc, int(lines[-1].rsplit(":", 1)[1]), [x.rstrip("\n") for x in lines[:-1]],
+                   rest)
 
     def finish(self) -> tuple[int, str, str]:
+        """Wait for it to exit (bounded): exit code, stdout, stderr after the listening line."""
         out, err = self.proc.communicate(timeout=TIMEOUT_S)
-        return self.proc.returncode, out, err
+        return self.proc.returncode, out, self._rest + err
+
+    def stop(self) -> tuple[int, str, str]:
+        """SIGTERM, then :meth:`finish`."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.finish()
 
     def kill(self) -> None:
+        """SIGKILL whatever is still running, reap it and close its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+        self.proc.communicate()
+
+
+def read_lines_until(proc: subprocess.Popen[str], prefix: str,
+                     timeout_s: float = TIMEOUT_S) -> tuple[list[str], str]:
+    """Read ``proc``'s stderr line by line until a line starts with ``prefix``,
+    it ends, or ``timeout_s`` passes; the lines read (that one last) and
+    whatever followed it in the same read."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout_s
+    buffered = ""
+    lines: list[str] = []
+    while True:
+        while "\n" in buffered:
+            line, buffered = buffered.split("\n", 1)
+            lines.append(line + "\n")
+            if line.startswith(prefix):
+                return lines, buffered
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return lines, buffered
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return lines, buffered
+        buffered += chunk.decode(errors="replace")
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the life of the block:
+    bound by us and never listening, so nothing else can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def last_json(text: str) -> dict[str, Any]:

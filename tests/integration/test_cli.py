@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
+
+from dsamig.settings import EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_LOCAL_IO, EXIT_TRANSFER
 from tests.conftest import read_bytes
-from tests.integration.helpers import Receiver, dsamig, last_json
+from tests.integration.daemon_helpers import Daemon, job_document, ok, short_dir
+from tests.integration.helpers import TIMEOUT_S, Receiver, dsamig, last_json
 
 
 def test_send_receive_json(tmp_path, image_factory) -> None:
@@ -107,7 +116,7 @@ def test_make_image(tmp_path) -> None:
     assert zero_pages == figures["zero-pages"]
     # The same seed gives the same image; an existing file is kept unless --force.
     kept = dsamig("make-image", str(path), "--size", "8MiB", "--seed", "4")
-    assert kept.returncode == 3 and "exists (--force replaces it)" in kept.stderr
+    assert kept.returncode == 3 and "already exists (--force replaces it)" in kept.stderr
     assert path.read_bytes() == data
     other = tmp_path / "again.ram"
     assert dsamig("make-image", str(other), "--size", "8MiB", "--zero-ratio", "0.75",
@@ -169,3 +178,161 @@ def test_progress_bar_on_a_terminal(tmp_path, image_factory) -> None:
     # The rate is shown in the unit of the cap, with the cap beside it.
     assert "Mbit/s (cap 64.0 Mbit/s)" in text
     assert "dsamig sender" in text and "completed" in text
+
+
+MiB = 1 << 20
+
+
+def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``python -X importtime -m dsamig ARGS``; its result and every module it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dsamig", *args],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    names = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+             if line.startswith("import time:") and line.count("|") == 2}
+    return done, names
+
+
+def test_control_commands_load_neither_engine_nor_transport(tmp_path) -> None:
+    """`dsamig status`, `stop` and `jobs` talk to a socket: the zero-page
+    engine, the transport and the daemons stay unloaded (docs/architecture.md
+    "Layers")."""
+    image = tmp_path / "small.img"
+    image.write_bytes(b"\1" * 4096)
+    with short_dir() as directory:
+        sender = Daemon.start("sender", directory, {"source_dirs": [str(tmp_path)]})
+        try:
+            # Port 1: nothing listens there, so the job fails at once.
+            job = ok(sender.socket, "job-start", job_document("imports", str(image), 1))
+            sender.wait_job(job["id"])
+            runs = {
+                "status JOB": imported_modules("status", "imports", "--socket", sender.socket),
+                "status": imported_modules("status", "--socket", sender.socket),
+                "jobs": imported_modules("jobs", "--socket", sender.socket),
+                "stop": imported_modules("stop", "imports", "--socket", sender.socket),
+            }
+        finally:
+            sender.stop()
+    for what, (done, names) in runs.items():
+        assert "dsamig.control.commands" in names, (what, done.stderr[-2000:])
+        assert done.returncode == (2 if what == "stop" else 0), (what, done.stderr[-2000:])
+        loaded = sorted(n for n in names
+                        if n.startswith(("dsamig.engine", "dsamig.transport", "dsamig.daemon")))
+        assert not loaded, (what, loaded)
+    assert "already failed" in runs["stop"][0].stderr
+
+
+def wait_stored(path: str, at_least: int) -> None:
+    """Wait (bounded) until ``path`` holds ``at_least`` bytes of data."""
+    deadline = time.monotonic() + TIMEOUT_S
+
+    def stored() -> int:
+        try:
+            return os.stat(path).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    while stored() < at_least:
+        assert time.monotonic() < deadline, f"{path} never held {at_least} bytes"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, EXIT_INTERRUPTED),
+                                                   (signal.SIGHUP, EXIT_HANGUP)])
+def test_an_interrupted_send_cancels_its_job(tmp_path, image_factory, signum: signal.Signals,
+                                             exit_code: int) -> None:
+    """Ctrl-C (or a hang-up) on `dsamig send` cancels the job as `dsamig stop`
+    would: the receiver learns why and keeps nothing."""
+    image, _, _ = image_factory(16 * MiB, seed=9, zero_every=0)
+    output = str(tmp_path / "dest.img")
+    receiver = Receiver.start(output, "--once", "--json")
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "dsamig", "send", image, "--to", f"127.0.0.1:{receiver.port}",
+         "--max-bandwidth", "4MiB", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_stored(output + ".partial", MiB)
+        sender.send_signal(signum)
+        out, err = sender.communicate(timeout=TIMEOUT_S)
+        code, rout, rerr = receiver.finish()
+    finally:
+        sender.kill()
+        sender.communicate()
+        receiver.kill()
+    assert sender.returncode == exit_code, err
+    assert err.strip().splitlines()[-1] == "dsamig: interrupted: the job was cancelled"
+    assert last_json(out)["status"] == "cancelled"
+    assert code == EXIT_TRANSFER, rerr
+    received = last_json(rout)
+    assert received["status"] == "cancelled"
+    assert f"interrupted ({signum.name}) on the sending host" in received["error-desc"]
+    assert not os.path.exists(output) and not os.path.exists(output + ".partial")
+
+
+def test_receive_never_replaces_a_file_unless_forced(tmp_path, image_factory) -> None:
+    image, _, _ = image_factory(MiB, seed=10)
+    output = tmp_path / "dest.img"
+    output.write_bytes(b"precious")
+    refused = dsamig("receive", "--listen", "127.0.0.1:0", "--output", str(output), "--once")
+    assert refused.returncode == EXIT_LOCAL_IO
+    assert refused.stderr.strip() == (f"dsamig: error: output '{output}' already exists "
+                                      "(--force replaces it)")
+    assert output.read_bytes() == b"precious"
+
+    # A receiver that keeps listening refuses a second job into the file the first wrote.
+    fresh = tmp_path / "fresh.img"
+    receiver = Receiver.start(str(fresh))
+    try:
+        first = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}")
+        second = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}")
+    finally:
+        code, out, _ = receiver.stop()
+    assert first.returncode == 0, first.stderr
+    assert f"received image-0.img into {fresh}" in out
+    assert second.returncode == EXIT_TRANSFER
+    assert second.stderr.strip() == (f"dsamig: error: refused: output '{fresh}' already "
+                                     "exists (--force replaces it)")
+    assert code == EXIT_INTERRUPTED
+
+    forced = Receiver.start(str(output), "--once", "--force")
+    try:
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{forced.port}")
+        code, out, _ = forced.finish()
+    finally:
+        forced.kill()
+    assert sent.returncode == 0 and code == 0
+    assert out.strip().splitlines()[-1] == f"received image-0.img into {output}"
+    assert read_bytes(str(output)) == read_bytes(image)
+
+
+def test_receive_shows_progress_on_a_terminal(tmp_path, image_factory) -> None:
+    image, _, _ = image_factory(6 * MiB, seed=11, zero_every=0)
+    output = str(tmp_path / "dest.img")
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsamig", "receive", "--listen", "127.0.0.1:0", "--output",
+         output, "--once"], stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    seen = b""
+    try:
+        while b"listening on" not in seen or not seen.endswith(b"\n"):
+            seen += os.read(controller, 65536)  # bounded by pytest's timeout
+        port = int(seen.split(b"listening on ")[1].split(b"\n")[0].rsplit(b":", 1)[1])
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{port}", "--max-bandwidth", "16MiB")
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=TIMEOUT_S) == 0
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sent.returncode == 0, sent.stderr
+    text = seen.decode(errors="replace")
+    assert "] " in text and "ETA" in text and " / 6.0 MiB" in text
+    assert "dsamig receiver" in text and f"into {output}" in text

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dsamig.errors import EXIT_USAGE
+from dsamig.settings import EXIT_USAGE
 from tests.conftest import read_bytes
 from tests.helpers_tls import make_pki
 from tests.integration.daemon_helpers import (

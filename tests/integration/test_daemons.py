@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ from dsamig.daemon.sender import SenderDaemon
 from dsamig.errors import DsamigError
 from dsamig.jobs.config import ReceiverConfig, SenderConfig
 from dsamig.jobs.schema import Document
+from dsamig.settings import EXIT_TRANSFER
 from dsamig.transport.sender import SendOptions, send_image
 from tests.conftest import read_bytes
 from tests.integration.daemon_helpers import (
@@ -220,9 +223,11 @@ def _active_with_progress(daemon: Daemon, job_id: str) -> bool:
 
 
 def test_cancel_mid_transfer_leaves_nothing(pair: Pair, image_factory) -> None:
-    image, _, _ = image_factory(8 * MiB, seed=5, zero_every=0)
+    # Eight seconds of paced sending: time enough for `dsamig stop` to start
+    # and cancel it even on a busy host.
+    image, _, _ = image_factory(16 * MiB, seed=5, zero_every=0)
     job = ok(pair.sender.socket, "job-start", job_document(
-        "cancel-me", image, pair.receiver.port, max_bandwidth="4MiB"))
+        "cancel-me", image, pair.receiver.port, max_bandwidth="2MiB"))
     wait_for(lambda: _active_with_progress(pair.sender, job["id"]), what="progress")
     assert "cancel-me.partial" in stored(pair)
     stopped = dsamig("stop", job["id"], "--socket", pair.sender.socket)
@@ -350,16 +355,145 @@ async def test_symlinks_and_existing_images_are_refused(pair: Pair, image_factor
     victim.write_bytes(b"precious")
     os.symlink(victim, os.path.join(pair.storage, "linked"))
     os.symlink(victim, os.path.join(pair.storage, "partial-linked.partial"))
-    for name, words in (("linked", "symbolic link"), ("partial-linked", "symbolic link")):
+    for name, words in (("linked", "refused: .*symbolic link"),
+                        ("partial-linked", "refused: .*symbolic link")):
         with pytest.raises(DsamigError, match=words):
             await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port,
                                                 channels=1, name=name))
     assert victim.read_bytes() == b"precious"
     await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port, name="once"))
-    with pytest.raises(DsamigError, match="already exists"):
+    with pytest.raises(DsamigError, match=r"^refused: image 'once' already exists"):
         await send_image(image, SendOptions(host="127.0.0.1", port=pair.receiver.port,
                                             name="once"))
     assert read_bytes(os.path.join(pair.storage, "once")) == read_bytes(image)
+
+
+def test_send_names_its_job_after_the_image(pair: Pair, image_factory, tmp_path) -> None:
+    """Into a receiver daemon, `dsamig send` without --name stores the image
+    under its file name; a second time, the refusal says so."""
+    made, _, _ = image_factory(MiB, seed=61)
+    image = tmp_path / "named-by-file.img"
+    os.rename(made, image)
+    sent = dsamig("send", str(image), "--to", f"127.0.0.1:{pair.receiver.port}")
+    assert sent.returncode == 0, sent.stderr
+    assert read_bytes(os.path.join(pair.storage, "named-by-file.img")) == read_bytes(str(image))
+    again = dsamig("send", str(image), "--to", f"127.0.0.1:{pair.receiver.port}")
+    assert again.returncode == EXIT_TRANSFER
+    assert again.stderr.strip() == (
+        "dsamig: error: refused: image 'named-by-file.img' already exists in storage_dir "
+        "(replace_existing: true allows replacing it)")
+
+
+def test_status_of_a_running_job(pair: Pair, image_factory) -> None:
+    """`dsamig status JOB` has what virsh domjobinfo has: rates of the wire and
+    the image, the ETA, the bandwidth share, channels, time since data moved,
+    sessions and the engine; --watch follows it to its end."""
+    # Four seconds of paced sending, to look at it while it runs.
+    image, _, _ = image_factory(8 * MiB, seed=62, zero_every=0)
+    job = ok(pair.sender.socket, "job-start", job_document(
+        "watched", image, pair.receiver.port, max_bandwidth="2MiB", channels=2))
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "dsamig", "status", job["id"], "--socket", pair.sender.socket,
+         "--watch", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def measured() -> dict[str, Any] | None:
+            live = pair.sender.job(job["id"])
+            return live if live.get("image-bytes-per-second") else None
+
+        live = wait_for(measured, what="a measured rate")
+        human = dsamig("status", "watched", "--socket", pair.sender.socket)
+        on_receiver = pair.receiver.job(job["id"])
+        out, err = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        watch.communicate()
+    assert live["status"] == "active"
+    assert live["bandwidth-limit"] == live["max-bandwidth"] == 2 * MiB
+    assert 0 < live["image-bytes-per-second"] <= 4 * MiB
+    assert live["wire-bytes-per-second"] > 0 and live["eta-s"] > 0
+    assert 0 <= live["last-data-s"] < 5
+    assert (live["channels-connected"], live["channels-wanted"]) == (2, 2)
+    assert live["reconnecting"] is False and live["sessions"] == 1
+    assert live["engine"]["backend"] == "cpu"
+    assert human.returncode == 0, human.stderr
+    rows = {line.strip().split("  ", 1)[0]: line.strip().split("  ", 1)[1].strip()
+            for line in human.stdout.splitlines()[1:]}
+    assert rows["bandwidth"] == "2.0 MiB/s"
+    assert rows["channels"].startswith("2 of 2 connected")
+    assert rows["remaining"].endswith(" s") and rows["rates now"].startswith("wire ")
+    assert rows["sessions"].startswith("1 (0 reconnects)")
+    assert rows["engine"].startswith("cpu")
+    assert on_receiver["channels-connected"] == 2 and on_receiver["reconnecting"] is False
+    assert watch.returncode == 0, err
+    views = [json.loads(line) for line in out.splitlines()]
+    assert len(views) >= 2 and {v["id"] for v in views} == {job["id"]}
+    assert views[-1]["status"] == "completed"
+    assert "eta-s" not in views[-1]  # a finished job has only its final figures
+
+
+def test_a_resuming_sender_takes_its_orphaned_job_over(pair: Pair, image_factory) -> None:
+    """A sender killed mid-job and started again with --resume continues at
+    once: the receiver's orphaned job (same name, image and host, no channel
+    left) is handed over, not refused until the idle timeout."""
+    image, zero, normal = image_factory(16 * MiB, seed=63, zero_every=4)
+    progress = os.path.join(pair.storage, "orphan.partial.progress")
+    command = [sys.executable, "-m", "dsamig", "send", image, "--to",
+               f"127.0.0.1:{pair.receiver.port}", "--name", "orphan", "--channels", "2",
+               "--json"]
+    first = subprocess.Popen([*command, "--max-bandwidth", "4MiB"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(progress), what="a checkpoint")
+        first.kill()
+        first.wait(timeout=10)
+        orphaned = wait_for(lambda: [j for j in ok(pair.receiver.socket, "query-jobs")
+                                     if j["name"] == "orphan" and j["status"] == "active"
+                                     and j["channels-connected"] == 0],
+                            what="the orphaned job")[0]
+        began = time.monotonic()
+        second = subprocess.run([*command, "--resume"], capture_output=True, text=True,
+                                timeout=60)
+        took_s = time.monotonic() - began
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 0, second.stderr
+    assert took_s < 10  # the receiver's idle timeout: nothing waited for it
+    assert read_bytes(os.path.join(pair.storage, "orphan")) == read_bytes(image)
+    old = pair.receiver.job(orphaned["id"])
+    assert old["status"] == "cancelled"
+    assert old["error-desc"].startswith("taken over by resuming job ")
+    assert json.loads(second.stdout)["status"] == "completed"
+    received = pair.receiver.job("orphan")  # the newest job of that name
+    assert received["id"] != orphaned["id"]
+    assert received["status"] == "completed" and received["resumed-packets"] > 0
+    assert (received["duplicate"], received["normal"]) == (zero, normal)
+
+
+def test_stop_keep_partial_keeps_the_receivers_work(pair: Pair, image_factory) -> None:
+    # Eight seconds of paced sending: time for two `dsamig stop` on a busy host.
+    image, _, _ = image_factory(16 * MiB, seed=64, zero_every=0)
+    partial = os.path.join(pair.storage, "kept.partial")
+    job = ok(pair.sender.socket, "job-start", job_document(
+        "kept", image, pair.receiver.port, max_bandwidth="2MiB", channels=2))
+    wait_for(lambda: os.path.exists(partial + ".progress"), what="a checkpoint")
+    on_sender = dsamig("stop", "kept", "--keep-partial", "--socket", pair.sender.socket)
+    assert on_sender.returncode == 2
+    assert "keep-partial applies to a receiver's job" in on_sender.stderr
+    stopped = dsamig("stop", "kept", "--keep-partial", "--socket", pair.receiver.socket)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.strip() == (f"kept ({job['id']}): cancelled; the partial file is "
+                                      "kept for a resume")
+    failed = pair.sender.wait_job(job["id"])
+    assert failed["status"] == "failed"
+    assert "the partial file is kept" in failed["error-desc"]
+    assert os.path.exists(partial) and os.path.exists(partial + ".progress")
+    again = ok(pair.sender.socket, "job-start", job_document(
+        "kept", image, pair.receiver.port, resume=True, channels=2))
+    assert pair.sender.wait_job(again["id"])["status"] == "completed"
+    assert pair.receiver.job(again["id"])["resumed-packets"] > 0
+    assert read_bytes(os.path.join(pair.storage, "kept")) == read_bytes(image)
+    assert not os.path.exists(partial)
 
 
 def test_metrics_endpoint(pair: Pair) -> None:
@@ -379,6 +513,7 @@ def test_metrics_endpoint(pair: Pair) -> None:
     assert 0 < time.time() - samples["process_start_time_seconds"] < 3600
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{address}/other", timeout=5)
+    info.value.close()  # the error holds the response and its socket
     assert info.value.code == 404
 
 
@@ -397,9 +532,15 @@ def test_queue_beyond_the_concurrent_job_limit(image_factory, tmp_path) -> None:
             jobs = [ok(sender.socket, "job-start", job_document(
                 f"q{i}", images[i], receiver.port, max_bandwidth="10MiB", channels=2))
                 for i in range(3)]
-            statuses = {j["name"]: j["status"] for j in ok(sender.socket, "job-list")}
+            views = {j["name"]: j for j in ok(sender.socket, "query-jobs")}
+            statuses = {name: view["status"] for name, view in views.items()}
             assert statuses["q0"] in ("setup", "active")
             assert statuses["q1"] == statuses["q2"] == "queued"
+            # A queued job says why it waits.
+            assert views["q1"]["queue-reason"] == "max_jobs 1 jobs are running"
+            assert views["q2"]["queue-reason"] == (
+                "1 earlier job(s) wait first (the queue is first in, first out)")
+            assert (views["q1"]["queue-position"], views["q2"]["queue-position"]) == (1, 2)
             overflow = execute(sender.socket, "job-start",
                                job_document("q3", images[3], receiver.port))
             assert overflow["error"]["class"] == "Unavailable"

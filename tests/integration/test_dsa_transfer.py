@@ -98,7 +98,7 @@ def test_bad_fault_spec_is_a_usage_error(tmp_path, image_factory) -> None:
 @pytest.mark.parametrize("mode", ["shared", "dedicated"])
 async def test_in_process_with_dedicated_and_shared_queues(tmp_path, image_factory,
                                                             mode: str) -> None:
-    from dsamig.engine.dsa import DsaConfig
+    from dsamig.dsa_config import DsaConfig
 
     image, zero, normal = image_factory(9 * 1024 * 1024 + 7, seed=5)
     output = str(tmp_path / "out.img")

@@ -12,16 +12,16 @@ import os
 import re
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dsamig.errors import EXIT_OK, EXIT_TRANSFER, EXIT_USAGE, TransferError
+from dsamig.errors import TransferError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.security import SecurityConfig
+from dsamig.settings import EXIT_OK, EXIT_TRANSFER, EXIT_USAGE
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from dsamig.transport.security import SecurityConfig
 from dsamig.transport.sender import Sender, SendOptions
 from tests.conftest import read_bytes
 from tests.fault.test_bad_input import assert_one_line_error
@@ -59,8 +59,7 @@ def sender_tls(pki: Pki) -> list[str]:
 
 def refusals(receiver: Receiver) -> list[str]:
     """Stop the receiver; its ``dsamig: error:`` lines (one per refused peer)."""
-    receiver.proc.terminate()
-    _, err = receiver.proc.communicate(timeout=TIMEOUT_S)
+    _, _, err = receiver.stop()
     return [line for line in err.splitlines() if line.startswith("dsamig: error:")]
 
 
@@ -208,30 +207,19 @@ def test_tls_to_an_ip_address_needs_a_ca(tmp_path, image_factory, pki) -> None:
 
 
 def test_one_shot_receive_warns_when_others_can_reach_it(tmp_path, keys) -> None:
-    def first_lines(*args: str) -> list[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dsamig", "receive", "--output", str(tmp_path / "x"),
-             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        lines: list[str] = []
-        try:
-            while not lines or not lines[-1].startswith("dsamig: listening on"):
-                line = proc.stderr.readline()
-                assert line, f"receive exited: {lines}"
-                lines.append(line.strip())
-        finally:
-            proc.terminate()
-            proc.communicate(timeout=TIMEOUT_S)
-        return lines
+    def warnings(host: str, *args: str) -> list[str]:
+        receiver = Receiver.start(str(tmp_path / "x"), *args, host=host)
+        receiver.stop()
+        return receiver.before
 
-    exposed = first_lines("--listen", "0.0.0.0:0")
-    assert len(exposed) == 2
+    exposed = warnings("0.0.0.0")
+    assert len(exposed) == 1
     assert exposed[0].startswith(
         "dsamig: warning: listening on 0.0.0.0:0 without authenticating senders: anyone who "
         "can reach it can send an image to")
     assert "--psk-file" in exposed[0]
-    assert len(first_lines("--listen", "0.0.0.0:0", "--psk-file", keys[0])) == 1
-    assert len(first_lines("--listen", "127.0.0.1:0")) == 1
+    assert warnings("0.0.0.0", "--psk-file", keys[0]) == []
+    assert warnings("127.0.0.1") == []
 
 
 # -- pre-shared key -------------------------------------------------------------------

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from dsamig.errors import EXIT_LOCAL_IO, EXIT_OK, EXIT_TRANSFER, EXIT_USAGE, ConfigError
+from dsamig.errors import ConfigError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
+from dsamig.settings import EXIT_LOCAL_IO, EXIT_OK, EXIT_TRANSFER, EXIT_USAGE
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverServer
 from dsamig.transport.sender import Sender, SendOptions
@@ -126,6 +127,6 @@ def test_bad_arguments(tmp_path, image_factory) -> None:
     assert_one_line_error(missing.stderr, "nope", "does not exist")
     odd = dsamig("verify", image, image, "--page-size", "1000")
     assert odd.returncode == EXIT_USAGE
-    assert_one_line_error(odd.stderr, "page size must be a power of two")
-    with pytest.raises(ConfigError, match="packet size"):
+    assert_one_line_error(odd.stderr, "page_size 1000 is not a power of two")
+    with pytest.raises(ConfigError, match="packet_size"):
         compare(image, image, 4096, 4096 * 5000)

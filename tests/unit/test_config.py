@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from dsamig.daemon.sender import send_options
 from dsamig.errors import ConfigError
 from dsamig.jobs import JobSpec, load_job, load_receiver_config, load_sender_config
 from dsamig.jobs.config import ReceiverConfig, SenderConfig, default_control_socket
@@ -46,7 +47,7 @@ def test_job_units_and_relative_source(tmp_path) -> None:
     assert (spec.engine.kind, spec.engine.threads) == ("cpu", 2)
     t = spec.timeouts
     assert (t.connect_s, t.handshake_s, t.idle_s, t.commit_s) == (0.5, 2.0, 300.0, 3600.0)
-    options = spec.send_options(__import__("uuid").uuid4())
+    options = send_options(spec, __import__("uuid").uuid4())
     options.validate()
     assert (options.channels, options.engine, options.engine_threads) == (8, "cpu", 2)
 
@@ -62,7 +63,7 @@ def test_live_jobs(tmp_path) -> None:
                                           "  pause_cmd: kill -STOP 42\n"
                                           "  resume_cmd: kill -CONT 42\n"))
     assert spec.live is not None
-    live = spec.send_options(__import__("uuid").uuid4()).live
+    live = send_options(spec, __import__("uuid").uuid4()).live
     assert (live.max_downtime_s, live.max_rounds, live.keep_paused) == (0.05, 5, True)
     assert (live.pause_cmd, live.resume_cmd, live.qmp) == ("kill -STOP 42", "kill -CONT 42",
                                                            None)
@@ -120,8 +121,9 @@ BAD = [
      "f.yaml:4: packet_size: size '512KB2' is not a size (examples: 4096, 512KiB, 2GiB, 1GB)"),
     ("job", JOB + "packet_size: 512 furlongs\n", "f.yaml:4: packet_size: size '512 furlongs'"),
     ("job", JOB + "packet_size: 6000\n",
-     "f.yaml:4: packet_size: must be 1..4096 whole pages of 4096 bytes, not 6000"),
-    ("job", JOB + "page_size: 3000\n", "f.yaml:4: page_size: must be a power of two, not 3000"),
+     "f.yaml:4: packet_size: 6000 is not a whole number of 4096-byte pages"),
+    ("job", JOB + "page_size: 3000\n",
+     "f.yaml:4: page_size: 3000 is not a power of two in 512..1048576"),
     ("job", JOB + "max_bandwidth: fast\n",
      "f.yaml:4: max_bandwidth: bandwidth 'fast' is not a rate (examples: 10Gbit,"),
     ("job", JOB + "max_bandwidth: 10Gbitz\n", "f.yaml:4: max_bandwidth: bandwidth '10Gbitz'"),

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,6 +17,15 @@ from dsamig.control.protocol import CommandError, ErrorClass, parse_request
 from dsamig.control.server import ControlServer, expect_keys
 from dsamig.errors import NetworkError
 from tests.integration.daemon_helpers import short_dir
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` on the loop until it holds; fail after ``timeout_s``."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout_s)
 
 
 @pytest.mark.parametrize(
@@ -121,10 +130,7 @@ async def test_a_request_followed_by_a_hang_up_still_runs(server: ControlServer)
                          b'{"execute": "record", "arguments": {"n": 2}}\n{"execute": "rec')
 
     await asyncio.to_thread(hit_and_run)
-    for _ in range(200):
-        if calls and not server.connections:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: calls and not server.connections)
     assert calls == [{"n": 1}, {"n": 2}]  # whole lines ran, the unfinished one did not
     assert not server.connections
 
@@ -138,7 +144,7 @@ async def test_too_many_clients(server: ControlServer) -> None:
     finally:
         await first.close()
         await second.close()
-    await asyncio.sleep(0.05)
+    await until(lambda: not server.connections)  # the server saw both go
     async with await ControlClient.connect(server.path) as again:
         assert await again.execute("echo", {"value": 1}) == 1
 
@@ -147,8 +153,7 @@ async def test_a_client_that_never_reads_is_dropped(server: ControlServer) -> No
     _reader, writer = await asyncio.open_unix_connection(server.path)
     writer.write(b'{"execute": "subscribe"}\n')
     await writer.drain()
-    while len(server.connections) != 1 or not next(iter(server.connections)).events:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(server.connections) == 1 and next(iter(server.connections)).events)
     payload = {"blob": "x" * 60000}
     for _ in range(400):  # 24 MB of events that nobody reads
         server.broadcast("SHUTDOWN", payload)

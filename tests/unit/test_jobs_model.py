@@ -14,8 +14,8 @@ from dsamig.jobs.model import (
     InvalidTransition,
     JobRecord,
     JobRegistry,
-    JobState,
 )
+from dsamig.settings import JobState
 from dsamig.stats import JobStats
 
 
@@ -77,6 +77,49 @@ def test_to_dict_has_the_one_shot_stats_and_the_daemon_state() -> None:
     out = job.to_dict()
     assert out["status"] == "setup"  # the record's state, not the transport's
     assert out["remaining"] == 60 and "mbps" in out and out["id"] == str(job.id)
+
+
+def test_a_record_follows_its_stats_without_polling() -> None:
+    """Every status the transport sets reaches the record at once, the
+    states it skipped included, and the end comes with its error."""
+    log: list[tuple[JobState | None, JobState]] = []
+    job = record(log=log)
+    stats = JobStats(role="sender", total=100)
+    job.follow(stats)
+    assert job.state == JobState.SETUP and job.stats is stats
+    stats.status = "completing"  # a plain string, as the transport writes it
+    assert job.state == JobState.COMPLETING
+    stats.counters.done_bytes = 100
+    stats.finish("failed", "receiver failed the job (IO): disk full")
+    assert job.state == JobState.FAILED
+    assert job.error == "receiver failed the job (IO): disk full"
+    assert [new for _, new in log] == [JobState.QUEUED, JobState.SETUP, JobState.ACTIVE,
+                                       JobState.COMPLETING, JobState.FAILED]
+    assert job.to_dict()["remaining"] == 0
+
+
+def test_the_listeners_hear_of_the_end_with_final_figures() -> None:
+    stats = JobStats(role="receiver", total=10)
+    heard: list[tuple[JobState, JobState, float | None, str | None]] = []
+    stats.watch(lambda s, previous: heard.append((previous, s.status, s.finished, s.error)))
+    stats.status = JobState.SETUP  # no change: nobody is told
+    stats.finish("cancelled", "cancelled by the receiver's operator")
+    stats.finish("completed")  # a finished job stays finished
+    assert heard == [(JobState.SETUP, JobState.CANCELLED, stats.finished,
+                      "cancelled by the receiver's operator")]
+    assert stats.finished is not None
+    with pytest.raises(ValueError):
+        stats.status = "paused"
+
+
+def test_a_cancelled_job_ends_with_the_daemons_reason() -> None:
+    job = record(JobState.ACTIVE)
+    stats = JobStats(role="sender")
+    job.follow(stats)
+    job.cancelling("cancelled by the sender's operator")
+    stats.finish("cancelled", "cancelled")  # what the transport knows
+    assert job.state == JobState.CANCELLED
+    assert job.error == "cancelled by the sender's operator"
 
 
 def test_registry_lookup_by_id_and_name() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsamig.errors import ConfigError
-from dsamig.transport.security import parse_psk
+from dsamig.security import parse_psk
 
 KEY = bytes(range(0xC0, 0xE0))  # 32 bytes, none of them text
 HEX = KEY.hex().encode()

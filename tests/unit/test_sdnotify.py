@@ -55,7 +55,10 @@ def test_without_notify_socket_nothing_is_sent() -> None:
 
 def test_a_missing_manager_is_not_an_error(tmp_path) -> None:
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "gone")})
-    assert notifier.send(READY=1) is False  # ignored, as sd_notify(3) advises
+    try:
+        assert notifier.send(READY=1) is False  # ignored, as sd_notify(3) advises
+    finally:
+        notifier.close()
 
 
 @pytest.mark.parametrize(
