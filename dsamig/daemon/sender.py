@@ -33,14 +33,14 @@ from dsamig.daemon.checks import Check, check_security, check_source_dirs
 from dsamig.daemon.metrics import Figures, reconnects_of
 from dsamig.engine import EnginePool
 from dsamig.errors import ConfigError, DsamigError, SourceError
-from dsamig.jobs.config import JobSpec, SenderConfig, load_sender_config
+from dsamig.jobs.config import JobSpec, LiveSpec, SenderConfig, load_sender_config
 from dsamig.jobs.model import JobRecord
 from dsamig.logs import get_logger
 from dsamig.pages import PageSource, image_size
 from dsamig.report import live_fields
 from dsamig.settings import JobState
 from dsamig.transport.pacing import TokenBucket, fair_shares
-from dsamig.transport.sender import Sender, SendOptions, send_image
+from dsamig.transport.sender import LiveOptions, Sender, SendOptions, send_image
 
 
 @dataclass
@@ -77,8 +77,15 @@ def send_options(spec: JobSpec, job_id: uuid.UUID, pacer: TokenBucket | None = N
         engine=spec.engine.kind, engine_threads=spec.engine.threads, dsa=spec.engine.dsa,
         name=spec.name, job_id=job_id, timeouts=spec.timeouts, pacer=pacer,
         resume=spec.resume, refresh=spec.refresh, retry_for_s=spec.retry_for_s,
-        security=spec.security, live=None if spec.live is None else spec.live.options(),
+        security=spec.security, live=None if spec.live is None else live_options(spec.live),
     )
+
+
+def live_options(live: LiveSpec) -> LiveOptions:
+    """The transport's options for a job's ``live:`` mapping."""
+    return LiveOptions(max_downtime_s=live.max_downtime_s, max_rounds=live.max_rounds,
+                       pause_cmd=live.pause_cmd, resume_cmd=live.resume_cmd, qmp=live.qmp,
+                       keep_paused=not live.resume_writer)
 
 
 class SourceRefusedError(CommandError):

@@ -435,14 +435,6 @@ class LiveSpec:
     qmp: str | None = None
     resume_writer: bool = False
 
-    def options(self) -> Any:
-        """The transport's :class:`LiveOptions`."""
-        from dsamig.transport.sender import LiveOptions
-
-        return LiveOptions(max_downtime_s=self.max_downtime_s, max_rounds=self.max_rounds,
-                           pause_cmd=self.pause_cmd, resume_cmd=self.resume_cmd, qmp=self.qmp,
-                           keep_paused=not self.resume_writer)
-
     def to_document(self) -> dict[str, Any]:
         return {"max_downtime": self.max_downtime_s, "max_rounds": self.max_rounds,
                 "pause_cmd": self.pause_cmd, "resume_cmd": self.resume_cmd, "qmp": self.qmp,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dsamig.daemon.sender import send_options
+from dsamig.daemon.sender import live_options, send_options
 from dsamig.errors import ConfigError
 from dsamig.jobs import JobSpec, load_job, load_receiver_config, load_sender_config
 from dsamig.jobs.config import ReceiverConfig, SenderConfig, default_control_socket
@@ -69,7 +69,7 @@ def test_live_jobs(tmp_path) -> None:
                                                            None)
     assert JobSpec.from_object(spec.to_document()) == spec
     qmp = load_job(write(tmp_path, JOB + "live: {qmp: /run/vm.qmp, resume_writer: true}\n"))
-    assert qmp.live is not None and qmp.live.options().keep_paused is False
+    assert qmp.live is not None and live_options(qmp.live).keep_paused is False
     assert load_job(write(tmp_path, JOB)).live is None
 
 
