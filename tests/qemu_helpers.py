@@ -39,13 +39,16 @@ MEM_SIZE = 32 << 20
 #: Bound of every wait on QEMU (boot under TCG takes well under a second).
 TIMEOUT_S = 30.0
 TICK = 1 << 20
+#: Where the guest keeps its count (a u32): a guest-physical address, which
+#: is also its offset in the memory file (``pc`` maps low RAM from offset 0).
+COUNTER_ADDRESS = 0x200000
 
-GUEST_ASM = r"""
+GUEST_ASM = rf"""
     .code32
     .text
     .set MB_MAGIC, 0x1BADB002
     .set MB_FLAGS, 0x00010000          # the header gives the load addresses
-    .set COUNTER, 0x200000
+    .set COUNTER, {COUNTER_ADDRESS:#x}
     .set REGION, 0x300000              # 256 pages the guest keeps rewriting
     .set NPAGES, 256
     .set PORT, 0x3f8                   # COM1
