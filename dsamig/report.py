@@ -209,6 +209,13 @@ def summary_table(job: JobStats | Mapping[str, Any]) -> str:
                                  f"{format_bytes(d.get('retransmitted-bytes', 0))} sent again"))
     if not finished and d.get("last-data-s") is not None:
         rows.append(("last data", f"{d['last-data-s']:.1f} s ago"))
+    live = live_line(d, finished)
+    if live:
+        rows.append(("live", live))
+    refresh = d.get("refresh")
+    if isinstance(refresh, Mapping) and "packets-matched" in refresh:
+        rows.append(("refresh", f"{refresh['packets-matched']} packets unchanged, "
+                                f"{refresh.get('pages-changed', 0)} pages changed"))
     rows.append(("engine", _engine_line(d.get("engine") or {})))
     threads = d.get("thread-cpu-s") or {}
     if "cpu-s" in d and (finished or threads):
@@ -219,6 +226,25 @@ def summary_table(job: JobStats | Mapping[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     title = f"dsamig {d.get('role', '?')}"
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+def live_line(job: Mapping[str, Any], finished: bool) -> str:
+    """A live job's rounds for people: while it runs, the round it is in,
+    the dirty rate and the downtime it expects; once finished, how many
+    rounds it took and its downtime.  ``""`` for a job that is not live."""
+    if "round" not in job and "dirty-sync-count" not in job:
+        return ""
+    if finished:
+        rounds = int(job.get("dirty-sync-count", 0))
+        text = f"{rounds} round{'' if rounds == 1 else 's'}"
+        if "downtime" in job:
+            text += f", downtime {job['downtime']} ms"
+        return text
+    text = (f"round {job.get('round', 0)}, "
+            f"{job.get('dirty-pages-rate', 0)} dirty pages/s")
+    if "expected-downtime" in job:
+        text += f", expected downtime {job['expected-downtime']} ms"
+    return text
 
 
 def _bandwidth(d: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from dsamig.control.client import ControlClient
 from dsamig.control.protocol import EVENT_JOB_STATUS_CHANGE, EVENT_SHUTDOWN
 from dsamig.errors import ConfigError
 from dsamig.jobs.config import default_control_socket, load_job
-from dsamig.report import progress_line, reconnect_note, summary_table
+from dsamig.report import live_line, progress_line, reconnect_note, summary_table
 from dsamig.runtime import run_loop
 from dsamig.settings import EXIT_OK, JobState, exit_code_for
 from dsamig.units import BYTES, RateUnit, format_bytes, rate_unit
@@ -63,16 +63,18 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return "no jobs"
     width = max(len("NAME"), *(len(job["name"]) for job in jobs))
-    lines = [f"{'ID':<36}  {'NAME':<{width}}  {'STATUS':<10}  {'DONE':>6}  {'SIZE':>10}  ERROR"]
+    lines = [f"{'ID':<36}  {'NAME':<{width}}  {'STATUS':<10}  {'DONE':>6}  {'SIZE':>10}  NOTE"]
     for job in jobs:
         total = job.get("total", 0)
         done = 1.0 if not total else 1 - job.get("remaining", total) / total
-        if job["status"] == "completed":
+        status = job["status"]
+        if status == "completed":
             done = 1.0
+        # The error of a failed job; the round and dirty rate of a live one.
+        note = job.get("error-desc") or live_line(job, status in FINISHED)
         lines.append(
-            f"{job['id']:<36}  {job['name']:<{width}}  {job['status']:<10}  "
-            f"{done * 100:5.1f}%  {format_bytes(total):>10}  {job.get('error-desc', '')}"
-            .rstrip()
+            f"{job['id']:<36}  {job['name']:<{width}}  {status:<10}  "
+            f"{done * 100:5.1f}%  {format_bytes(total):>10}  {note}".rstrip()
         )
     return "\n".join(lines)
 
@@ -83,6 +85,8 @@ def job_progress_line(job: dict[str, Any], unit: RateUnit = BYTES,
     daemon's image rate, in ``unit`` (the unit the job's cap was written in)."""
     total = job.get("total", 0)
     note = job["status"]
+    if "round" in job and note == JobState.ACTIVE:
+        note = f"round {job['round']}"  # a live job
     reconnects = reconnect_note(job)
     if reconnects:
         note += f", {reconnects}"

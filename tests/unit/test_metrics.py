@@ -112,3 +112,18 @@ def test_label_values_are_escaped() -> None:
     jobs = [JobSeries(name='a"b\\c', peer="p", image_bytes=1, transferred=1, remaining=0,
                       channels=1)]
     assert 'job_name="a\\"b\\\\c"' in render(snapshot(jobs=jobs))
+
+
+def test_a_live_job_has_round_dirty_rate_and_expected_downtime_gauges() -> None:
+    jobs = [JobSeries(name="vm", peer="p", image_bytes=1, transferred=1, remaining=0,
+                      channels=4, live_round=3, dirty_pages_rate=1250.0,
+                      expected_downtime_s=0.12),
+            JobSeries(name="img", peer="p", image_bytes=1, transferred=1, remaining=0,
+                      channels=4)]
+    values = samples(render(snapshot(jobs=jobs)))
+    assert values['dsamig_job_live_round{job_name="vm",peer="p"}'] == 3
+    assert values['dsamig_job_dirty_pages_per_second{job_name="vm",peer="p"}'] == 1250
+    assert values['dsamig_job_expected_downtime_seconds{job_name="vm",peer="p"}'] == 0.12
+    # A job that is not live has no such samples.
+    assert not [k for k in values if 'job_name="img"' in k and
+                ("live_round" in k or "dirty_pages" in k or "expected_downtime" in k)]

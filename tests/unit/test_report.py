@@ -7,7 +7,16 @@ import math
 
 import pytest
 
-from dsamig.report import ProgressBar, RateMeter, progress_line, reconnect_note, summary_table
+from dsamig.control.commands import job_progress_line, jobs_table
+from dsamig.proto.live import LivePolicy, RoundFigures
+from dsamig.report import (
+    ProgressBar,
+    RateMeter,
+    live_line,
+    progress_line,
+    reconnect_note,
+    summary_table,
+)
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.units import parse_rate, rate_unit
 
@@ -129,3 +138,42 @@ def test_a_queued_job_says_why() -> None:
            "remaining": MiB, "queue-reason": "max_jobs 4 jobs are running"}
     status = next(line for line in summary_table(job).splitlines() if "status" in line)
     assert status.split("  ", 2)[-1].strip() == "queued — max_jobs 4 jobs are running"
+
+
+def live_job(status: str) -> dict[str, object]:
+    """A live job's JSON form as the sender's stats give it after two rounds."""
+    policy = LivePolicy(max_downtime_s=0.3, max_rounds=30)
+    policy.round_sent(RoundFigures(0, 1000, 0.0, 1000, 4096 * 1000, 1.0))
+    policy.decide(1, 500, 500 * 4096, scan_s=0.1, since_last_scan_s=2.0)
+    job: dict[str, object] = {"id": "0" * 36, "name": "vm", "status": status,
+                              "total": 8 << 20, "remaining": 1 << 20, "round": 1,
+                              **policy.to_dict()}
+    return job
+
+
+def test_a_running_live_job_shows_its_round_dirty_rate_and_expected_downtime() -> None:
+    job = live_job("active")
+    # 500 pages found in the 2 s since the last scan; 0.1 s scan + 500 pages
+    # at round 0's 4 096 000 B/s + the commit allowance.
+    assert live_line(job, finished=False) == (
+        f"round 1, 250 dirty pages/s, expected downtime {job['expected-downtime']} ms")
+    assert "round 1, 250 dirty pages/s" in summary_table(job)
+    table = jobs_table([job]).splitlines()
+    assert table[0].endswith("NOTE")
+    assert table[1].endswith("round 1, 250 dirty pages/s, expected downtime "
+                             f"{job['expected-downtime']} ms")
+    assert "round 1" in job_progress_line(job)
+
+
+def test_a_finished_live_job_shows_its_rounds_and_downtime() -> None:
+    job = {**live_job("completed"), "downtime": 87}
+    assert live_line(job, finished=True) == "1 round, downtime 87 ms"
+    assert jobs_table([job]).splitlines()[1].endswith("1 round, downtime 87 ms")
+
+
+def test_a_job_that_is_not_live_has_no_live_row_and_a_failed_one_shows_its_error() -> None:
+    job = {"id": "1" * 36, "name": "img", "status": "failed", "total": 4096,
+           "remaining": 4096, "error-desc": "the receiver refused the job"}
+    assert live_line(job, finished=True) == ""
+    assert "live" not in summary_table(job)
+    assert jobs_table([job]).splitlines()[1].endswith("the receiver refused the job")
