@@ -41,6 +41,7 @@ from tests.integration.daemon_helpers import (
     write_job,
 )
 from tests.integration.helpers import dsamig
+from tests.live_writer import LiveWriter
 
 MiB = 1024 * 1024
 FINISHED = ("completed", "failed", "cancelled")
@@ -429,6 +430,46 @@ def test_status_of_a_running_job(pair: Pair, image_factory) -> None:
     assert len(views) >= 2 and {v["id"] for v in views} == {job["id"]}
     assert views[-1]["status"] == "completed"
     assert "eta-s" not in views[-1]  # a finished job has only its final figures
+
+
+def test_a_live_job_from_yaml_shows_its_rounds_and_stores_the_frozen_image(
+        pair: Pair, image_factory, tmp_path) -> None:
+    """A ``live:`` job on the sender daemon: ``dsamig status`` shows its round
+    and dirty rate while a writer keeps dirtying the image, and the stored
+    copy is the image as the pause froze it."""
+    image, _, _ = image_factory(8 * MiB, seed=63, zero_every=4)
+    with LiveWriter(image, str(tmp_path / "count"), seed=64, rate=0) as writer:
+        writer.wait_writes(50)
+        pid = writer.pid
+        job = ok(pair.sender.socket, "job-start", job_document(
+            "live-vm", image, pair.receiver.port, max_bandwidth="4MiB", channels=2,
+            live={"pause_cmd": f"kill -STOP {pid} && "
+                               f"while ! grep -q '^State:.*T' /proc/{pid}/status; do :; done",
+                  "resume_cmd": f"kill -CONT {pid}", "max_downtime": "1ms",
+                  "max_rounds": 3}))
+
+        def in_a_later_round() -> dict[str, Any] | None:
+            view = pair.sender.job(job["id"])
+            return view if view.get("round", 0) >= 1 or view["status"] in FINISHED else None
+
+        running = wait_for(in_a_later_round, timeout_s=60, what="round 1")
+        human = dsamig("status", "live-vm", "--socket", pair.sender.socket)
+        table = dsamig("status", "--socket", pair.sender.socket)
+        done = pair.sender.wait_job(job["id"])
+        writer.wait_state(stopped=True)  # the guest lives on at the destination
+        frozen = read_bytes(image)
+    assert running["status"] == "active", running
+    assert human.returncode == 0, human.stderr
+    rows = {line.strip().split("  ", 1)[0]: line.strip().split("  ", 1)[1].strip()
+            for line in human.stdout.splitlines()[1:]}
+    assert rows["live"].startswith(f"round {running['round']}, ")
+    assert "dirty pages/s" in rows["live"]
+    line = next(x for x in table.stdout.splitlines() if " live-vm " in x)
+    assert " round " in line and "dirty pages/s" in line
+    assert done["status"] == "completed", done.get("error-desc")
+    assert done["dirty-sync-count"] == 4 and done["downtime"] >= 0  # rounds 0..3
+    assert [r["round"] for r in done["rounds"]] == [0, 1, 2, 3]
+    assert read_bytes(os.path.join(pair.storage, "live-vm")) == frozen
 
 
 def test_a_resuming_sender_takes_its_orphaned_job_over(pair: Pair, image_factory) -> None:
