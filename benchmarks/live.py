@@ -1,7 +1,8 @@
 """Live-transfer benchmark: downtime and total time against the writer's dirty rate.
 
-Run by hand (not a test):
+Run by hand (not a test; numpy is not a dependency of dsamig):
 
+    .venv/bin/pip install numpy
     .venv/bin/python benchmarks/live.py --size 2GiB --runs 5
     .venv/bin/python benchmarks/live.py --size 512MiB --runs 5 --rates 0,1000,10000,50000
 
@@ -34,8 +35,9 @@ it reached is measured from its write counter.  Two ways to move it:
 * ``dsamig+qemu``: ``dsamig send --live --qmp`` of the guest's RAM file,
   then the device state alone with ``x-ignore-shared`` into a destination
   QEMU on the received file; the guest's downtime is dsamig's ``downtime``
-  plus the wall time from the device-state ``migrate`` to the destination
-  running after ``cont``.
+  plus the wall time from the commit (starting the destination QEMU on the
+  received file, the device-state ``migrate``) to the destination running
+  after ``cont``.
 
 The cases run round-robin (each round runs every rate once), so slow
 phases of a shared machine hit every case alike; medians per rate are
@@ -420,13 +422,14 @@ async def run_dsamig_qemu_case(args: argparse.Namespace, rate: float) -> dict[st
             achieved = (guest_writes(mem) - w0) / (time.monotonic() - t0)
             if args.verify and not same_files(mem, received):
                 raise SystemExit("the received guest RAM differs from the frozen source")
+            # The guest stays down until the destination runs: its start-up counts.
+            t1 = time.monotonic()
             dest = Qemu(work, "dest", args.size, mem_path=received, incoming=True)
             uri = f"unix:{os.path.join(dest.sockdir, 'migrate')}"
             async with await dest.connect() as dq, await source.connect() as sq:
                 for qmp in (dq, sq):
                     await qmp.migrate_set_capabilities({"x-ignore-shared": True})
                 await dq.migrate_incoming(uri)
-                t1 = time.monotonic()
                 await sq.migrate(uri)
                 await sq.wait_migration(timeout_s=TIMEOUT_S)
                 while (await dq.query_status())["status"] == "inmigrate":
