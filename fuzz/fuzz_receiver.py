@@ -24,8 +24,8 @@ Two drivers:
     .venv/bin/pip install atheris
     .venv/bin/python fuzz/fuzz_receiver.py atheris -max_total_time=600
 
-``--as-transport-is`` makes the in-memory receiver copy two defects of
-today's transport (see MemoryReceiver in tests/protocol/pair.py); the target
+``--old-defects`` makes the in-memory receiver copy two defects the
+transport had (see MemoryReceiver in tests/protocol/pair.py); the target
 finds both. See docs/fuzzing.md.
 """
 
@@ -66,7 +66,7 @@ def run_batch(args: tuple[int, int, int, int, bool]) -> dict[str, object]:
     for seed in range(first, first + count):
         measure = measure_every > 0 and seed % measure_every == 0
         try:
-            target = run_program(seed, steps=steps, measure=measure, as_transport_is=as_is)
+            target = run_program(seed, steps=steps, measure=measure, old_defects=as_is)
         except BaseException as exc:
             findings.append((seed, f"{type(exc).__name__}: {exc}"))
             continue
@@ -86,7 +86,7 @@ def run_batch(args: tuple[int, int, int, int, bool]) -> dict[str, object]:
 def random_mode(options: argparse.Namespace) -> int:
     batch = 500
     work = [(first, min(batch, options.start + options.programs - first), options.steps,
-             options.measure_every, options.as_transport_is)
+             options.measure_every, options.old_defects)
             for first in range(options.start, options.start + options.programs, batch)]
     totals: dict[str, float] = {"programs": 0, "operations": 0, "commits": 0,
                                 "peak_bytes": 0, "peak_lines": 0, "slowest_s": 0.0}
@@ -128,7 +128,7 @@ def replay(options: argparse.Namespace) -> int:
     ReceiverFuzz._run = traced  # type: ignore[method-assign]
     try:
         run_program(options.seed, steps=options.steps, measure=True,
-                    as_transport_is=options.as_transport_is)
+                    old_defects=options.old_defects)
     except BaseException:
         traceback.print_exc()
         return 1
@@ -186,11 +186,11 @@ def main() -> int:
     rand.add_argument("--steps", type=int, default=30, help="operations per program")
     rand.add_argument("--measure-every", type=int, default=16,
                       help="measure memory and lines of every N-th program (0: never)")
-    rand.add_argument("--as-transport-is", action="store_true")
+    rand.add_argument("--old-defects", action="store_true")
     again = sub.add_parser("replay", help="run one program again, with a trace")
     again.add_argument("seed", type=int)
     again.add_argument("--steps", type=int, default=30)
-    again.add_argument("--as-transport-is", action="store_true")
+    again.add_argument("--old-defects", action="store_true")
     options = parser.parse_args()
     if options.mode == "random":
         return random_mode(options)

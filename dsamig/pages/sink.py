@@ -131,10 +131,13 @@ class PageSink:
             if self._busy == 0 and self._aborted is not None:
                 self._close()
 
-    def _may_rename(self, *, checkpoint: bool = False) -> bool:
-        """Whether a rename may still happen (call with the lock held): not
-        after an abort, except a checkpoint of a partial file kept for resume."""
-        return self._aborted is None or (checkpoint and self._aborted)
+    def _may_rename(self) -> bool:
+        """Whether a rename may still happen (call with the lock held): never
+        after an abort.  Not even a checkpoint of a file kept for resume: the
+        next job may already have read the checkpoint there was and punched
+        out what it does not cover, and a later record would claim those
+        packets."""
+        return self._aborted is None
 
     def _unlink(self, name: str, dir_fd: int) -> None:
         """Remove ``name`` (a link is removed itself); absent is fine."""
@@ -332,7 +335,7 @@ class PageSink:
             finally:
                 os.close(fd)
             with self._lock:  # an abort either comes before this rename or after it
-                if not self._may_rename(checkpoint=True):
+                if not self._may_rename():
                     self._unlink(temp, dir_fd)
                     raise SinkError(f"{self.partial_path!r} was discarded during a checkpoint")
                 os.rename(temp, self.progress_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -419,8 +422,9 @@ class PageSink:
         ``keep_for_resume`` (then a later job may continue from the
         checkpoint).  Idempotent, never raises.
 
-        While a checkpoint or commit runs, the files go at once; the
-        descriptors are closed when it returns.
+        While a checkpoint or commit runs, the files go at once (or, kept,
+        stay as the last checkpoint that landed left them: the running one
+        never lands); the descriptors are closed when it returns.
         """
         with self._lock:
             if self._finished or self._aborted is not None:

@@ -167,6 +167,7 @@ class ReceiverJob:
         self.log = get_logger(job=str(self.job_id), name=self.name, role="receiver")
         self._watchdog = asyncio.ensure_future(self._watch())
         self._commit_task: asyncio.Task[None] | None = None
+        self._committing = False  # past waiting for every END: no new session now
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Future[None] | None = None
         # Native receiving: what the job's threads share, and how many run.
@@ -400,6 +401,14 @@ class ReceiverJob:
             self.fail(exc)
             raise exc
         self._sums_requests.clear()  # asked by the old session: it will ask again
+        if self._commit_task is not None:
+            if self._committing:
+                raise JobFailedError("the job is committing what the sender's last session "
+                                     "sent", ErrorCode.REJECTED)
+            # A COMMIT_REQUEST belongs to its session: the new one asks again
+            # once its channels have ended.
+            self._commit_task.cancel()
+            self._commit_task = None
         try:
             self.core.restart_session(self.clock())
         except LimitExceededError as exc:
@@ -601,6 +610,7 @@ class ReceiverJob:
             except TimeoutError:
                 missing = sorted(set(range(self.channel_count)) - self.core.ended)
                 raise JobFailedError(f"channels {missing} never sent END") from None
+            self._committing = True
             self.stats.status = "completing"
             if self._checkpointing is not None:
                 # Never fsync/close the file under a checkpoint still writing.

@@ -20,12 +20,14 @@ import pytest
 from dsamig.pages import PageSink
 from dsamig.proto import (
     FEATURE_ACKS,
+    FEATURE_RESUME,
     Commit,
     End,
     Error,
     ErrorCode,
     Hello,
     Manifest,
+    ResumeState,
     Welcome,
     ZeroRange,
 )
@@ -477,3 +479,42 @@ async def test_a_packet_twice_is_refused_alike_on_both_paths(tmp_path) -> None:
             channel.close()
             answers.append(error.message.split(": ", 1)[1])
     assert answers == ["PACKET packet_number 1 received twice"] * 2
+
+
+# --- sessions: what belongs to which ------------------------------------------------------
+
+
+async def test_a_commit_request_belongs_to_its_session(tmp_path) -> None:
+    """Channel 0 asked to commit while channel 1 still streamed, then the
+    sender lost its channels and came back: the old session's request must
+    not commit the job for the new one (and answer COMMIT on a channel 0
+    that never asked); the new session's own request does."""
+    manifest = Manifest(image_size=MiB, page_size=4096, packet_pages=128)
+    count = manifest.packet_count
+    job = RawJob(manifest, channels=2, name="sessions",
+                 features=FEATURE_ACKS | FEATURE_RESUME)
+    async with receiver(tmp_path) as server:
+        old = [await RawChannel.open(server.port) for _ in range(2)]
+        for index, channel in enumerate(old):
+            assert isinstance(await channel.hello(job.hello(index)), Welcome)
+        receiving = job_of(server)
+        old[0].send(ZeroRange(0, count), End(packets=count, payload_bytes=0),
+                    job.all_zero_commit())
+        await wait_until(lambda: receiving._commit_task is not None)
+        # The sender comes back on new connections (its old ones are stuck).
+        new = [await RawChannel.open(server.port) for _ in range(2)]
+        for index, channel in enumerate(new):
+            assert isinstance(await channel.hello(job.hello(index)), Welcome)
+        for channel in new:
+            channel.send(End(packets=0, payload_bytes=0))
+        await wait_until(lambda: len(receiving.core.ended) == 2)
+        assert not receiving.finished  # nobody in this session asked to commit yet
+        new[0].send(job.all_zero_commit())
+        answer = await new[0].answer()
+        while isinstance(answer, ResumeState):
+            answer = await new[0].answer()
+        assert isinstance(answer, Commit), answer
+        for channel in [*old, *new]:
+            channel.close()
+        assert receiving.stats.status == "completed"
+    assert read_bytes(str(tmp_path / "sessions")) == bytes(MiB)

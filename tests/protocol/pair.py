@@ -722,14 +722,15 @@ class MemoryReceiver:
     ``land_checkpoint`` (the executor returning), so that a test can crash
     the receiver in between.
 
-    Two things the transport does today are wrong, and the mirror does them
-    only when asked, to show them: ``late_checkpoints``, a checkpoint that a
-    failed job was still writing lands later (:meth:`land_orphans`), as
-    ``PageSink`` allows for a file kept for resume, even after another job
-    took the file over; ``stale_commit``, a COMMIT_REQUEST outlives the
-    session it came in (``ReceiverJob``'s commit task is not cancelled by
-    ``restart_session``), so the commit may answer on a channel 0 that never
-    asked. By default the mirror does what the transport should.
+    Two defects the fuzz target found in the transport (both fixed there),
+    which the mirror reproduces only when asked, to show that the target
+    catches them: ``late_checkpoints``, a checkpoint that a failed job was
+    still writing lands later (:meth:`land_orphans`), even after another job
+    took the file over (``PageSink`` now refuses any rename after an abort);
+    ``stale_commit``, a COMMIT_REQUEST outlives the session it came in, so
+    the commit may answer on a channel 0 that never asked (``ReceiverJob``'s
+    ``restart_session`` now cancels a commit still waiting for the ENDs). By
+    default the mirror does what the transport does.
     """
 
     def __init__(

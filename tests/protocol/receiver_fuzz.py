@@ -224,14 +224,14 @@ class ReceiverFuzz:
     """A receiver in memory and a hostile sender; see the module docstring."""
 
     def __init__(self, image: FuzzImage, *, measure: bool = False,
-                 as_transport_is: bool = False) -> None:
+                 old_defects: bool = False) -> None:
         self.fuzz = image
         self.manifest = image.manifest
         self.measure = measure
-        # as_transport_is: the two defects of today's transport too (see MemoryReceiver).
+        # old_defects: the two defects the transport had, too (see MemoryReceiver).
         self.receiver = MemoryReceiver(limits=FUZZ_LIMITS, idle_s=IDLE_S, land_checkpoints=False,
-                                       late_checkpoints=as_transport_is,
-                                       stale_commit=as_transport_is)
+                                       late_checkpoints=old_defects,
+                                       stale_commit=old_defects)
         self.conns: list[Conn] = []
         self.job_id = uuid.UUID(int=1)
         self.next_job = 2
@@ -735,10 +735,10 @@ class ReceiverFuzz:
 
 
 def run_program(seed: int, *, steps: int = 60, measure: bool = False,
-                as_transport_is: bool = False) -> ReceiverFuzz:
+                old_defects: bool = False) -> ReceiverFuzz:
     """One fuzz input from a seed: an image and ``steps`` random operations."""
     rng = random.Random(seed)
-    target = ReceiverFuzz(FuzzImage.make(rng), measure=measure, as_transport_is=as_transport_is)
+    target = ReceiverFuzz(FuzzImage.make(rng), measure=measure, old_defects=old_defects)
     random_operations(target, rng, steps)
     return target
 

@@ -136,11 +136,11 @@ def test_random_programs() -> None:
     assert commits > 60  # most programs reach a commit or two: rule (b) is exercised
 
 
-def late_checkpoint(as_transport_is: bool) -> ReceiverFuzz:
+def late_checkpoint(old_defects: bool) -> ReceiverFuzz:
     """A job's checkpoint is still being written when a restarted sender's new
     job takes its partial file over; then the receiver dies, and the sender
     resumes once more."""
-    target = ReceiverFuzz(FuzzImage.make(random.Random(3)), as_transport_is=as_transport_is)
+    target = ReceiverFuzz(FuzzImage.make(random.Random(3)), old_defects=old_defects)
     count = target.manifest.packet_count
     target.hello(0, 0, "resume")  # one channel
     target.packet(0, 0, "valid")
@@ -161,25 +161,25 @@ def late_checkpoint(as_transport_is: bool) -> ReceiverFuzz:
 
 
 def test_the_target_sees_a_checkpoint_landing_late() -> None:
-    # PageSink lets a checkpoint of a file kept for resume land after its job
+    # PageSink let a checkpoint of a file kept for resume land after its job
     # failed, even after another job took the file over and punched out what
     # its own checkpoint did not cover: the late record then claims packets
     # the file does not hold, with the image's records, and the job commits
-    # the wrong bytes. A defect of today's transport, copied when asked.
+    # the wrong bytes. A defect the transport had, copied when asked.
     assert FuzzImage.make(random.Random(3)).manifest.packet_count > 2
     with pytest.raises(Finding, match="do not have the digest"):
-        late_checkpoint(as_transport_is=True)
-    target = late_checkpoint(as_transport_is=False)
+        late_checkpoint(old_defects=True)
+    target = late_checkpoint(old_defects=False)
     assert target.commits == 0  # resumed from packet 0 only: the rest is missing
     for choice in range(40):
         target.sender_step(choice)
     assert target.commits == 1
 
 
-def stale_commit(as_transport_is: bool) -> ReceiverFuzz:
+def stale_commit(old_defects: bool) -> ReceiverFuzz:
     """Channel 0 ENDs and asks to commit while channel 1 still streams; the
     sender reconnects; the new session ends without asking again yet."""
-    target = ReceiverFuzz(FuzzImage.make(random.Random(7)), as_transport_is=as_transport_is)
+    target = ReceiverFuzz(FuzzImage.make(random.Random(7)), old_defects=old_defects)
     target.hello(1, 0, "resume")
     target.hello(1, 1, "join")
     for n in range(target.manifest.packet_count):
@@ -194,12 +194,12 @@ def stale_commit(as_transport_is: bool) -> ReceiverFuzz:
 
 
 def test_a_commit_request_belongs_to_its_session() -> None:
-    # Today's transport keeps the old session's COMMIT_REQUEST: once the new
-    # session's channels END it commits and answers COMMIT on a channel 0
+    # The transport kept the old session's COMMIT_REQUEST: once the new
+    # session's channels ENDed it committed and answered COMMIT on a channel 0
     # that never asked (a LocalProtocolError in the commit task).
     with pytest.raises(LocalProtocolError, match="cannot send COMMIT in state ENDED"):
-        stale_commit(as_transport_is=True)
-    target = stale_commit(as_transport_is=False)
+        stale_commit(old_defects=True)
+    target = stale_commit(old_defects=False)
     assert target.live is not None and not target.live.finished
     target.commit_request(2, "image")  # the new session asks: now it commits
     assert target.commits == 1
