@@ -373,6 +373,11 @@ def start_guest(args: argparse.Namespace, work: str, rate: float) -> tuple[Qemu,
     """A dirtying guest with the image as its RAM; returns it once it writes."""
     mem = args.image
     ticks = round(args.tsc_hz / rate) if rate > 0 else 0
+    # The image is the RAM of every run's guest: clear the count an earlier
+    # guest left, so that "it writes" means this guest booted and writes.
+    with open(mem, "r+b") as f:
+        f.seek(GUEST_WRITES)
+        f.write(bytes(4))
     vm = Qemu(work, "source", args.size, mem_path=mem,
               kernel=build_guest(work, ticks, args.size))
     if rate > 0:
