@@ -49,6 +49,8 @@ from dsamig.transport.receiver import JobFailedError, ReceiverJob, ReceiverServe
 from dsamig.transport.sender import LiveOptions, Sender, SendOptions, send_image
 from dsamig.units import rate_unit
 
+#: How long a finished job's report waits for its channel threads to end.
+THREADS_WAIT_S = 2.0
 #: How long ``receive --once`` waits for a failed job's channels to deliver
 #: its ERROR before it exits, and how often it looks.
 LINGER_S = 2.0
@@ -299,6 +301,9 @@ class ReceiveCommand:
                     self._stop_bar(job)
                     if job.superseded:
                         continue  # a restarted sender took its partial file over
+                    # Its channel threads end as their connections close: wait
+                    # for them, so that the figures carry their CPU time.
+                    await job.threads_ended(THREADS_WAIT_S)
                     exit_code = self._report(job)
                     if self.once:
                         await linger(server)

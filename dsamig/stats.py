@@ -151,9 +151,12 @@ class JobStats:
         self.setup_done = time.monotonic()
 
     def add_thread_cpu(self, name: str, seconds: float) -> None:
-        """Count the CPU time of a thread of this job that has ended."""
+        """Count the CPU time of a thread of this job that has ended (a
+        channel's thread may end just after the job did)."""
         if self.finished is None:
             self.ended_threads[name] = self.ended_threads.get(name, 0.0) + seconds
+        else:
+            self.threads[name] = round(self.threads.get(name, 0.0) + seconds, 3)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Freeze the clock and the CPU figures, then end in ``status``: the

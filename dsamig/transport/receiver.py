@@ -164,6 +164,7 @@ class ReceiverJob:
                               page_size=self.manifest.page_size, counters=self.core.counters)
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[JobStats] = loop.create_future()
+        self._threads_ended = asyncio.Event()
         self.log = get_logger(job=str(self.job_id), name=self.name, role="receiver")
         self._watchdog = asyncio.ensure_future(self._watch())
         self._commit_task: asyncio.Task[None] | None = None
@@ -212,9 +213,20 @@ class ReceiverJob:
 
     def _release_native(self) -> None:
         """Unmap and unpin once the job is over and its threads have ended."""
-        if self._native is not None and self._pumps == 0 and self.done.done():
-            self._native.close()
-            self._native = None
+        if self._pumps == 0 and self.done.done():
+            if self._native is not None:
+                self._native.close()
+                self._native = None
+            self._threads_ended.set()
+
+    async def threads_ended(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the job is over and its native
+        threads have ended, so that their CPU time is in its figures."""
+        try:
+            await asyncio.wait_for(self._threads_ended.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def tracker(self) -> PacketTracker:

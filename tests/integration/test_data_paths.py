@@ -8,13 +8,14 @@ byte for byte, and the same page counts; the stats say which path ran.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from dsamig.native import impl
 from tests.conftest import read_bytes
-from tests.integration.helpers import transfer_in_process
+from tests.integration.helpers import Receiver, dsamig, transfer_in_process
 
 MiB = 1024 * 1024
 
@@ -55,6 +56,24 @@ async def test_channel_threads_show_in_the_cpu_figures(tmp_path, image_factory) 
     sent, received = await transfer_in_process(image, output, channels=2)
     assert {"dsamig-send-0", "dsamig-send-1"} <= set(sent.threads)
     assert {"dsamig-recv-0", "dsamig-recv-1"} <= set(received.threads)
+
+
+def test_the_receive_commands_report_has_every_channel_thread(tmp_path, image_factory) -> None:
+    """``receive --json`` reports once the job's channel threads have ended:
+    each one's CPU time is there, though they end after the commit."""
+    image, _, _ = image_factory(16 * MiB, seed=34, zero_every=4)
+    output = str(tmp_path / "out.img")
+    receiver = Receiver.start(output, "--once", "--json")
+    try:
+        sent = dsamig("send", image, "--to", f"127.0.0.1:{receiver.port}", "--channels", "4")
+        code, out, err = receiver.finish()
+    finally:
+        receiver.kill()
+    assert sent.returncode == 0 and code == 0, (sent.stderr, err)
+    report = json.loads(out.splitlines()[-1])
+    assert report["data-path"] == "native"
+    assert {f"dsamig-recv-{i}" for i in range(4)} <= set(report["thread-cpu-s"])
+    assert read_bytes(output) == read_bytes(image)
 
 
 async def test_a_resumed_job_on_the_native_path_sends_only_the_rest(
