@@ -29,6 +29,7 @@ from dsamig.settings import (
     EXIT_USAGE,
     RETRY_FOR_S,
     Timeouts,
+    parse_channels,
 )
 from dsamig.units import parse_duration, parse_rate, parse_size
 
@@ -44,6 +45,13 @@ def _rate(text: str) -> float:
     if not rate > 0:
         raise argparse.ArgumentTypeError(f"bandwidth {text!r} must be more than 0")
     return rate
+
+
+def _channels(text: str) -> int:
+    try:
+        return parse_channels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _duration(text: str) -> float:
@@ -90,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     send.add_argument("image", help="the image file (or block device) to send")
     send.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address")
-    send.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
-                      help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
+    send.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
+                      help=f"parallel TCP channels, or auto: one per core, 2..16 "
+                           f"(default {DEFAULT_CHANNELS})")
     send.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none (send every page)")
     send.add_argument("--engine-threads", type=int, default=None, metavar="N",
@@ -211,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     demo.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
                       help="image size (default 256MiB)")
-    demo.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
-                      help=f"parallel TCP channels (default {DEFAULT_CHANNELS})")
+    demo.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
+                      help=f"parallel TCP channels, or auto: one per core, 2..16 "
+                           f"(default {DEFAULT_CHANNELS})")
     demo.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none")
     demo.add_argument("--workdir", default=None, metavar="DIR",

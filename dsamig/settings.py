@@ -8,6 +8,7 @@ CLI's defaults are the YAML schema's defaults are the transport's.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -93,6 +94,40 @@ DEFAULT_PORT: Final = 7780
 DEFAULT_CHANNELS: Final = 4
 #: TCP channels of one job (a HELLO's channel count is a byte, but 64 is plenty).
 MAX_CHANNELS: Final = 64
+#: ``--channels auto``'s bounds (see :func:`auto_channels`).
+AUTO_CHANNELS_MIN: Final = 2
+AUTO_CHANNELS_MAX: Final = 16
+
+
+def auto_channels(cpus: int | None = None) -> int:
+    """``--channels auto``: one channel per core this process may run on
+    (``cpus``: that count, else the scheduler's), at least 2 and at most 16.
+
+    Each channel has a thread on either side that moves its bytes, so more
+    channels than cores only add switching, and one channel leaves a job at
+    the mercy of one connection.  The figures behind the rule are in
+    docs/performance.md ("Channels").
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(AUTO_CHANNELS_MIN, min(AUTO_CHANNELS_MAX, cpus))
+
+
+def parse_channels(text: str) -> int:
+    """A channel count as a user writes it: ``1``..``64``, or ``auto``
+    (ValueError naming the problem)."""
+    if text.strip().lower() == "auto":
+        return auto_channels()
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"channels must be 1..{MAX_CHANNELS} or auto, not {text!r}") from None
+    if not 1 <= count <= MAX_CHANNELS:
+        raise ValueError(f"channels must be 1..{MAX_CHANNELS} or auto, not {count}")
+    return count
 #: How long a started job keeps reconnecting a broken transfer.
 RETRY_FOR_S: Final = 60.0
 #: Zero-page detection backends; ``auto`` picks DSA when usable, else the CPU.

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import yaml
 
 from dsamig.errors import ConfigError
+from dsamig.settings import MAX_CHANNELS, auto_channels
 from dsamig.units import parse_duration, parse_rate, parse_size
 
 #: Configuration files are short; a bigger one is a mistake (or an attack on
@@ -252,6 +253,21 @@ def integer(lo: int, hi: int) -> Converter:
     def convert(value: Any, where: Where) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             where.fail(f"must be an integer {lo}..{hi}, not {show(value)}")
+        return value
+
+    return convert
+
+
+def channel_count() -> Converter:
+    """A job's channels: an integer 1..64, or ``auto`` (resolved here, by
+    :func:`dsamig.settings.auto_channels`)."""
+
+    def convert(value: Any, where: Where) -> int:
+        if value == "auto":
+            return auto_channels()
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or not 1 <= value <= MAX_CHANNELS:
+            where.fail(f"must be an integer 1..{MAX_CHANNELS} or auto, not {show(value)}")
         return value
 
     return convert

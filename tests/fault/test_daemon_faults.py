@@ -118,7 +118,7 @@ def test_cli_errors_without_a_daemon(directory: str, image_factory) -> None:
         f.write("name: ok\nsource: x\ndestination: {host: h}\nchannels: 0\n")
     invalid = dsamig("start", bad, "--socket", os.path.join(directory, "none.sock"))
     assert invalid.returncode == 2
-    assert f"{bad}:4: channels: must be an integer 1..64, not 0" in invalid.stderr
+    assert f"{bad}:4: channels: must be an integer 1..64 or auto, not 0" in invalid.stderr
 
 
 def test_failed_jobs_do_not_stop_the_daemon(directory: str, image_factory) -> None:

@@ -85,3 +85,15 @@ def test_every_exit_code_is_documented() -> None:
     for code, text in EXIT_CODES:
         assert re.search(rf"^  {code}\s+{re.escape(text)}$", top, re.MULTILINE), code
         assert table.get(str(code)) == text, f"exit code {code}: README.md's table differs"
+
+
+@pytest.mark.parametrize("command", ["send", "demo"])
+def test_channels_take_a_count_or_auto(command: str, capsys) -> None:
+    extra = ["img", "--to", "h:1"] if command == "send" else []
+    parser = build_parser()
+    auto = parser.parse_args([command, *extra, "--channels", "auto"])
+    assert auto.channels == settings.auto_channels()
+    assert parser.parse_args([command, *extra, "--channels", "8"]).channels == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *extra, "--channels", "65"])
+    assert "channels must be 1..64 or auto, not 65" in capsys.readouterr().err

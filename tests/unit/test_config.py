@@ -11,6 +11,7 @@ from dsamig.errors import ConfigError
 from dsamig.jobs import JobSpec, load_job, load_receiver_config, load_sender_config
 from dsamig.jobs.config import ReceiverConfig, SenderConfig, default_control_socket
 from dsamig.jobs.schema import MAX_DOCUMENT_BYTES, load_yaml_text
+from dsamig.settings import auto_channels
 
 JOB = "name: vm1\nsource: /img\ndestination: {host: dest}\n"
 SENDER = "source_dirs: [/srv/vms]\n"
@@ -50,6 +51,12 @@ def test_job_units_and_relative_source(tmp_path) -> None:
     options = send_options(spec, __import__("uuid").uuid4())
     options.validate()
     assert (options.channels, options.engine, options.engine_threads) == (8, "cpu", 2)
+
+
+def test_channels_auto_is_one_per_core_of_the_host(tmp_path) -> None:
+    spec = load_job(write(tmp_path, JOB + "channels: auto\n"))
+    assert spec.channels == auto_channels()
+    assert spec.to_document()["channels"] == spec.channels  # resolved where it was read
 
 
 def test_job_document_round_trip() -> None:
@@ -112,9 +119,11 @@ def test_daemon_config_values(tmp_path) -> None:
 BAD = [
     ("job", JOB + "chanels: 3\n",
      "f.yaml:4: chanels: unknown key (allowed: name, source, destination, channels,"),
-    ("job", JOB + "channels: three\n", "f.yaml:4: channels: must be an integer 1..64, not 'three'"),
-    ("job", JOB + "channels: true\n", "f.yaml:4: channels: must be an integer 1..64, not True"),
-    ("job", JOB + "channels: 65\n", "channels: must be an integer 1..64, not 65"),
+    ("job", JOB + "channels: three\n",
+     "f.yaml:4: channels: must be an integer 1..64 or auto, not 'three'"),
+    ("job", JOB + "channels: true\n",
+     "f.yaml:4: channels: must be an integer 1..64 or auto, not True"),
+    ("job", JOB + "channels: 65\n", "channels: must be an integer 1..64 or auto, not 65"),
     ("job", "name: vm1\nsource: /img\ndestination:\n  host: h\n  port: http\n",
      "f.yaml:5: destination.port: must be an integer 1..65535, not 'http'"),
     ("job", JOB + "packet_size: 512KB2\n",
@@ -196,6 +205,8 @@ BAD = [
                                   "pause_cmd and resume_cmd: one of them"),
     ("job", JOB + "live: {qmp: /q, max_rounds: 0}\n",
      "f.yaml:4: live.max_rounds: must be an integer 1..1000, not 0"),
+    ("job", JOB + "channels: many\n",
+     "f.yaml:4: channels: must be an integer 1..64 or auto, not 'many'"),
     ("receiver", RECEIVER + "security: {allow_unauthenticated: yes please}\n",
      "f.yaml:4: security.allow_unauthenticated: must be true or false"),
 ]

@@ -9,9 +9,12 @@ from dsamig.settings import (
     EXIT_CANCELLED,
     EXIT_OK,
     EXIT_TRANSFER,
+    MAX_CHANNELS,
     JobState,
+    auto_channels,
     exit_code_for,
     geometry_problem,
+    parse_channels,
 )
 
 
@@ -58,3 +61,27 @@ def test_a_job_needs_its_packet() -> None:
 ])
 def test_exit_code_for(state: str, code: int) -> None:
     assert exit_code_for(state) == code
+
+
+@pytest.mark.parametrize(("cpus", "channels"), [(1, 2), (2, 2), (4, 4), (8, 8), (16, 16),
+                                                  (64, 16)])
+def test_auto_channels_is_one_per_core_within_2_to_16(cpus: int, channels: int) -> None:
+    assert auto_channels(cpus) == channels
+
+
+def test_auto_channels_counts_the_cores_this_process_may_use() -> None:
+    import os
+
+    assert auto_channels() == max(2, min(16, len(os.sched_getaffinity(0))))
+
+
+@pytest.mark.parametrize(("text", "result"), [("1", 1), ("64", 64), ("auto", None),
+                                              (" AUTO ", None)])
+def test_channel_counts_as_users_write_them(text: str, result: int | None) -> None:
+    assert parse_channels(text) == (auto_channels() if result is None else result)
+
+
+@pytest.mark.parametrize("text", ["0", "65", "four", ""])
+def test_bad_channel_counts_say_what_is_allowed(text: str) -> None:
+    with pytest.raises(ValueError, match=f"channels must be 1..{MAX_CHANNELS} or auto"):
+        parse_channels(text)
