@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("image", help="the image file (or block device) to send")
     send.add_argument("--to", required=True, metavar="HOST:PORT", help="receiver address")
     send.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
-                      help=f"parallel TCP channels, or auto: one per core, 2..16 "
+                      help=f"parallel TCP channels, or auto: one per core, 4..16 "
                            f"(default {DEFAULT_CHANNELS})")
     send.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none (send every page)")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
                       help="image size (default 256MiB)")
     demo.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
-                      help=f"parallel TCP channels, or auto: one per core, 2..16 "
+                      help=f"parallel TCP channels, or auto: one per core, 4..16 "
                            f"(default {DEFAULT_CHANNELS})")
     demo.add_argument("--engine", choices=ENGINE_NAMES, default=DEFAULT_ENGINE,
                       help="zero-page detection: auto, cpu, dsa, or none")

@@ -95,18 +95,19 @@ DEFAULT_CHANNELS: Final = 4
 #: TCP channels of one job (a HELLO's channel count is a byte, but 64 is plenty).
 MAX_CHANNELS: Final = 64
 #: ``--channels auto``'s bounds (see :func:`auto_channels`).
-AUTO_CHANNELS_MIN: Final = 2
+AUTO_CHANNELS_MIN: Final = 4
 AUTO_CHANNELS_MAX: Final = 16
 
 
 def auto_channels(cpus: int | None = None) -> int:
     """``--channels auto``: one channel per core this process may run on
-    (``cpus``: that count, else the scheduler's), at least 2 and at most 16.
+    (``cpus``: that count, else the scheduler's), at least 4 and at most 16.
 
-    Each channel has a thread on either side that moves its bytes, so more
-    channels than cores only add switching, and one channel leaves a job at
-    the mercy of one connection.  The figures behind the rule are in
-    docs/performance.md ("Channels").
+    Each channel has a thread on either side that moves its bytes, so a
+    host with more cores can keep more channels busy.  Below 4 (the default)
+    fewer channels measured no faster on a 2-core host, and one channel
+    leaves a job at the mercy of one connection.  The figures behind the
+    rule are in docs/performance.md ("Channels").
     """
     if cpus is None:
         try:

@@ -402,7 +402,7 @@ JOB_SCHEMA = mapping((
         help="image to send (relative to the job file's directory)"),
     Key("destination", mapping(DESTINATION_KEYS), required=True, help="the receiver"),
     Key("channels", channel_count(), default=DEFAULT_CHANNELS,
-        help="parallel TCP channels, or auto: one per core of the sending host, 2..16"),
+        help="parallel TCP channels, or auto: one per core of the sending host, 4..16"),
     Key("packet_size", size(MIN_PAGE_SIZE, 64 * 1024 * 1024), default=DEFAULT_PACKET_SIZE,
         help="bytes per packet, a whole number of pages"),
     Key("page_size", size(MIN_PAGE_SIZE, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,

@@ -63,16 +63,16 @@ def test_exit_code_for(state: str, code: int) -> None:
     assert exit_code_for(state) == code
 
 
-@pytest.mark.parametrize(("cpus", "channels"), [(1, 2), (2, 2), (4, 4), (8, 8), (16, 16),
-                                                  (64, 16)])
-def test_auto_channels_is_one_per_core_within_2_to_16(cpus: int, channels: int) -> None:
+@pytest.mark.parametrize(("cpus", "channels"), [(1, 4), (2, 4), (4, 4), (6, 6), (8, 8),
+                                                  (16, 16), (64, 16)])
+def test_auto_channels_is_one_per_core_within_4_to_16(cpus: int, channels: int) -> None:
     assert auto_channels(cpus) == channels
 
 
 def test_auto_channels_counts_the_cores_this_process_may_use() -> None:
     import os
 
-    assert auto_channels() == max(2, min(16, len(os.sched_getaffinity(0))))
+    assert auto_channels() == max(4, min(16, len(os.sched_getaffinity(0))))
 
 
 @pytest.mark.parametrize(("text", "result"), [("1", 1), ("64", 64), ("auto", None),
