@@ -23,9 +23,6 @@ COMMIT_ALLOWANCE_S: Final = 0.02
 #: changes before the dirty rate counts as not converging.
 STALL_SHARE: Final = 0.95
 STALL_ROUNDS: Final = 3
-#: When sending the changes would take at most this share of the scan, the
-#: scan is the final round's cost: another round cannot shorten it much.
-SCAN_BOUND_SHARE: Final = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,8 @@ class LivePolicy:
     image (content-based change detection) and send what the scan finds,
     so its time is predicted as the scan's time plus the changed bytes at the
     rate the last round achieved. The job pauses when that fits
-    ``max_downtime_s``; when sending the changes would take little next to
-    the scan (more rounds cannot shorten the scan); when ``max_rounds``
+    ``max_downtime_s``; when the scan found no change (more rounds cannot
+    shorten the final one's scan); when ``max_rounds``
     rounds have run; or when the changes stop shrinking (each of the last
     rounds found nearly as much as the one before): iterating on would not
     help.
@@ -94,10 +91,10 @@ class LivePolicy:
         self.expected_downtime_s = expected
         if expected <= self.max_downtime_s:
             return Decision(True, "the final round fits the downtime budget", expected)
-        if send_s <= SCAN_BOUND_SHARE * scan_s:
-            # Every round rescans the whole image: what iterating could still
-            # save is the send, and that is small next to the scan.
-            return Decision(True, "the scan of the image bounds the final round", expected)
+        if dirty_pages == 0:
+            # Every round rescans the whole image: with nothing to send, another
+            # round would cost a scan and shorten nothing.
+            return Decision(True, "nothing changed since the last round", expected)
         if round_number >= self.max_rounds:
             return Decision(True, f"max_rounds ({self.max_rounds}) reached", expected)
         found = [r.dirty_pages for r in self.rounds[-STALL_ROUNDS:]] + [dirty_pages]
@@ -121,4 +118,4 @@ class LivePolicy:
         return figures
 
 
-__all__ = ["COMMIT_ALLOWANCE_S", "SCAN_BOUND_SHARE", "Decision", "LivePolicy", "RoundFigures"]
+__all__ = ["COMMIT_ALLOWANCE_S", "Decision", "LivePolicy", "RoundFigures"]
