@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -32,4 +32,19 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-__all__ = ["run_loop"]
+async def bounded(aw: Awaitable[T], timeout_s: float | None) -> T:
+    """Await ``aw`` for at most ``timeout_s`` seconds (TimeoutError after;
+    None: no bound).  Every bounded wait of dsamig goes through here.
+
+    ``asyncio.wait_for`` on Python 3.11 loses a cancellation that arrives in
+    the same pass of the loop as ``aw``'s result: it returns the result, and
+    its caller runs on as if never cancelled, into its next wait (CPython
+    gh-86296, fixed in 3.12).  A job cancelled as its END was written then
+    sat out a whole idle timeout waiting for ACKs.  ``asyncio.timeout``
+    keeps the cancellation.
+    """
+    async with asyncio.timeout(timeout_s):
+        return await aw
+
+
+__all__ = ["bounded", "run_loop"]

@@ -9,6 +9,7 @@ from typing import Any
 
 from dsamig.control.protocol import MAX_REPLY_LINE, ErrorClass, encode_line
 from dsamig.errors import DsamigError, NetworkError
+from dsamig.runtime import bounded
 from dsamig.settings import EXIT_TRANSFER, EXIT_USAGE
 
 
@@ -52,7 +53,7 @@ class ControlClient:
     async def connect(cls, path: str, timeout_s: float = 5.0) -> ControlClient:
         """Connect and read the greeting; NetworkError when there is no daemon."""
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await bounded(
                 asyncio.open_unix_connection(path, limit=MAX_REPLY_LINE), timeout_s
             )
         except TimeoutError:
@@ -71,7 +72,7 @@ class ControlClient:
                 f"cannot connect to control socket {path!r}: {exc.strerror or exc}"
             ) from None
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout_s)
+            line = await bounded(reader.readline(), timeout_s)
             greeting = json.loads(line)
         except (TimeoutError, ValueError, ConnectionError):
             greeting = None
@@ -127,7 +128,7 @@ class ControlClient:
         try:
             self.writer.write(encode_line(request))
             await self.writer.drain()
-            reply = await asyncio.wait_for(future, timeout_s)
+            reply = await bounded(future, timeout_s)
         except TimeoutError:
             raise NetworkError(f"{command}: no answer from the daemon in {timeout_s:g} s") from None
         except ConnectionError as exc:
@@ -139,7 +140,7 @@ class ControlClient:
 
     async def next_event(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The next event line; NetworkError once the daemon has gone."""
-        event = await asyncio.wait_for(self._events.get(), timeout_s)
+        event = await bounded(self._events.get(), timeout_s)
         if event is None:
             self._events.put_nowait(None)  # every later call fails the same way
             assert self._lost is not None

@@ -36,6 +36,7 @@ from dsamig.control.protocol import (
 )
 from dsamig.errors import DsamigError, NetworkError
 from dsamig.logs import get_logger
+from dsamig.runtime import bounded
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -75,7 +76,7 @@ class ControlConnection:
         if self.closed:
             return
         try:
-            await asyncio.wait_for(self.writer.drain(), REPLY_DRAIN_S)
+            await bounded(self.writer.drain(), REPLY_DRAIN_S)
         except TimeoutError:
             self.writer.transport.abort()
         except ConnectionError:
@@ -194,7 +195,7 @@ class ControlServer:
             await asyncio.wait(self._tasks, timeout=2.0)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await bounded(self._server.wait_closed(), 2.0)
             self._server = None
         if self._inode is not None:
             try:

@@ -56,6 +56,7 @@ from dsamig.jobs.config import DaemonConfig
 from dsamig.jobs.model import JobRecord, JobRegistry
 from dsamig.logs import configure, get_logger, loop_exception_handler
 from dsamig.report import RateMeter
+from dsamig.runtime import bounded
 from dsamig.settings import EXIT_OK, JobState
 from dsamig.units import format_bytes
 
@@ -309,7 +310,7 @@ class Daemon(ABC):
         assert self._wake is not None
         while not self.should_exit:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+                await bounded(self._wake.wait(), self.tick_s)
             self._wake.clear()
             if self._reload_requested:
                 self._reload_requested = False
@@ -334,7 +335,7 @@ class Daemon(ABC):
             if left <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(self.tick_s, left))
+                await bounded(self._wake.wait(), min(self.tick_s, left))
             self._wake.clear()
             self.tick()
         if self.running_jobs():
@@ -342,7 +343,7 @@ class Daemon(ABC):
                              forced=self.force_exit)
             reason = "daemon shutting down" + (" (forced)" if self.force_exit else "")
             try:
-                await asyncio.wait_for(self.cancel_all(reason), CANCEL_BOUND_S + 5)
+                await bounded(self.cancel_all(reason), CANCEL_BOUND_S + 5)
             except TimeoutError:
                 self.log.error("jobs did not end after cancellation; exiting anyway",
                                running=self.running_jobs())

@@ -21,6 +21,7 @@ from typing import Any
 
 from dsamig.errors import NetworkError
 from dsamig.logs import get_logger
+from dsamig.runtime import bounded
 from dsamig.stats import JobStats
 
 MAX_REQUEST_HEAD = 8192
@@ -280,7 +281,7 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            head = await bounded(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
             parts = head.split(b"\r\n", 1)[0].split()
             if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
                 self._respond(writer, 405, "method not allowed\n")
@@ -295,7 +296,7 @@ class MetricsServer:
                 else:
                     self._respond(writer, 200, body if parts[0] == b"GET" else "",
                                   "text/plain; version=0.0.4; charset=utf-8")
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+            await bounded(writer.drain(), REQUEST_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):
             pass
@@ -320,5 +321,5 @@ class MetricsServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await bounded(self._server.wait_closed(), 2.0)
             self._server = None

@@ -11,6 +11,7 @@ import socket
 
 from dsamig.errors import ConfigError, NetworkError
 from dsamig.proto import Manifest
+from dsamig.runtime import bounded
 from dsamig.settings import DEFAULT_PORT, MiB, Timeouts
 
 # The receiver checkpoints (fsync + progress record) at least every this many
@@ -105,7 +106,7 @@ class Drain:
         if self._waiter is None:
             self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._waiter), timeout_s)
+            await bounded(asyncio.shield(self._waiter), timeout_s)
         except TimeoutError:
             raise NetworkError(f"{what}: peer stopped reading for {timeout_s:g} s") from None
 

@@ -77,6 +77,7 @@ from dsamig.proto import (
 )
 from dsamig.proto.frames import MAX_SUMS_PACKETS, SUMS_SEED_SIZE
 from dsamig.proto.refresh import packet_fingerprint
+from dsamig.runtime import bounded
 from dsamig.settings import MiB, ReceiverLimits
 from dsamig.stats import ChannelStats, JobStats
 from dsamig.transport.common import Timeouts, tune_socket
@@ -221,7 +222,7 @@ class ReceiverJob:
         """Wait (at most ``timeout_s``) until the job is over and its native
         threads have ended, so that their CPU time is in its figures."""
         try:
-            await asyncio.wait_for(self._threads_ended.wait(), timeout_s)
+            await bounded(self._threads_ended.wait(), timeout_s)
         except TimeoutError:
             return False
         return True
@@ -616,7 +617,7 @@ class ReceiverJob:
         timeouts = self.server.timeouts
         try:
             try:
-                await asyncio.wait_for(self.all_ended.wait(), timeouts.idle_s)
+                await bounded(self.all_ended.wait(), timeouts.idle_s)
             except TimeoutError:
                 missing = sorted(set(range(self.channel_count)) - self.core.ended)
                 raise JobFailedError(f"channels {missing} never sent END") from None
@@ -631,7 +632,7 @@ class ReceiverJob:
                 raise JobFailedError.of(exc) from None
             loop = asyncio.get_running_loop()
             try:
-                await asyncio.wait_for(
+                await bounded(
                     loop.run_in_executor(None, self.sink.commit), timeouts.commit_s
                 )
             except SinkError as exc:

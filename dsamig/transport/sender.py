@@ -91,6 +91,7 @@ from dsamig.proto import (
 from dsamig.proto.live import LivePolicy, RoundFigures
 from dsamig.proto.refresh import SumsExchange, packet_fingerprint, packet_runs
 from dsamig.proto.send_core import ZERO
+from dsamig.runtime import bounded
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_PACKET_SIZE,
@@ -443,7 +444,7 @@ class SenderChannel(asyncio.Protocol):
         """
         self.send_frame(Challenge(os.urandom(AUTH_NONCE_SIZE)), preamble=True)
         try:
-            await asyncio.wait_for(asyncio.shield(self.challenge), timeout_s)
+            await bounded(asyncio.shield(self.challenge), timeout_s)
         except TimeoutError:
             raise TransferError(
                 f"receiver {where} did not answer our authentication CHALLENGE in "
@@ -462,7 +463,7 @@ class SenderChannel(asyncio.Protocol):
                     f"channel {self.index}: no acknowledgement for {timeout_s:g} s"
                 )
             try:
-                await asyncio.wait_for(self.acked.wait(), left)
+                await bounded(self.acked.wait(), left)
             except TimeoutError:
                 continue
             if self.transport is None or self.transport.is_closing():
@@ -473,7 +474,7 @@ class SenderChannel(asyncio.Protocol):
         while self.unacked:
             self.acked.clear()
             try:
-                await asyncio.wait_for(self.acked.wait(), timeout_s)
+                await bounded(self.acked.wait(), timeout_s)
             except TimeoutError:
                 raise ChannelLostError(
                     f"channel {self.index}: no acknowledgement for {timeout_s:g} s"
@@ -787,7 +788,7 @@ class Sender:
         tls = opts.security.client_hostname(opts.host) if opts.security else None
         context, server_name = tls if tls is not None else (None, None)
         try:
-            _, channel = await asyncio.wait_for(
+            _, channel = await bounded(
                 loop.create_connection(
                     lambda: SenderChannel(index, self), opts.host, opts.port, ssl=context,
                     server_hostname=server_name,
@@ -821,7 +822,7 @@ class Sender:
         else:
             channel.send_frame(hello, preamble=True)
         try:
-            await asyncio.wait_for(asyncio.shield(channel.welcome), opts.timeouts.handshake_s)
+            await bounded(asyncio.shield(channel.welcome), opts.timeouts.handshake_s)
         except TimeoutError:
             raise ChannelLostError(
                 f"receiver {where} did not answer HELLO in {opts.timeouts.handshake_s:g} s"
@@ -853,7 +854,7 @@ class Sender:
                 self.stats.extra["refresh"] = {"granted": False}
         if welcome.features & FEATURE_RESUME:
             try:
-                await asyncio.wait_for(asyncio.shield(first.resumed),
+                await bounded(asyncio.shield(first.resumed),
                                        self.options.timeouts.handshake_s)
             except TimeoutError:
                 raise ChannelLostError("receiver did not finish RESUME_STATE") from None
@@ -1056,7 +1057,7 @@ class Sender:
     ) -> None:
         """Wait (bounded) for a work item to be written; raise what stopped it."""
         try:
-            status, _ = await asyncio.wait_for(asyncio.shield(done), idle_s)
+            status, _ = await bounded(asyncio.shield(done), idle_s)
         except TimeoutError:
             raise NetworkError(
                 f"channel {channel.index}: receiver stopped reading for {idle_s:g} s"
@@ -1114,7 +1115,7 @@ class Sender:
         while not ready():
             self._sums_arrived.clear()
             try:
-                await asyncio.wait_for(self._sums_arrived.wait(), idle_s)
+                await bounded(self._sums_arrived.wait(), idle_s)
             except TimeoutError:
                 raise ChannelLostError(f"the receiver sent no {what} for {idle_s:g} s") from None
 
@@ -1374,7 +1375,7 @@ class Sender:
                 ch.send_control(Round(number, ch.state.packets, ch.state.payload_bytes), idle_s)
                 for ch in self.channels))
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), idle_s)
+                await bounded(asyncio.shield(waiter), idle_s)
             except TimeoutError:
                 raise ChannelLostError(
                     f"the receiver did not finish round {number} in {idle_s:g} s") from None
@@ -1432,7 +1433,7 @@ class Sender:
         channel.send_frame(self.core.commit_request())
         timeout = self.options.timeouts.commit_s
         try:
-            commit = await asyncio.wait_for(asyncio.shield(channel.commit), timeout)
+            commit = await bounded(asyncio.shield(channel.commit), timeout)
         except TimeoutError:
             raise TransferError(f"receiver did not commit within {timeout:g} s") from None
         try:
