@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import (
     FEATURE_ACKS,
@@ -439,12 +440,14 @@ MUTATED_HEADERS = {
 }
 
 
+#: The pure-Python twin has no native receiving threads to compare with.
+NATIVE_PUMPS = pytest.mark.skipif(not hasattr(impl, "RecvPump"),
+                                  reason="native pumps need the extension")
+
+
+@NATIVE_PUMPS
 @pytest.mark.parametrize("case", MUTATED_HEADERS)
 async def test_native_and_loop_receivers_refuse_a_header_alike(tmp_path, case: str) -> None:
-    from dsamig.native import impl
-
-    if not hasattr(impl, "RecvPump"):
-        pytest.skip("native pumps need the extension")
     manifest = Manifest(image_size=7 * 128 * 4096 + 4 * 4096, page_size=4096, packet_pages=128)
     answers = []
     for native in (True, False):
@@ -461,11 +464,8 @@ async def test_native_and_loop_receivers_refuse_a_header_alike(tmp_path, case: s
     assert answers[0] == answers[1]
 
 
+@NATIVE_PUMPS
 async def test_a_packet_twice_is_refused_alike_on_both_paths(tmp_path) -> None:
-    from dsamig.native import impl
-
-    if not hasattr(impl, "RecvPump"):
-        pytest.skip("native pumps need the extension")
     manifest = Manifest(image_size=4 * 128 * 4096, page_size=4096, packet_pages=128)
     zero = _packet(1, bitmap=b"\xff" * 16)  # an all-zero packet: no payload
     answers = []

@@ -238,7 +238,8 @@ def test_resume_state_beyond_the_image_or_after_the_last() -> None:
     with pytest.raises(RemoteProtocolError, match="RESUME_STATE after the one marked last"):
         core.resume_state(ResumeState(0, 1, b"\x00", b""))
     core.new_session()  # a new session hears afresh
-    core.resume_state(ResumeState(0, 1, b"\x01", b"XXXX", last=True))
+    held_record = (0x5EC0DED).to_bytes(4, "little")  # the receiver's record of packet 0
+    core.resume_state(ResumeState(0, 1, b"\x01", held_record, last=True))
     assert core.skip[0] == 1
 
 
