@@ -40,6 +40,19 @@ cdef bint _wait_fd(int fd, double timeout_s):
     return bool(readable)
 
 
+cdef list _collect_until_stopped(object pump, double timeout_s):
+    """After ``pump.stop()``: collect its events until its thread has ended or
+    ``timeout_s`` passed; the events (the close of both kinds of pump)."""
+    cdef list rest = []
+    deadline = _pump_time.monotonic() + timeout_s
+    while not pump.is_stopped:
+        left = deadline - _pump_time.monotonic()
+        if left <= 0 or not _wait_fd(pump.fileno(), left):
+            break
+        rest.extend(pump.collect())
+    return rest
+
+
 cdef class RecvJobShared:
     """What a job's receiving threads share: the geometry, the tracker's status
     array (pinned, so it cannot move under them) and the destination: ``fd``,
@@ -209,12 +222,7 @@ cdef class RecvPump:
         if self.c == NULL:
             return rest
         self.stop()
-        deadline = _pump_time.monotonic() + timeout_s
-        while self.c.started and not self.stopped:
-            left = deadline - _pump_time.monotonic()
-            if left <= 0 or not _wait_fd(self.c.q.efd, left):
-                break
-            rest.extend(self.collect())
+        rest = _collect_until_stopped(self, timeout_s)
         if self.c.started and not self.stopped:
             # The thread is stuck in a system call (a hung file system):
             # leave it its memory rather than free it under it.
@@ -411,12 +419,7 @@ cdef class SendPump:
         if self.c == NULL:
             return rest
         self.stop()
-        deadline = _pump_time.monotonic() + timeout_s
-        while self.c.started and not self.stopped:
-            left = deadline - _pump_time.monotonic()
-            if left <= 0 or not _wait_fd(self.c.q.efd, left):
-                break
-            rest.extend(self.collect())
+        rest = _collect_until_stopped(self, timeout_s)
         if self.c.started and not self.stopped:
             warnings.warn("a sending thread did not stop in time", ResourceWarning)
             _STUCK.append(self.inflight)  # pinned for good: the thread may still read them
