@@ -519,17 +519,24 @@ class ReceiverJob:
         _, old_zero = impl.zero_bitmap(packet, page_size)
         present = int.from_bytes(header.present_bitmap, "little")
         zero = int.from_bytes(header.zero_bitmap, "little")
+        every = (1 << pages) - 1
+        width = len(header.zero_bitmap)
+
+        def runs_of(pages_set: int) -> list[tuple[int, int]]:
+            """Byte ranges (offset in the packet, length) of the runs of ``pages_set``."""
+            return [(first * page_size, min(count * page_size, span - first * page_size))
+                    for first, count in impl.normal_runs(
+                        (~pages_set & every).to_bytes(width, "little"), pages)]
+
+        # Run by run, not page by page: the payload holds the present normal
+        # pages in order; the present zero pages become zeros.
         at = 0
-        for page in range(pages):
-            if not present >> page & 1:
-                continue
-            start = page * page_size
-            end = min(start + page_size, span)
-            if zero >> page & 1:
-                packet[start:end] = bytes(end - start)
-            else:
-                packet[start:end] = payload[at : at + end - start]
-                at += end - start
+        for start, length in runs_of(present & ~zero):
+            packet[start : start + length] = payload[at : at + length]
+            at += length
+        zero_runs = runs_of(present & zero)
+        for start, length in zero_runs:
+            packet[start : start + length] = bytes(length)
         bitmap, _ = impl.zero_bitmap(packet, page_size)
         _, _, new_crc = impl.packet_payload(memoryview(packet), bitmap, page_size)
         if packet_record(bitmap, new_crc) != header.record:
@@ -537,15 +544,11 @@ class ReceiverJob:
                 f"packet {header.packet_number} after its PAGE_LIST would have another record "
                 f"than the sender's 0x{header.record:08x}: the copy went wrong",
                 ErrorCode.INTEGRITY)
-        written = ~(present & ~zero) & ((1 << pages) - 1)
-        cleared = [(offset + first * page_size, min(count * page_size, span - first * page_size))
-                   for first, count in impl.normal_runs(
-                       (~(present & zero) & ((1 << pages) - 1)).to_bytes(
-                           len(header.zero_bitmap), "little"), pages)]
+        written = ~(present & ~zero) & every
         try:
-            self.sink.write_packet(payload, written.to_bytes(len(header.zero_bitmap), "little"),
+            self.sink.write_packet(payload, written.to_bytes(width, "little"),
                                    page_size, offset, span)
-            self.sink.zero_pages(cleared)
+            self.sink.zero_pages([(offset + start, length) for start, length in zero_runs])
         except SinkError as exc:
             raise JobFailedError(str(exc), ErrorCode.IO, resumable=True) from None
         self.core.page_list_applied(index, header, old_zero, bitmap, new_crc, self.clock())
