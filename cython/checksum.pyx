@@ -20,14 +20,24 @@ def crc32c(data, unsigned int crc=0):
     return result
 
 
+CRC32C_IMPLS = ("table", "sse4.2-3way", "pclmul-fold4")
+
+
 def crc32c_impl():
-    """Which CRC32C implementation runs: ``sse4.2-3way`` or ``table``."""
+    """Which CRC32C implementation runs: one of :data:`CRC32C_IMPLS`, the
+    fastest this CPU has unless a test forced another."""
     return dsamig_crc32c_impl().decode()
 
 
-def crc32c_force_portable(bint on):
-    """Use the table implementation even where SSE4.2 exists (for tests)."""
-    dsamig_crc32c_force_portable(on)
+def crc32c_force(name):
+    """Use the implementation ``name`` (for tests); None for the fastest.
+    ValueError when this CPU does not have it."""
+    if name is None:
+        dsamig_crc32c_force(NULL)
+        return
+    encoded = name.encode()
+    if dsamig_crc32c_force(encoded) != 0:
+        raise ValueError(f"CRC32C implementation {name!r} is not available on this CPU")
 
 
 def crc32c_combine(unsigned int crc_a, unsigned int crc_b, unsigned long long len_b):

@@ -111,8 +111,13 @@ def crc32c_impl() -> str:
     return "python"
 
 
-def crc32c_force_portable(on: bool) -> None:
-    """No-op: the twin has only one implementation."""
+CRC32C_IMPLS = ("python",)
+
+
+def crc32c_force(name: str | None) -> None:
+    """The twin has only one implementation."""
+    if name not in (None, "python"):
+        raise ValueError(f"CRC32C implementation {name!r} is not available on this CPU")
 
 
 def simd_level() -> str:

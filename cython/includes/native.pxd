@@ -7,7 +7,7 @@ cdef extern from "crc32c.h" nogil:
     uint32_t dsamig_crc32c_op(uint64_t len)
     uint32_t dsamig_crc32c_extend(uint32_t op, uint32_t crc_a, uint32_t crc_b)
     uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
-    void dsamig_crc32c_force_portable(int on)
+    int dsamig_crc32c_force(const char *name)
     const char *dsamig_crc32c_impl()
 
 
@@ -149,6 +149,8 @@ cdef extern from "pump.h" nogil:
         uint64_t payload_bytes
         uint64_t cpu_ns
 
+    int dsamig_rx_job_init(dsamig_rx_job *job)
+    void dsamig_rx_job_destroy(dsamig_rx_job *job)
     int dsamig_rx_start(dsamig_rx_channel *c)
     void dsamig_rx_stop(dsamig_rx_channel *c)
 

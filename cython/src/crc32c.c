@@ -1,10 +1,17 @@
-/* CRC32C with the SSE4.2 crc32 instruction, three streams interleaved.
+/* CRC32C: carry-less multiplication folding, the SSE4.2 crc32 instruction,
+ * or a table, the fastest the CPU has.
  *
- * The crc32 instruction has a latency of 3 cycles and a throughput of 1, so a
- * single dependency chain runs at a third of the possible speed.  We split each
- * 3*BLOCK chunk into three blocks, run one chain per block and merge them with
- * precomputed "shift by n zero bytes" tables (the CRC is linear over GF(2)).
- * Machines without SSE4.2 use a slice-by-8 table.
+ * - "pclmul-fold4" (PCLMULQDQ + SSE4.2): four 128-bit accumulators fold the
+ *   buffer 64 bytes at a time (Intel's "Fast CRC Computation for Generic
+ *   Polynomials Using PCLMULQDQ"); two crc32 instructions reduce the last
+ *   accumulator.  Where crc32 has a throughput of one per three cycles (AMD
+ *   Zen), this is twice as fast as the crc32 instruction can be.
+ * - "sse4.2-3way": the crc32 instruction has a latency of 3 cycles and, on
+ *   Intel, a throughput of 1, so a single dependency chain runs at a third of
+ *   the possible speed.  We split each 3*BLOCK chunk into three blocks, run
+ *   one chain per block and merge them with precomputed "shift by n zero
+ *   bytes" tables (the CRC is linear over GF(2)).
+ * - "table": slice-by-8, for machines without SSE4.2.
  */
 #include "crc32c.h"
 
@@ -17,8 +24,10 @@
 static uint32_t table8[8][256];
 /* shift_tab[0]: advance a raw state over BLOCK zero bytes; [1]: over 2*BLOCK. */
 static uint32_t shift_tab[2][4][256];
-static int have_sse42;
-static int force_portable;
+enum { IMPL_TABLE, IMPL_SSE42, IMPL_PCLMUL };
+static const char *const impl_names[] = {"table", "sse4.2-3way", "pclmul-fold4"};
+static int best_impl;   /* the fastest this CPU has */
+static int active_impl; /* best_impl, or a slower one a test forced */
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 static uint32_t raw_zero_bytes(uint32_t state, size_t n)
@@ -54,10 +63,13 @@ static void init_tables(void)
                 shift_tab[which][pos][v] = r;
             }
     }
-#if defined(__x86_64__) || defined(__i386__)
+    best_impl = IMPL_TABLE;
+#if defined(__x86_64__)
     __builtin_cpu_init();
-    have_sse42 = __builtin_cpu_supports("sse4.2");
+    if (__builtin_cpu_supports("sse4.2"))
+        best_impl = __builtin_cpu_supports("pclmul") ? IMPL_PCLMUL : IMPL_SSE42;
 #endif
+    active_impl = best_impl;
 }
 
 static inline uint32_t shift(int which, uint32_t s)
@@ -123,6 +135,62 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t s32, const uin
         s = _mm_crc32_u8((uint32_t)s, *p++);
     return (uint32_t)s;
 }
+
+#include <wmmintrin.h>
+
+/* The folding constants: K(n) = reflect32(x^n mod P) << 1, for a fold across
+ * 4*128 bits (64 bytes) and across 128 bits (16 bytes); the low lane
+ * multiplies an accumulator's low (earlier) half, the high lane its high half. */
+#define K_FOLD4_LO 0x740eef02ull   /* K(4*128 + 32) */
+#define K_FOLD4_HI 0x9e4addf8ull   /* K(4*128 - 32) */
+#define K_FOLD1_LO 0xf20c0dfeull   /* K(128 + 32) */
+#define K_FOLD1_HI 0x14cd00bd6ull  /* K(128 - 32) */
+
+/* acc = acc folded forward by the distance k was made for, XOR data. */
+__attribute__((target("pclmul,sse4.2"))) static inline __m128i fold(__m128i acc, __m128i k,
+                                                                   __m128i data)
+{
+    __m128i lo = _mm_clmulepi64_si128(acc, k, 0x00);
+    __m128i hi = _mm_clmulepi64_si128(acc, k, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(lo, hi), data);
+}
+
+__attribute__((target("pclmul,sse4.2"))) static uint32_t crc_pclmul(uint32_t s, const uint8_t *p,
+                                                                   size_t len)
+{
+    if (len < 128)
+        return crc_hw(s, p, len);
+    const __m128i k4 = _mm_set_epi64x((long long)K_FOLD4_HI, (long long)K_FOLD4_LO);
+    const __m128i k1 = _mm_set_epi64x((long long)K_FOLD1_HI, (long long)K_FOLD1_LO);
+    /* The state enters as the first 32 bits of the message. */
+    __m128i a0 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_cvtsi32_si128((int)s));
+    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 32));
+    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 48));
+    p += 64;
+    len -= 64;
+    while (len >= 64) {
+        a0 = fold(a0, k4, _mm_loadu_si128((const __m128i *)p));
+        a1 = fold(a1, k4, _mm_loadu_si128((const __m128i *)(p + 16)));
+        a2 = fold(a2, k4, _mm_loadu_si128((const __m128i *)(p + 32)));
+        a3 = fold(a3, k4, _mm_loadu_si128((const __m128i *)(p + 48)));
+        p += 64;
+        len -= 64;
+    }
+    a0 = fold(a0, k1, a1);
+    a0 = fold(a0, k1, a2);
+    a0 = fold(a0, k1, a3);
+    while (len >= 16) {
+        a0 = fold(a0, k1, _mm_loadu_si128((const __m128i *)p));
+        p += 16;
+        len -= 16;
+    }
+    /* a0 is congruent to everything so far: its CRC from a zero state is the
+     * state, and the tail continues from there. */
+    uint64_t r = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(a0));
+    r = _mm_crc32_u64(r, (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(a0, a0)));
+    return crc_hw((uint32_t)r, p, len);
+}
 #endif
 
 uint32_t dsamig_crc32c(uint32_t crc, const void *buf, size_t len)
@@ -130,7 +198,9 @@ uint32_t dsamig_crc32c(uint32_t crc, const void *buf, size_t len)
     pthread_once(&init_once, init_tables);
     uint32_t s = ~crc;
 #if defined(__x86_64__)
-    if (have_sse42 && !force_portable)
+    if (active_impl == IMPL_PCLMUL)
+        return ~crc_pclmul(s, (const uint8_t *)buf, len);
+    if (active_impl == IMPL_SSE42)
         return ~crc_hw(s, (const uint8_t *)buf, len);
 #endif
     return ~crc_table(s, (const uint8_t *)buf, len);
@@ -187,14 +257,23 @@ uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     return dsamig_crc32c_extend(dsamig_crc32c_op(len_b), crc_a, crc_b);
 }
 
-void dsamig_crc32c_force_portable(int on)
+int dsamig_crc32c_force(const char *name)
 {
     pthread_once(&init_once, init_tables);
-    force_portable = on;
+    if (name == NULL) {
+        active_impl = best_impl;
+        return 0;
+    }
+    for (int i = 0; i <= best_impl; i++)
+        if (strcmp(name, impl_names[i]) == 0) {
+            active_impl = i;
+            return 0;
+        }
+    return -1;
 }
 
 const char *dsamig_crc32c_impl(void)
 {
     pthread_once(&init_once, init_tables);
-    return (have_sse42 && !force_portable) ? "sse4.2-3way" : "table";
+    return impl_names[active_impl];
 }

@@ -15,10 +15,12 @@ uint32_t dsamig_crc32c_op(uint64_t len);
 uint32_t dsamig_crc32c_extend(uint32_t op, uint32_t crc_a, uint32_t crc_b);
 uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
-/* Force the portable table implementation (tests compare both paths). */
-void dsamig_crc32c_force_portable(int on);
+/* Use the implementation called name, one this CPU has ("table" always),
+ * instead of the fastest (tests compare every path); NULL undoes it.
+ * -1 when this CPU does not have it. */
+int dsamig_crc32c_force(const char *name);
 
-/* "sse4.2-3way" or "table". */
+/* The implementation in use: "pclmul-fold4", "sse4.2-3way" or "table". */
 const char *dsamig_crc32c_impl(void);
 
 #endif
