@@ -65,6 +65,7 @@ cdef class RecvJobShared:
     cdef dsamig_rx_job job
     cdef Py_buffer status_view
     cdef bint pinned
+    cdef bint lock_ready
     cdef size_t map_len
     cdef readonly str mode
 
@@ -72,9 +73,14 @@ cdef class RecvJobShared:
                   unsigned int page_size, unsigned int packet_pages, bint tolerant, int fd,
                   str mode, bint live=False):
         cdef void *m
+        cdef int rc
         self.job.fd = -1
         if mode not in (RX_PWRITE, RX_MMAP):
             raise ValueError(f"receive path {mode!r}: pwrite or mmap")
+        rc = dsamig_rx_job_init(&self.job)
+        if rc != 0:
+            raise OSError(-rc, _pump_os.strerror(-rc))
+        self.lock_ready = True
         PyObject_GetBuffer(status, &self.status_view, PyBUF_WRITABLE)
         self.pinned = True
         if <unsigned long long>self.status_view.len != packet_count:
@@ -109,6 +115,9 @@ cdef class RecvJobShared:
         if self.job.fd >= 0:
             c_close(self.job.fd)
             self.job.fd = -1
+        if self.lock_ready:
+            dsamig_rx_job_destroy(&self.job)
+            self.lock_ready = False
 
     def __dealloc__(self):
         self.close()

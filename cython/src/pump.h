@@ -69,6 +69,11 @@ typedef struct dsamig_rx_job {
     int fd;                   /* the partial file */
     int mode;                 /* DSAMIG_RX_PWRITE or DSAMIG_RX_MMAP */
     uint8_t *map;             /* DSAMIG_RX_MMAP: the partial file, MAP_SHARED */
+    /* One packet's pwrites at a time.  The file system serialises writes to
+     * one file anyway (the inode lock), but a thread waiting for the inode
+     * lock spins on a CPU while its holder copies; waiting here sleeps, and
+     * leaves that CPU to the threads still receiving. */
+    pthread_mutex_t write_lock;
 } dsamig_rx_job;
 
 enum {
@@ -117,6 +122,10 @@ typedef struct dsamig_rx_channel {
     uint64_t payload_bytes;
     uint64_t cpu_ns;
 } dsamig_rx_channel;
+
+/* Set up and tear down a job's lock; the other fields are plain data. */
+int dsamig_rx_job_init(dsamig_rx_job *job);
+void dsamig_rx_job_destroy(dsamig_rx_job *job);
 
 /* Start the channel's thread (named dsamig-recv-<index>); 0 or -errno. */
 int dsamig_rx_start(dsamig_rx_channel *c);

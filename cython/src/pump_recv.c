@@ -287,7 +287,7 @@ static void crc_mapped(void *arg)
     a->crc = crc;
 }
 
-static int write_runs(const dsamig_rx_job *job, const packet_t *pk, const uint8_t *payload)
+static int write_runs_locked(const dsamig_rx_job *job, const packet_t *pk, const uint8_t *payload)
 {
     size_t pos = 0;
     for (size_t r = 0; r < pk->nruns; r++) {
@@ -307,6 +307,14 @@ static int write_runs(const dsamig_rx_job *job, const packet_t *pk, const uint8_
         pos += pk->run_len[r];
     }
     return 0;
+}
+
+static int write_runs(dsamig_rx_job *job, const packet_t *pk, const uint8_t *payload)
+{
+    pthread_mutex_lock(&job->write_lock);
+    int err = write_runs_locked(job, pk, payload);
+    pthread_mutex_unlock(&job->write_lock);
+    return err;
 }
 
 /* One PACKET whose header passed: 0 to go on, else the thread ends (the
@@ -521,6 +529,16 @@ static void *rx_main(void *arg)
     /* Last: a packet claimed and never finished, for the loop to release. */
     post_simple(c, DSAMIG_RXE_STOPPED, 0, 0, unfinished, unfinished != UINT64_MAX);
     return NULL;
+}
+
+int dsamig_rx_job_init(dsamig_rx_job *job)
+{
+    return -pthread_mutex_init(&job->write_lock, NULL);
+}
+
+void dsamig_rx_job_destroy(dsamig_rx_job *job)
+{
+    pthread_mutex_destroy(&job->write_lock);
 }
 
 int dsamig_rx_start(dsamig_rx_channel *c)
