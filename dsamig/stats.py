@@ -118,6 +118,9 @@ class JobStats:
     #: CPU seconds of this job's threads that ended before the job did (a
     #: channel's pump): /proc no longer shows them when the job finishes.
     ended_threads: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds /proc showed at the finish for threads still running then:
+    #: already in ``threads``, so a thread ending later adds only the rest.
+    live_at_finish: dict[str, float] = field(default_factory=dict)
     earlier_transferred: int = 0  # bytes of connections closed before a reconnect
     extra: dict[str, Any] = field(default_factory=dict)  # more figures for to_dict
     _status: JobState = field(default=JobState.SETUP, init=False, repr=False)
@@ -156,7 +159,8 @@ class JobStats:
         if self.finished is None:
             self.ended_threads[name] = self.ended_threads.get(name, 0.0) + seconds
         else:
-            self.threads[name] = round(self.threads.get(name, 0.0) + seconds, 3)
+            rest = max(seconds - self.live_at_finish.pop(name, 0.0), 0.0)
+            self.threads[name] = round(self.threads.get(name, 0.0) + rest, 3)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Freeze the clock and the CPU figures, then end in ``status``: the
@@ -172,6 +176,7 @@ class JobStats:
             for name, seconds in now.items()
             if seconds - self.threads_start.get(name, 0.0) > 0 or name.startswith("dsamig")
         }
+        self.live_at_finish = dict(threads)
         for name, seconds in self.ended_threads.items():
             threads[name] = threads.get(name, 0.0) + seconds
         self.threads = {name: round(seconds, 3) for name, seconds in sorted(threads.items())}
