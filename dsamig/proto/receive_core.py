@@ -450,21 +450,27 @@ class ReceiveJobCore:
         """Whether to make what is stored durable now (then ACK it).
 
         ``urgent``: a channel ended (its sender waits for ACKs); otherwise a
-        checkpoint is due after enough bytes or CHECKPOINT_INTERVAL_S. Frames
-        that recorded nothing new need no checkpoint; and checkpoints are
-        spaced so that their records are written at no more than
-        CHECKPOINT_RECORD_BYTES_PER_S.
+        checkpoint is due after enough bytes or CHECKPOINT_INTERVAL_S, and
+        until then one is LATER, so that stored data is acknowledged even if
+        nothing more arrives. Frames that recorded nothing new need no
+        checkpoint; and checkpoints are spaced so that their records are
+        written at no more than CHECKPOINT_RECORD_BYTES_PER_S.
+
+        While one is being written, an urgent request is remembered
+        (:meth:`checkpoint_written` says so); anything else is decided again
+        once it landed.
         """
         if not self.acks:
             return Checkpoint.NONE
         if self._checkpointing:
-            self._checkpoint_again = True
+            self._checkpoint_again = self._checkpoint_again or urgent
             return Checkpoint.NONE
         if not self.dirty:
             return Checkpoint.ACK
         if not (urgent or self._uncheckpointed_bytes >= self._checkpoint_bytes
                 or now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S):
-            return Checkpoint.NONE
+            self.checkpoint_delay_s = self._last_checkpoint + CHECKPOINT_INTERVAL_S - now
+            return Checkpoint.LATER
         wait_s = self._last_checkpoint + self._checkpoint_gap_s - now
         if wait_s > 0:
             self.checkpoint_delay_s = wait_s
@@ -484,7 +490,8 @@ class ReceiveJobCore:
 
     def checkpoint_written(self) -> tuple[list[tuple[int, Ack]], bool]:
         """The checkpoint is durable: the ACKs it allows, per channel index, and
-        whether another checkpoint was asked for meanwhile."""
+        whether an urgent checkpoint was asked for meanwhile; either way, ask
+        :meth:`checkpoint` again (urgent or not) for what arrived since."""
         self._checkpointing = False
         self._durable_changes = self._checkpointed_changes
         acks = self._deliver(self._pending_acks)

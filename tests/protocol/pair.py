@@ -632,8 +632,7 @@ class MemoryReceiverJob:
         self.sink.checkpoint(record)
         acks, again = self.core.checkpoint_written()
         self._send_acks(acks)
-        if again:
-            self.checkpoint(urgent=True)
+        self.checkpoint(urgent=again)
 
     def _send_acks(self, acks: list[tuple[int, Ack]]) -> None:
         for index, ack in acks:

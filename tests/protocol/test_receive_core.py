@@ -293,16 +293,18 @@ def test_checkpoint_decisions() -> None:
     assert core.acks_due() == []  # and nothing was received to acknowledge
     store(core, 0, 1)
     core.zero_range(1, ZeroRange(2, 3), 100.0)
-    # Little data, little time: not yet; an END makes it urgent, but checkpoints
-    # are spaced so that their records go out at a bounded rate.
-    assert core.checkpoint(100.0, urgent=False) is Checkpoint.NONE
+    # Little data, little time: at the interval, even if nothing more arrives.
+    assert core.checkpoint(100.0, urgent=False) is Checkpoint.LATER
+    assert core.checkpoint_delay_s == pytest.approx(CHECKPOINT_INTERVAL_S)
+    # An END makes it urgent, but checkpoints are spaced so that their
+    # records go out at a bounded rate.
     assert core.checkpoint(100.0, urgent=True) is Checkpoint.LATER
     record_bytes = M.packet_count * 4 + M.packet_count // 4
     assert core.checkpoint_delay_s == pytest.approx(record_bytes / CHECKPOINT_RECORD_BYTES_PER_S)
     later = 100.0 + CHECKPOINT_INTERVAL_S
     assert core.checkpoint(later, urgent=False) is Checkpoint.TAKE
     record = core.begin_checkpoint(later)
-    # While it is written: nothing else, but another one is remembered.
+    # While it is written: nothing else, but an urgent one is remembered.
     store(core, 0, 6)
     assert core.checkpoint(later, urgent=True) is Checkpoint.NONE
     acks, again = core.checkpoint_written()
@@ -327,8 +329,30 @@ def test_checkpoint_after_enough_bytes() -> None:
     for n in range(4):
         header = PacketHeader(n, n * 512, 512, len(payload), crc32c(payload), bytes(64))
         core.packet_stored(0, header, header.payload_crc, core.packet_header(header), now)
-        expected = Checkpoint.TAKE if n == 3 else Checkpoint.NONE
+        expected = Checkpoint.TAKE if n == 3 else Checkpoint.LATER
         assert core.checkpoint(now, urgent=False) is expected
+
+
+def test_data_arriving_during_a_checkpoint_does_not_chain_another() -> None:
+    """Packets stored while a checkpoint is written wait for their own
+    trigger (bytes, the interval): a steady stream must not keep a checkpoint
+    running back to back."""
+    core = core_for()
+    core.attach(0, 2, 100.0)
+    store(core, 0, 1)
+    assert core.checkpoint(100.0, urgent=True) is Checkpoint.LATER  # the records' spacing
+    later = 100.0 + CHECKPOINT_INTERVAL_S
+    assert core.checkpoint(later, urgent=False) is Checkpoint.TAKE
+    core.begin_checkpoint(later)
+    store(core, 0, 4)
+    assert core.checkpoint(later, urgent=False) is Checkpoint.NONE
+    acks, again = core.checkpoint_written()
+    assert acks == [(0, Ack(frames=1, packets=1))]
+    assert not again
+    # Asked again, not urgently: at the next interval, not at once.
+    assert core.checkpoint(later, urgent=False) is Checkpoint.LATER
+    assert core.checkpoint_delay_s == pytest.approx(CHECKPOINT_INTERVAL_S)
+    assert core.checkpoint(later + CHECKPOINT_INTERVAL_S, urgent=True) is Checkpoint.TAKE
 
 
 def test_acks_due_when_nothing_is_dirty() -> None:
