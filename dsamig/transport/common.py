@@ -10,16 +10,8 @@ import asyncio
 import socket
 
 from dsamig.errors import ConfigError, NetworkError
-from dsamig.proto import Manifest
 from dsamig.runtime import bounded
-from dsamig.settings import DEFAULT_PORT, MiB, Timeouts
-
-# The receiver checkpoints (fsync + progress record) at least every this many
-# payload bytes per channel, then acknowledges; the sender may run this far
-# ahead of its ACKs per channel.  See checkpoint_bytes() and window_bytes().
-CHECKPOINT_BYTES_PER_CHANNEL = 8 * MiB
-MIN_WINDOW_BYTES = 64 * MiB
-
+from dsamig.settings import DEFAULT_PORT, Timeouts
 
 # TCP keepalive on data connections: a peer whose host died (no FIN, no RST)
 # is noticed in about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S.
@@ -38,23 +30,6 @@ def tune_socket(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-
-
-def checkpoint_bytes(manifest: Manifest, channels: int) -> int:
-    """Payload bytes between two receiver checkpoints of a job.
-
-    8 MiB per channel, but at least 64 times the checkpoint record itself (4
-    bytes per packet), so that on a 1 TB image the records written stay a
-    small fraction of the data.
-    """
-    record = manifest.packet_count * 4 + manifest.packet_count // 8
-    return max(CHECKPOINT_BYTES_PER_CHANNEL * channels, 64 * record)
-
-
-def window_bytes(manifest: Manifest, channels: int) -> int:
-    """Unacknowledged payload bytes one sender channel may have in flight:
-    what a receiver crash can cost us to send again."""
-    return max(MIN_WINDOW_BYTES, 2 * checkpoint_bytes(manifest, channels) // channels)
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -112,13 +87,9 @@ class Drain:
 
 
 __all__ = [
-    "CHECKPOINT_BYTES_PER_CHANNEL",
     "DEFAULT_PORT",
-    "MIN_WINDOW_BYTES",
     "Drain",
     "Timeouts",
-    "checkpoint_bytes",
     "parse_address",
     "tune_socket",
-    "window_bytes",
 ]

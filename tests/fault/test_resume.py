@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from dsamig.transport.common import MIN_WINDOW_BYTES as WINDOW_BYTES
+from dsamig.proto.receive_core import MIN_WINDOW_BYTES as WINDOW_BYTES
 from dsamig.transport.receiver import ReceiverServer
 from tests.conftest import read_bytes
 from tests.integration.helpers import TIMEOUT_S, Receiver, last_json, transfer_in_process
