@@ -8,11 +8,17 @@ and serves the next one once space is free.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
+import socket
 import subprocess
 
 import pytest
 
+from dsamig.checksum import crc32c
+from dsamig.native import impl
+from dsamig.proto import encode_packet_header
 from dsamig.settings import EXIT_TRANSFER
 from tests.conftest import read_bytes
 from tests.fault.test_bad_input import assert_one_line_error
@@ -88,3 +94,59 @@ def test_disk_full_partial_resumes_once_space_is_freed(small_fs, image_factory) 
         assert not os.path.exists(output + ".partial")
     finally:
         receiver.kill()
+
+
+def fill_up(directory) -> None:
+    """Write into ``directory`` until its file system is full."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(MiB))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def events_until_stopped(pump, timeout_s: float = 10.0) -> list[tuple]:
+    """The pump's events up to its last ("stopped"), waiting at most
+    ``timeout_s`` for each."""
+    events = pump.collect()
+    while not events or events[-1][0] != "stopped":
+        readable, _, _ = select.select([pump.fileno()], [], [], timeout_s)
+        assert readable, "the receiving thread said nothing: stuck on the job's write lock?"
+        events += pump.collect()
+    return events
+
+
+@pytest.mark.skipif(not hasattr(impl, "RecvPump"),
+                    reason="the receiving threads are native; the twin has none")
+def test_a_full_disk_on_one_channel_leaves_no_other_waiting_to_write(small_fs) -> None:
+    """A job's receiving threads write one packet at a time (the job's write
+    lock). ENOSPC in the middle of one's writes must release the lock: every
+    channel that writes next gets its own ENOSPC and ends, none waits."""
+    page, pages, channels = 4096, 128, 3
+    size = channels * pages * page
+    payload = os.urandom(pages * page)
+    fd = os.open(small_fs / "dest.img", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)  # sparse: no blocks yet
+    fill_up(small_fs)
+    shared = impl.RecvJobShared(bytearray(channels), size, channels, page, pages, False, fd,
+                                "pwrite")
+    pairs = [socket.socketpair() for _ in range(channels)]
+    pumps = [impl.RecvPump(shared, os.dup(ours.fileno()), index, b"", pages * page)
+             for index, (ours, _) in enumerate(pairs)]
+    try:
+        for pump in pumps:
+            pump.start()
+        for n, (pump, (_, peer)) in enumerate(zip(pumps, pairs, strict=True)):
+            peer.sendall(encode_packet_header(n, n * pages, pages, len(payload),
+                                              crc32c(payload), bytes(pages // 8)) + payload)
+            # The error, then the end, with the packet claimed and never stored.
+            assert events_until_stopped(pump) == [("error", errno.ENOSPC, True, n),
+                                                  ("stopped", n)]
+    finally:
+        for pump in pumps:
+            pump.close(5.0)
+        shared.close()
+        for pair in pairs:
+            for end in pair:
+                end.close()
