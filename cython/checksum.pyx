@@ -20,7 +20,18 @@ def crc32c(data, unsigned int crc=0):
     return result
 
 
-CRC32C_IMPLS = ("table", "sse4.2-3way", "pclmul-fold4")
+cdef tuple _impl_names():
+    cdef list names = []
+    cdef const char *name = dsamig_crc32c_impl_name(0)
+    while name != NULL:
+        names.append(name.decode())
+        name = dsamig_crc32c_impl_name(len(names))
+    return tuple(names)
+
+
+#: Every implementation the extension has, slowest first (a CPU runs those
+#: its instructions allow).
+CRC32C_IMPLS = _impl_names()
 
 
 def crc32c_impl():

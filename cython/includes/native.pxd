@@ -8,6 +8,7 @@ cdef extern from "crc32c.h" nogil:
     uint32_t dsamig_crc32c_extend(uint32_t op, uint32_t crc_a, uint32_t crc_b)
     uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     int dsamig_crc32c_force(const char *name)
+    const char *dsamig_crc32c_impl_name(int i)
     const char *dsamig_crc32c_impl()
 
 

@@ -277,6 +277,11 @@ int dsamig_crc32c_force(const char *name)
     return -1;
 }
 
+const char *dsamig_crc32c_impl_name(int i)
+{
+    return i >= 0 && i < (int)(sizeof(impl_names) / sizeof(impl_names[0])) ? impl_names[i] : NULL;
+}
+
 const char *dsamig_crc32c_impl(void)
 {
     pthread_once(&init_once, init_tables);

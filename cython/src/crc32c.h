@@ -20,6 +20,9 @@ uint32_t dsamig_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
  * -1 when this CPU does not have it. */
 int dsamig_crc32c_force(const char *name);
 
+/* The name of implementation i, slowest first; NULL past the last. */
+const char *dsamig_crc32c_impl_name(int i);
+
 /* The implementation in use: "pclmul-fold4", "sse4.2-3way" or "table". */
 const char *dsamig_crc32c_impl(void);
 
