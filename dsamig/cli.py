@@ -48,12 +48,6 @@ def _rate(text: str) -> float:
 
 
 def _channels(text: str) -> int:
-    # A count out of range is the job's to refuse (one line, like every other
-    # bad value); only what is not a count at all is argparse's.
-    try:
-        return int(text)
-    except ValueError:
-        pass
     try:
         return parse_channels(text)
     except ValueError as exc:

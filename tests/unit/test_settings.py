@@ -76,12 +76,21 @@ def test_auto_channels_counts_the_cores_this_process_may_use() -> None:
 
 
 @pytest.mark.parametrize(("text", "result"), [("1", 1), ("64", 64), ("auto", None),
-                                              (" AUTO ", None)])
+                                              (" AUTO ", None), ("0", 0), ("65", 65)])
 def test_channel_counts_as_users_write_them(text: str, result: int | None) -> None:
     assert parse_channels(text) == (auto_channels() if result is None else result)
 
 
-@pytest.mark.parametrize("text", ["0", "65", "four", ""])
-def test_bad_channel_counts_say_what_is_allowed(text: str) -> None:
+@pytest.mark.parametrize("text", ["four", "", "2.5"])
+def test_what_is_not_a_channel_count_says_what_is_allowed(text: str) -> None:
     with pytest.raises(ValueError, match=f"channels must be 1..{MAX_CHANNELS} or auto"):
         parse_channels(text)
+
+
+@pytest.mark.parametrize("count", [0, 65, -1])
+def test_a_count_out_of_range_is_the_jobs_to_refuse(count: int) -> None:
+    from dsamig.errors import ConfigError
+    from dsamig.transport.sender import SendOptions
+
+    with pytest.raises(ConfigError, match=f"channels must be 1..{MAX_CHANNELS}, not {count}"):
+        SendOptions("127.0.0.1", 9, channels=count).validate()
