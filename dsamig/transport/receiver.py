@@ -189,7 +189,7 @@ class ReceiverJob:
         call :meth:`pump_stopped` when each thread has ended."""
         if self._native is None:
             manifest = self.manifest
-            mode = self.server.receive_path_for(self.sink.path)
+            mode = self.server.receive_path
             fd = os.dup(self.sink.fileno())
             try:
                 self._native = impl.RecvJobShared(
@@ -1263,16 +1263,13 @@ class ReceiverServer:
             receive_path = os.environ.get("DSAMIG_RECEIVE_PATH", "auto")
         if receive_path not in RECEIVE_PATHS:
             raise ValueError(f"receive path {receive_path!r}: one of {', '.join(RECEIVE_PATHS)}")
-        self.receive_path = receive_path
+        #: How native threads land payloads: as asked, and for "auto" pwrite,
+        #: the faster on every file system measured.
+        self.receive_path = "pwrite" if receive_path == "auto" else receive_path
         self.jobs: dict[uuid.UUID, ReceiverJob] = {}
         self.channels: set[ReceiverChannel] = set()
         self._server: asyncio.base_events.Server | TlsListener | None = None
         self.log = get_logger(role="receiver")
-
-    def receive_path_for(self, path: str) -> str:
-        """How native threads land payloads in the file at ``path``: as
-        asked, else ``pwrite``, the faster on every file system measured."""
-        return "pwrite" if self.receive_path == "auto" else self.receive_path
 
     @property
     def limits(self) -> ReceiverLimits:

@@ -854,8 +854,7 @@ class Sender:
                 self.stats.extra["refresh"] = {"granted": False}
         if welcome.features & FEATURE_RESUME:
             try:
-                await bounded(asyncio.shield(first.resumed),
-                                       self.options.timeouts.handshake_s)
+                await bounded(asyncio.shield(first.resumed), self.options.timeouts.handshake_s)
             except TimeoutError:
                 raise ChannelLostError("receiver did not finish RESUME_STATE") from None
             self.core.verify_known()
