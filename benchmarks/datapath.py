@@ -25,6 +25,15 @@ deleted after:
   send`` as two processes on 127.0.0.1, the receiver's native threads landing
   payloads with ``pwrite`` or into a mapping (``DSAMIG_RECEIVE_PATH``);
   ``dsamig-loop``: both sides on the event loop (``DSAMIG_DATA_PATH=loop``).
+* ``tcp-floor``: the least any TCP transfer into the file does
+  (``tcp_floor.c``, built with ``cc`` on first use): two processes with a
+  thread per channel on each side; the sender is handed the non-zero pages
+  (scans nothing, maps them before its clock starts) and writes each packet's
+  runs in one ``sendmsg``, the receiver reads each payload into a buffer,
+  ``pwrite``s its runs and ``fsync``s at the end; nothing checksummed,
+  recorded or acknowledged on the way. What is left is the socket copies,
+  TCP and the write floor's ``pwrite``, sharing the machine's cores: the
+  bound for any receiver that lands data with ``pwrite``.
 * ``qemu``: QEMU's own multifd migration (``--channels`` channels) of a
   paused TCG guest (``-S``) whose RAM is the image (``memory-backend-file``,
   ``share=on``) into a destination QEMU (``-incoming defer``) whose RAM is a
@@ -103,7 +112,9 @@ DSAMIG = {
     "dsamig-mmap": ({"DSAMIG_RECEIVE_PATH": "mmap"}, {}),
     "dsamig-loop": ({"DSAMIG_DATA_PATH": "loop"}, {"DSAMIG_DATA_PATH": "loop"}),
 }
-CONTENDERS = ("floor", *DSAMIG, "qemu")
+CONTENDERS = ("floor", "tcp-floor", *DSAMIG, "qemu")
+#: The TCP floor's source, built into a temporary directory on first use.
+TCP_FLOOR_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tcp_floor.c")
 #: Bound of every wait on a process or a migration (--timeout).
 TIMEOUT_S = 600.0
 
@@ -256,6 +267,55 @@ def run_dsamig(args: argparse.Namespace, contender: str, image: str, dest: str,
         "sender": s,
         "receiver": r,
     }
+
+
+# -- the TCP floor ------------------------------------------------------------------------
+
+def tcp_floor_binary(args: argparse.Namespace) -> str:
+    """``tcp_floor.c`` built once per benchmark run (a C compiler is all it needs)."""
+    if getattr(args, "tcp_floor_bin", None) is None:
+        work = tempfile.mkdtemp(prefix="dsamig-tcp-floor-")
+        binary = os.path.join(work, "tcp_floor")
+        out = subprocess.run(["cc", "-O2", "-pthread", "-o", binary, TCP_FLOOR_C],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            raise BenchError(f"cannot build {TCP_FLOOR_C}: {out.stderr}")
+        args.tcp_floor_bin = binary
+    return str(args.tcp_floor_bin)
+
+
+def run_tcp_floor(args: argparse.Namespace, image: str, dest: str, channels: int,
+                  verify: bool) -> dict[str, Any]:
+    """The least a TCP transfer into the file does (see ``tcp_floor.c``)."""
+    binary = tcp_floor_binary(args)
+    packet = str(128 * PAGE)  # dsamig's default packet
+    receiver: Child | None = None
+    sender: Child | None = None
+    with tempfile.TemporaryDirectory(prefix="dsamig-tf-") as work:
+        try:
+            receiver = Child(work, "receiver", [
+                binary, "recv", dest, str(os.path.getsize(image)), str(channels), packet],
+                child_env({}))
+            port = receiver.wait_line("listening on", args.timeout).rsplit(":", 1)[1]
+            sender = Child(work, "sender", [binary, "send", image, port, str(channels), packet],
+                           child_env({}))
+            if sender.wait(args.timeout):
+                raise BenchError(f"tcp-floor: the sender failed: {sender.errors()}")
+            if receiver.wait(args.timeout):
+                raise BenchError(f"tcp-floor: the receiver failed: {receiver.errors()}")
+            s, r = sender.json(), receiver.json()
+            dest_alloc = allocated_mib(dest)
+            verified = verify and same_files(image, dest)
+            if verify and not verified:
+                raise BenchError("tcp-floor: the destination differs from the image")
+        finally:
+            for child in (sender, receiver):
+                if child is not None:
+                    child.kill()
+            if os.path.exists(dest):
+                os.unlink(dest)
+    return {"time-s": s["time-s"], "send-cpu-s": s["cpu-s"], "recv-cpu-s": r["cpu-s"],
+            "dest-alloc-MiB": dest_alloc, "verified": float(verified)}
 
 
 # -- QEMU ---------------------------------------------------------------------------------
@@ -475,6 +535,8 @@ def run_one(args: argparse.Namespace, contender: str, image: Image, channels: in
         return row
     if contender == "qemu":
         return run_qemu(args, image.path, image.dest, channels, verify)
+    if contender == "tcp-floor":
+        return run_tcp_floor(args, image.path, image.dest, channels, verify)
     return run_dsamig(args, contender, image.path, image.dest, channels, verify)
 
 
@@ -564,31 +626,38 @@ def per_round(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[fl
 def report_compare(args: argparse.Namespace, results: Results) -> None:
     print(f"\n### Data paths: {args.size / GiB:g} GiB images in {args.dir} ({args.fs}), "
           f"{args.channels} channels, medians of {args.runs} rounds\n")
-    print("| image | contender | time s | × floor | × QEMU | process wall s | CPU s send + recv "
-          "| busiest recv thread | peak RSS MiB send / recv | destination MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| image | contender | time s | × floor | × TCP floor | × QEMU | process wall s "
+          "| CPU s send + recv | busiest recv thread | peak RSS MiB send / recv "
+          "| destination MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, by in results.items():
-        floor = by.get("floor")
-        qemu = by.get("qemu")
+        floor, tcp, qemu = by.get("floor"), by.get("tcp-floor"), by.get("qemu")
+
+        def vs(rows: list[dict[str, Any]], base: list[dict[str, Any]] | None,
+               contender: str, base_name: str) -> str:
+            return ratio_text(per_round(rows, base)) if base and contender != base_name else "–"
+
         for contender, rows in by.items():
             if contender == "floor":
                 what = "scan" if IMAGES[name] == 1.0 else (
                     f"write {med(rows, 'write-floor-s'):.3f} + fsync {med(rows, 'fsync-s'):.3f}")
                 print(f"| {name} | floor ({what}) | {med(rows, 'time-s'):.3f} | 1.00× | "
-                      f"{ratio_text(per_round(rows, qemu)) if qemu else '–'} | | | | | |")
+                      f"{vs(rows, tcp, contender, 'tcp-floor')} | "
+                      f"{vs(rows, qemu, contender, 'qemu')} | | | | | |")
                 continue
-            vs_floor = ratio_text(per_round(rows, floor)) if floor else "–"
-            vs_qemu = ratio_text(per_round(rows, qemu)) if qemu and contender != "qemu" else "–"
             dsamig = contender in DSAMIG
             busiest = f"{med(rows, 'busiest-recv-thread-share'):.0%}" if dsamig else "–"
             time_s = f"{med(rows, 'time-s'):.3f}"
-            if not dsamig:
+            if contender == "qemu":
                 time_s += f" (total-time {med(rows, 'total-time-s'):.3f})"
             wall = f"{med(rows, 'wall-s'):.3f}" if dsamig else "–"
-            print(f"| {name} | {contender} | {time_s} | {vs_floor} | {vs_qemu} "
-                  f"| {wall} | {med(rows, 'send-cpu-s'):.2f} + "
-                  f"{med(rows, 'recv-cpu-s'):.2f} | {busiest} | {med(rows, 'send-rss-MiB'):.0f} / "
-                  f"{med(rows, 'recv-rss-MiB'):.0f} | {med(rows, 'dest-alloc-MiB'):.0f} |")
+            rss = (f"{med(rows, 'send-rss-MiB'):.0f} / {med(rows, 'recv-rss-MiB'):.0f}"
+                   if "send-rss-MiB" in rows[0] else "–")
+            print(f"| {name} | {contender} | {time_s} | {vs(rows, floor, contender, 'floor')} "
+                  f"| {vs(rows, tcp, contender, 'tcp-floor')} "
+                  f"| {vs(rows, qemu, contender, 'qemu')} "
+                  f"| {wall} | {med(rows, 'send-cpu-s'):.2f} + {med(rows, 'recv-cpu-s'):.2f} "
+                  f"| {busiest} | {rss} | {med(rows, 'dest-alloc-MiB'):.0f} |")
 
 
 def report_sweep(args: argparse.Namespace, results: Results) -> None:
