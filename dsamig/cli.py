@@ -18,7 +18,6 @@ from dsamig.logs import LEVELS, configure, get_logger
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_ENGINE,
-    DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
     DEFAULT_ZERO_RATIO,
     ENGINE_NAMES,
@@ -28,6 +27,10 @@ from dsamig.settings import (
     EXIT_TRANSFER,
     EXIT_USAGE,
     RETRY_FOR_S,
+    ROUNDS_PACKET_SIZE,
+    SNAPSHOT_PACKET_SIZE,
+    KiB,
+    MiB,
     Timeouts,
     parse_channels,
 )
@@ -116,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "wq-full=0.2,seed=7")
     send.add_argument("--dsa-timeout", type=float, default=1.0, metavar="S",
                       help="a DSA descriptor not done in S seconds goes to the CPU (default 1)")
-    send.add_argument("--packet-size", type=_size, default=DEFAULT_PACKET_SIZE, metavar="SIZE",
-                      help="bytes per packet, e.g. 512KiB (default)")
+    send.add_argument("--packet-size", type=_size, default=None, metavar="SIZE",
+                      help=f"bytes per packet (default {SNAPSHOT_PACKET_SIZE // MiB}MiB; "
+                           f"{ROUNDS_PACKET_SIZE // KiB}KiB with --live or --refresh)")
     send.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
                       help="page size, e.g. 4KiB (default)")
     send.add_argument("--name", default="",
@@ -189,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dest", help="the received copy")
     verify.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
                         help="page size of the job digest (default 4KiB)")
-    verify.add_argument("--packet-size", type=_size, default=DEFAULT_PACKET_SIZE,
-                        metavar="SIZE", help="packet size of the job digest (default 512KiB)")
+    verify.add_argument("--packet-size", type=_size, default=SNAPSHOT_PACKET_SIZE,
+                        metavar="SIZE",
+                        help=f"packet size of the job digest: the job's (default "
+                             f"{SNAPSHOT_PACKET_SIZE // MiB}MiB, a snapshot's; a live or "
+                             f"refresh job's is {ROUNDS_PACKET_SIZE // KiB}KiB)")
 
     dsa = _command(sub, "dsa", "Intel DSA work queues", _examples(
         "dsamig dsa list", "dsamig dsa list --json"))

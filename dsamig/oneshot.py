@@ -31,7 +31,6 @@ from dsamig.security import SecurityConfig, is_loopback_host
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_ENGINE,
-    DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
     EXIT_HANGUP,
     EXIT_INTERRUPTED,
@@ -135,7 +134,7 @@ class SendCommand:
     image: str
     to: str
     channels: int = DEFAULT_CHANNELS
-    packet_size: int = DEFAULT_PACKET_SIZE
+    packet_size: int | None = None  # None: the default for the job's kind
     page_size: int = DEFAULT_PAGE_SIZE
     engine: str = DEFAULT_ENGINE
     engine_threads: int | None = None

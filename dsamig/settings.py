@@ -28,7 +28,20 @@ MAX_PACKET_PAGES: Final = 4096
 MAX_PACKET_BYTES: Final = 0xFFFFFFFF
 
 DEFAULT_PAGE_SIZE: Final = 4096
-DEFAULT_PACKET_SIZE: Final = 128 * DEFAULT_PAGE_SIZE  # QEMU's multifd packet
+#: The packet of a job that moves an image once (a snapshot): each event
+#: loop's bookkeeping is per packet, and at 2 MiB it stays a small share of
+#: the job's CPU (docs/performance.md, "Packet size").
+SNAPSHOT_PACKET_SIZE: Final = 2 * MiB
+#: The packet of a job in rounds (live, refresh): a round reads back, merges
+#: and re-records every packet it touches, so a smaller packet costs less per
+#: changed page. QEMU's multifd packet.
+ROUNDS_PACKET_SIZE: Final = 128 * DEFAULT_PAGE_SIZE
+
+
+def default_packet_size(page_size: int, *, rounds: bool) -> int:
+    """The packet size of a job that sets none: SNAPSHOT_PACKET_SIZE, or
+    ROUNDS_PACKET_SIZE for a job in rounds; at least one page."""
+    return max(page_size, ROUNDS_PACKET_SIZE if rounds else SNAPSHOT_PACKET_SIZE)
 
 
 @dataclass(frozen=True)

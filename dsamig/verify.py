@@ -19,10 +19,15 @@ from dsamig.errors import ConfigError, DsamigError, SourceError
 from dsamig.native import impl
 from dsamig.pages import image_size, open_image
 from dsamig.proto import JobDigest, Manifest
-from dsamig.settings import DEFAULT_PACKET_SIZE, DEFAULT_PAGE_SIZE, EXIT_OK, geometry_problem
+from dsamig.settings import (
+    DEFAULT_PAGE_SIZE,
+    EXIT_OK,
+    SNAPSHOT_PACKET_SIZE,
+    geometry_problem,
+)
 
-#: Packets read per step from each file (16 MiB at the default packet size).
-CHUNK_PACKETS = 32
+#: Bytes read per step from each file (whole packets, at least one).
+STEP_BYTES = 16 * 1024 * 1024
 
 
 class ImagesDifferError(DsamigError):
@@ -115,7 +120,7 @@ def compare(image: str, dest: str, page_size: int, packet_size: int) -> Comparis
     try:
         files.append(_DigestFile(dest, page_size, packet_pages))
         source, copy = files
-        step = packet_size * CHUNK_PACKETS
+        step = packet_size * max(1, STEP_BYTES // packet_size)
         buffers = bytearray(step), bytearray(step)
         first_difference: int | None = None
         for offset in range(0, max(source.size, copy.size), step):
@@ -139,7 +144,7 @@ class VerifyCommand:
     image: str
     dest: str
     page_size: int = DEFAULT_PAGE_SIZE
-    packet_size: int = DEFAULT_PACKET_SIZE
+    packet_size: int = SNAPSHOT_PACKET_SIZE
 
     def run(self) -> int:
         result = compare(self.image, self.dest, self.page_size, self.packet_size)

@@ -41,16 +41,18 @@ from dsamig.security import SecurityConfig
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_ENGINE,
-    DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
     DEFAULT_PORT,
     ENGINE_NAMES,
     MAX_PAGE_SIZE,
     MIN_PAGE_SIZE,
     RETRY_FOR_S,
+    ROUNDS_PACKET_SIZE,
+    SNAPSHOT_PACKET_SIZE,
     WIRE_MAX_IMAGE_SIZE,
     ReceiverLimits,
     Timeouts,
+    default_packet_size,
     geometry_problem,
 )
 
@@ -403,8 +405,10 @@ JOB_SCHEMA = mapping((
     Key("destination", mapping(DESTINATION_KEYS), required=True, help="the receiver"),
     Key("channels", channel_count(), default=DEFAULT_CHANNELS,
         help="parallel TCP channels, or auto: one per core of the sending host, 4..16"),
-    Key("packet_size", size(MIN_PAGE_SIZE, 64 * 1024 * 1024), default=DEFAULT_PACKET_SIZE,
-        help="bytes per packet, a whole number of pages"),
+    Key("packet_size", optional(size(MIN_PAGE_SIZE, 64 * 1024 * 1024)), default=None,
+        help=f"bytes per packet, a whole number of pages (default "
+             f"{SNAPSHOT_PACKET_SIZE >> 20}MiB; {ROUNDS_PACKET_SIZE >> 10}KiB for live "
+             "and refresh jobs)"),
     Key("page_size", size(MIN_PAGE_SIZE, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,
         help="the image's page size, a power of two"),
     Key("engine", mapping(ENGINE_KEYS), default=None, help="zero-page detection"),
@@ -466,7 +470,7 @@ class JobSpec:
     host: str
     port: int = DEFAULT_PORT
     channels: int = DEFAULT_CHANNELS
-    packet_size: int = DEFAULT_PACKET_SIZE
+    packet_size: int | None = None  # None: the default for the job's kind
     page_size: int = DEFAULT_PAGE_SIZE
     engine: EngineSpec = field(default_factory=EngineSpec)
     max_bandwidth: float | None = None  # bytes per second
@@ -516,7 +520,9 @@ class JobSpec:
             if live.pause_cmd is not None and not live.resume_cmd:
                 doc.root.child("live").fail("pause_cmd needs resume_cmd: a guest must never "
                                             "stay paused after a failure")
-        problem = geometry_problem(spec.page_size, packet_size=spec.packet_size)
+        packet_size = spec.packet_size or default_packet_size(
+            spec.page_size, rounds=spec.live is not None or spec.refresh)
+        problem = geometry_problem(spec.page_size, packet_size=packet_size)
         if problem is not None:
             doc.root.child(problem.key).fail(problem.text)
         return spec

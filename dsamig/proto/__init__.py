@@ -100,7 +100,7 @@ from dsamig.proto.receive_core import (
     window_bytes,
 )
 from dsamig.proto.send_core import (
-    CHUNK_PACKETS,
+    CHUNK_BYTES,
     Chunk,
     ImageChangedError,
     SendJobCore,
@@ -113,7 +113,7 @@ __all__ = [
     "AUTH_MAC_SIZE",
     "AUTH_NONCE_SIZE",
     "CHECKSUM_CRC32C",
-    "CHUNK_PACKETS",
+    "CHUNK_BYTES",
     "CLOSED",
     "DEFAULT_MAX_PACKETS",
     "DIGEST_SHA256_RECORDS",

@@ -32,8 +32,14 @@ from dsamig.proto.frames import Commit, CommitRequest, Manifest, PacketHeader, R
 
 Buffer = bytes | bytearray | memoryview
 
-#: Packets per chunk (one engine batch): 4 MiB at the default packet size.
-CHUNK_PACKETS: Final = 8
+#: Bytes per chunk (one engine batch, whole packets): the sender maps, scans
+#: and writes this much at a time per channel.
+CHUNK_BYTES: Final = 4 * 1024 * 1024
+
+
+def chunk_packets(manifest: Manifest) -> int:
+    """Packets per chunk: CHUNK_BYTES of them, at least one."""
+    return max(1, CHUNK_BYTES // (manifest.page_size * manifest.packet_pages))
 
 
 class ImageChangedError(ProtocolError):
@@ -51,19 +57,21 @@ class Chunk:
 
 
 def plan_chunks(
-    manifest: Manifest, data_ranges: list[tuple[int, int]], chunk_packets: int = CHUNK_PACKETS
+    manifest: Manifest, data_ranges: list[tuple[int, int]], packets: int | None = None
 ) -> Iterator[Chunk]:
-    """Cut the image into chunks; consecutive chunks inside holes become one.
+    """Cut the image into chunks of ``packets`` packets (default:
+    :func:`chunk_packets`); consecutive chunks inside holes become one.
 
     ``data_ranges`` are the byte ranges that may hold data (sorted, as
     ``SEEK_DATA`` finds them); a chunk that touches none is a hole and is
     never scanned.
     """
     packet_bytes = manifest.page_size * manifest.packet_pages
+    step = chunk_packets(manifest) if packets is None else packets
     starts = [start for start, _ in data_ranges]
     hole_from: int | None = None
-    for first in range(0, manifest.packet_count, chunk_packets):
-        count = min(chunk_packets, manifest.packet_count - first)
+    for first in range(0, manifest.packet_count, step):
+        count = min(step, manifest.packet_count - first)
         lo, hi = first * packet_bytes, (first + count) * packet_bytes
         i = bisect.bisect_left(starts, hi)  # ranges starting before hi ...
         has_data = i > 0 and data_ranges[i - 1][1] > lo  # ... and ending after lo
@@ -471,11 +479,12 @@ class SendJobCore:
 
 
 __all__ = [
-    "CHUNK_PACKETS",
+    "CHUNK_BYTES",
     "PACKET",
     "ZERO",
     "Chunk",
     "ImageChangedError",
     "SendJobCore",
+    "chunk_packets",
     "plan_chunks",
 ]

@@ -94,10 +94,10 @@ from dsamig.proto.send_core import ZERO
 from dsamig.runtime import bounded
 from dsamig.settings import (
     DEFAULT_CHANNELS,
-    DEFAULT_PACKET_SIZE,
     DEFAULT_PAGE_SIZE,
     MAX_CHANNELS,
     RETRY_FOR_S,
+    default_packet_size,
     geometry_problem,
 )
 from dsamig.stats import ChannelStats, JobStats
@@ -179,7 +179,8 @@ class SendOptions:
     host: str
     port: int
     channels: int = DEFAULT_CHANNELS
-    packet_size: int = DEFAULT_PACKET_SIZE
+    #: Bytes per packet; None: :func:`default_packet_size` for this job.
+    packet_size: int | None = None
     page_size: int = DEFAULT_PAGE_SIZE
     engine: str = "auto"
     engine_threads: int | None = None
@@ -197,11 +198,19 @@ class SendOptions:
     #: Send only what differs from the receiver's committed copy of the image.
     refresh: bool = False
 
+    @property
+    def packet_bytes(self) -> int:
+        """The job's packet size: as set, or the default for a job of its kind."""
+        if self.packet_size is not None:
+            return self.packet_size
+        return default_packet_size(self.page_size,
+                                   rounds=self.live is not None or self.refresh)
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
         if not 1 <= self.channels <= MAX_CHANNELS:
             raise ConfigError(f"channels must be 1..{MAX_CHANNELS}, not {self.channels}")
-        problem = geometry_problem(self.page_size, packet_size=self.packet_size)
+        problem = geometry_problem(self.page_size, packet_size=self.packet_bytes)
         if problem is not None:
             raise ConfigError(str(problem))
         if self.retry_for_s < 0:
@@ -577,7 +586,7 @@ class Sender:
         self.manifest = Manifest(
             image_size=source.size,
             page_size=options.page_size,
-            packet_pages=options.packet_size // options.page_size,
+            packet_pages=options.packet_bytes // options.page_size,
         )
         # A refresh sends its changes as a live job's rounds do.
         rounds = options.live is not None or options.refresh

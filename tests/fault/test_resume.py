@@ -221,7 +221,7 @@ def test_sender_killed_and_resumed(tmp_path, image_factory, change: bool) -> Non
 
 # --- crash states, built deterministically ---------------------------------------------
 
-PACKET = 128 * 4096  # the default packet
+PACKET = 128 * 4096  # the packet of the jobs these crashed partials belong to
 
 
 def checkpoint_of(image: str, done: list[int]) -> bytes:
@@ -272,9 +272,27 @@ async def test_resume_clears_what_the_checkpoint_does_not_cover(tmp_path, image_
     crashed_partial(image, output, done, garbage=[5, 6, 9, 15])
     with open(output + ".partial.progress", "wb") as f:
         f.write(checkpoint_of(image, done))
-    _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
+    _sent, received = await transfer_in_process(image, output, channels=2, resume=True,
+                                                packet_size=PACKET)
     assert read_bytes(output) == read_bytes(image)
     assert received.counters.resumed_packets == len(done)
+    assert not os.path.exists(output + ".partial")
+
+
+async def test_a_resume_with_another_packet_size_starts_over(tmp_path, image_factory) -> None:
+    """A job checkpointed with 512 KiB packets, resumed with the snapshot default
+    (2 MiB): the records cannot be compared, so nothing is reused, and the
+    garbage the crash left is overwritten or cleared."""
+    image, zero, normal = image_factory(8 * MiB, seed=24, zero_every=3)
+    output = str(tmp_path / "out.img")
+    done = [0, 1, 2, 3]
+    crashed_partial(image, output, done, garbage=[5, 6, 9, 15])
+    with open(output + ".partial.progress", "wb") as f:
+        f.write(checkpoint_of(image, done))
+    sent, received = await transfer_in_process(image, output, channels=2, resume=True)
+    assert sent.counters.resumed_packets == received.counters.resumed_packets == 0
+    assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
+    assert read_bytes(output) == read_bytes(image)
     assert not os.path.exists(output + ".partial")
 
 
@@ -282,7 +300,8 @@ async def test_a_partial_without_checkpoint_starts_empty(tmp_path, image_factory
     image, zero, normal = image_factory(4 * MiB, seed=22, zero_every=2)
     output = str(tmp_path / "out.img")
     crashed_partial(image, output, done=[], garbage=list(range(8)))
-    _sent, received = await transfer_in_process(image, output, channels=2, resume=True)
+    _sent, received = await transfer_in_process(image, output, channels=2, resume=True,
+                                                packet_size=PACKET)
     assert read_bytes(output) == read_bytes(image)
     assert received.counters.resumed_packets == 0
     assert (received.counters.zero_pages, received.counters.normal_pages) == (zero, normal)
@@ -294,5 +313,5 @@ async def test_a_damaged_checkpoint_starts_empty(tmp_path, image_factory) -> Non
     crashed_partial(image, output, done=[0, 1], garbage=[2, 3, 4])
     with open(output + ".partial.progress", "wb") as f:
         f.write(checkpoint_of(image, [0, 1])[:-3])
-    await transfer_in_process(image, output, channels=2, resume=True)
+    await transfer_in_process(image, output, channels=2, resume=True, packet_size=PACKET)
     assert read_bytes(output) == read_bytes(image)

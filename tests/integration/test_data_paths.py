@@ -90,6 +90,7 @@ async def test_a_resumed_job_on_the_native_path_sends_only_the_rest(
     with open(output + ".partial.progress", "wb") as f:
         f.write(checkpoint_of(image, done))
     sent, received = await transfer_in_process(image, output, channels=2, resume=True,
+                                               packet_size=PACKET,
                                                receiver=RECEIVERS["native-mmap"])
     assert read_bytes(output) == read_bytes(image)
     assert received.counters.resumed_packets == len(done)

@@ -9,7 +9,13 @@ import pytest
 from dsamig.errors import ConfigError
 from dsamig.pages import PageSink, PageSource
 from dsamig.proto import Hello
-from dsamig.settings import EXIT_LOCAL_IO, EXIT_OK, EXIT_TRANSFER, EXIT_USAGE
+from dsamig.settings import (
+    EXIT_LOCAL_IO,
+    EXIT_OK,
+    EXIT_TRANSFER,
+    EXIT_USAGE,
+    SNAPSHOT_PACKET_SIZE,
+)
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverServer
 from dsamig.transport.sender import Sender, SendOptions
@@ -70,7 +76,9 @@ async def test_digest_is_the_senders(tmp_path, image_factory) -> None:
     finally:
         source.close()
         await server.close()
-    result = compare(image, output, 4096, 512 * 1024)
+    # A snapshot's packets are SNAPSHOT_PACKET_SIZE, verify's default.
+    assert sender.manifest.packet_pages * 4096 == SNAPSHOT_PACKET_SIZE
+    result = compare(image, output, 4096, SNAPSHOT_PACKET_SIZE)
     assert result.identical
     assert result.image_digest == result.dest_digest == sender.core.digest.digest()
 
@@ -80,7 +88,7 @@ def test_cli_identical(tmp_path, image_factory) -> None:
     copy = write(tmp_path / "copy", read_bytes(image))
     result = dsamig("verify", image, copy)
     assert result.returncode == EXIT_OK, result.stderr
-    digest = compare(image, copy, 4096, 512 * 1024).image_digest.hex()
+    digest = compare(image, copy, 4096, SNAPSHOT_PACKET_SIZE).image_digest.hex()
     assert result.stdout.strip().endswith(f"are identical: {2 * MiB + 5} bytes, "
                                           f"job digest {digest}")
 

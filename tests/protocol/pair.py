@@ -34,7 +34,6 @@ from typing import cast
 
 from dsamig.native import impl
 from dsamig.proto import (
-    CHUNK_PACKETS,
     CLOSED,
     FEATURE_ACKS,
     FEATURE_RESUME,
@@ -960,7 +959,7 @@ class MemorySender:
         channels: int = 2,
         name: str = "test-job",
         job_id: uuid.UUID = JOB_ID,
-        chunk_packets: int = CHUNK_PACKETS,
+        chunk_packets: int = 8,
         ranges: list[tuple[int, int]] | None = None,
         scan: Callable[[Manifest, bytes, Chunk], bytes] | None = None,
         offer_acks: bool = True,
@@ -1111,7 +1110,7 @@ class JobPair:
         channels: int = 2,
         name: str = "test-job",
         job_id: uuid.UUID = JOB_ID,
-        chunk_packets: int = CHUNK_PACKETS,
+        chunk_packets: int = 8,
         ranges: list[tuple[int, int]] | None = None,
         offer_acks: bool = True,
         receiver: MemoryReceiver | None = None,

@@ -18,7 +18,7 @@ from dsamig.proto import (
     packet_record,
     plan_chunks,
 )
-from dsamig.proto.send_core import PACKET, ZERO
+from dsamig.proto.send_core import CHUNK_BYTES, PACKET, ZERO
 
 # 10 packets of 4 pages of 512 bytes; the last packet has 2 pages, the last
 # page 100 bytes: 38 pages, 18 532 bytes.
@@ -69,9 +69,14 @@ def test_plan_range_edges_are_exclusive() -> None:
     assert plan(ranges) == [(0, 3, False), (3, 3, False), (6, 4, True)]
 
 
-def test_core_plans_chunks_of_eight_packets() -> None:
-    core = SendJobCore(M)
-    assert list(core.plan([(0, M.image_size)])) == [Chunk(0, 8, False), Chunk(8, 2, False)]
+@pytest.mark.parametrize(("packet_pages", "per_chunk"), [(128, 8), (512, 2), (2048, 1)])
+def test_core_plans_chunks_of_four_mib(packet_pages: int, per_chunk: int) -> None:
+    # 512 KiB, 2 MiB and 8 MiB packets: a chunk is CHUNK_BYTES of whole packets, at least one.
+    manifest = Manifest(10 * packet_pages * 4096, 4096, packet_pages)
+    chunks = list(SendJobCore(manifest).plan([(0, manifest.image_size)]))
+    assert [(c.first_packet, c.packets) for c in chunks] == [
+        (first, min(per_chunk, 10 - first)) for first in range(0, 10, per_chunk)]
+    assert CHUNK_BYTES == 4 * 1024 * 1024
 
 
 # --- what a scanned chunk holds ------------------------------------------------------------

@@ -30,7 +30,7 @@ def write(tmp_path, text: str | bytes, name: str = "file.yaml") -> str:
 def test_minimal_job_gets_the_defaults(tmp_path) -> None:
     spec = load_job(write(tmp_path, JOB))
     assert (spec.name, spec.source, spec.host, spec.port) == ("vm1", "/img", "dest", 7780)
-    assert (spec.channels, spec.packet_size, spec.page_size) == (4, 512 * 1024, 4096)
+    assert (spec.channels, spec.packet_size, spec.page_size) == (4, None, 4096)
     assert (spec.engine.kind, spec.engine.threads, spec.max_bandwidth) == ("auto", None, None)
     assert spec.timeouts.idle_s == 60
 

@@ -8,6 +8,7 @@ import pytest
 
 from dsamig.errors import ConfigError
 from dsamig.oneshot import SendCommand, default_job_name
+from dsamig.transport.sender import LiveOptions
 
 
 def test_a_job_is_named_after_its_image() -> None:
@@ -22,6 +23,15 @@ def test_send_options_take_the_defaults_and_the_name() -> None:
     assert (options.host, options.port, options.name) == ("dest", 7781, "vm-7.ram")
     assert SendCommand("/vms/vm-7.ram", "dest", name="other").options().name == "other"
     assert SendCommand("/vms/vm-7.ram", "dest").options().port == 7780
+
+
+def test_a_snapshot_takes_2mib_packets_and_a_job_in_rounds_512kib() -> None:
+    assert SendCommand("/vms/vm-7.ram", "dest").options().packet_bytes == 2 << 20
+    assert SendCommand("/vms/vm-7.ram", "dest", refresh=True).options().packet_bytes == 512 << 10
+    live = SendCommand("/vms/vm-7.ram", "dest", live=LiveOptions(pause_cmd="p", resume_cmd="r"))
+    assert live.options().packet_bytes == 512 << 10
+    assert SendCommand("/vms/vm-7.ram", "dest", packet_size=1 << 20,
+                       refresh=True).options().packet_bytes == 1 << 20  # as set
 
 
 @pytest.mark.parametrize(("changes", "words"), [

@@ -12,6 +12,7 @@ from dsamig.settings import (
     MAX_CHANNELS,
     JobState,
     auto_channels,
+    default_packet_size,
     exit_code_for,
     geometry_problem,
     parse_channels,
@@ -49,6 +50,17 @@ def test_the_wire_uses_the_same_check() -> None:
     assert Manifest((1 << 50) + 1).problem() == (
         f"manifest image_size {(1 << 50) + 1} out of range (0..{1 << 50})")
     assert geometry_problem(4096, packet_pages=128, image_size=-1) is not None
+
+
+@pytest.mark.parametrize(("page_size", "rounds", "packet"), [
+    (4096, False, 2 << 20), (4096, True, 512 << 10),
+    (512, False, 2 << 20), (512, True, 512 << 10),
+    (1 << 20, False, 2 << 20), (1 << 20, True, 1 << 20),  # at least one page
+])
+def test_default_packets_are_2mib_and_512kib_in_rounds(page_size: int, rounds: bool,
+                                                       packet: int) -> None:
+    assert default_packet_size(page_size, rounds=rounds) == packet
+    assert geometry_problem(page_size, packet_size=packet) is None  # fits every page size
 
 
 def test_a_job_needs_its_packet() -> None:
