@@ -100,6 +100,7 @@ from live import free_port, parse_size, same_files
 
 from dsamig.live.qmp import QmpClient, QmpError
 from dsamig.native import impl
+from dsamig.settings import SNAPSHOT_PACKET_SIZE
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -288,7 +289,7 @@ def run_tcp_floor(args: argparse.Namespace, image: str, dest: str, channels: int
                   verify: bool) -> dict[str, Any]:
     """The least a TCP transfer into the file does (see ``tcp_floor.c``)."""
     binary = tcp_floor_binary(args)
-    packet = str(128 * PAGE)  # dsamig's default packet
+    packet = str(SNAPSHOT_PACKET_SIZE)  # dsamig's packet for a snapshot
     receiver: Child | None = None
     sender: Child | None = None
     with tempfile.TemporaryDirectory(prefix="dsamig-tf-") as work:
