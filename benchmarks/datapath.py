@@ -208,45 +208,59 @@ def allocated_mib(path: str) -> float:
 
 # -- dsamig -------------------------------------------------------------------------------
 
+class Pair:
+    """A receiver and a sender run to the end: their JSON figures, and what
+    the destination held (removed after)."""
+
+    def __init__(self, args: argparse.Namespace, contender: str, image: str, dest: str,
+                 verify: bool, receiver_cmd: list[str], receiver_env: dict[str, str],
+                 sender_cmd: Callable[[str], list[str]], sender_env: dict[str, str]) -> None:
+        """Start the receiver, which must print "listening on HOST:PORT" on
+        stderr, then the sender given that port; wait for both (bounded)."""
+        receiver: Child | None = None
+        sender: Child | None = None
+        with tempfile.TemporaryDirectory(prefix="dsamig-dp-") as work:
+            try:
+                receiver = Child(work, "receiver", receiver_cmd, child_env(receiver_env))
+                port = receiver.wait_line("listening on", args.timeout).rsplit(":", 1)[1]
+                sender = Child(work, "sender", sender_cmd(port), child_env(sender_env))
+                if sender.wait(args.timeout):
+                    raise BenchError(f"{contender}: the sender failed: {sender.errors()}")
+                if receiver.wait(args.timeout):
+                    raise BenchError(f"{contender}: the receiver failed: {receiver.errors()}")
+                self.sent, self.received = sender.json(), receiver.json()
+                self.dest_alloc_mib = allocated_mib(dest)
+                self.verified = verify and same_files(image, dest)
+                if verify and not self.verified:
+                    raise BenchError(f"{contender}: the destination differs from the image")
+            finally:
+                for child in (sender, receiver):
+                    if child is not None:
+                        child.kill()
+                if os.path.exists(dest):
+                    os.unlink(dest)
+        assert sender.usage is not None and receiver.usage is not None
+        self.sender, self.receiver = sender, receiver
+
+
 def run_dsamig(args: argparse.Namespace, contender: str, image: str, dest: str,
                channels: int, verify: bool) -> dict[str, Any]:
     """One transfer through the CLI, sender and receiver as separate processes."""
     recv_env, send_env = DSAMIG[contender]
     dsamig = [sys.executable, "-m", "dsamig"]
-    receiver: Child | None = None
-    sender: Child | None = None
-    with tempfile.TemporaryDirectory(prefix="dsamig-dp-") as work:
-        try:
-            receiver = Child(work, "receiver", [
-                *dsamig, "receive", "--once", "--json", "--listen", "127.0.0.1:0",
-                "--output", dest], child_env(recv_env))
-            line = receiver.wait_line("listening on", args.timeout)
-            port = int(line.rsplit(":", 1)[1])
-            sender = Child(work, "sender", [
-                *dsamig, "send", image, "--to", f"127.0.0.1:{port}", "--channels",
-                str(channels), "--json"], child_env(send_env))
-            if sender.wait(args.timeout):
-                raise BenchError(f"{contender}: the sender failed: {sender.errors()}")
-            if receiver.wait(args.timeout):
-                raise BenchError(f"{contender}: the receiver failed: {receiver.errors()}")
-            s, r = sender.json(), receiver.json()
-            assert sender.usage is not None and receiver.usage is not None
-            expected = "loop" if contender == "dsamig-loop" else "native"
-            if r.get("data-path") != expected or s.get("data-path") != expected or (
-                    expected == "native" and r.get("receive-path") != recv_env[
-                        "DSAMIG_RECEIVE_PATH"]):
-                raise BenchError(f"{contender}: ran on sender {s.get('data-path')}, receiver "
-                                 f"{r.get('data-path')} {r.get('receive-path', '')}")
-            dest_alloc = allocated_mib(dest)
-            verified = verify and same_files(image, dest)
-            if verify and not verified:
-                raise BenchError(f"{contender}: the destination differs from the image")
-        finally:
-            for child in (sender, receiver):
-                if child is not None:
-                    child.kill()
-            if os.path.exists(dest):
-                os.unlink(dest)
+    pair = Pair(args, contender, image, dest, verify,
+                [*dsamig, "receive", "--once", "--json", "--listen", "127.0.0.1:0",
+                 "--output", dest], recv_env,
+                lambda port: [*dsamig, "send", image, "--to", f"127.0.0.1:{port}",
+                              "--channels", str(channels), "--json"], send_env)
+    s, r, sender, receiver = pair.sent, pair.received, pair.sender, pair.receiver
+    assert sender.usage is not None and receiver.usage is not None
+    expected = "loop" if contender == "dsamig-loop" else "native"
+    if r.get("data-path") != expected or s.get("data-path") != expected or (
+            expected == "native" and r.get("receive-path") != recv_env["DSAMIG_RECEIVE_PATH"]):
+        raise BenchError(f"{contender}: ran on sender {s.get('data-path')}, receiver "
+                         f"{r.get('data-path')} {r.get('receive-path', '')}")
+    dest_alloc, verified = pair.dest_alloc_mib, pair.verified
     threads = r.get("thread-cpu-s") or {}
     busiest = max(threads, key=threads.__getitem__) if threads else ""
     return {
@@ -290,33 +304,12 @@ def run_tcp_floor(args: argparse.Namespace, image: str, dest: str, channels: int
     """The least a TCP transfer into the file does (see ``tcp_floor.c``)."""
     binary = tcp_floor_binary(args)
     packet = str(SNAPSHOT_PACKET_SIZE)  # dsamig's packet for a snapshot
-    receiver: Child | None = None
-    sender: Child | None = None
-    with tempfile.TemporaryDirectory(prefix="dsamig-tf-") as work:
-        try:
-            receiver = Child(work, "receiver", [
-                binary, "recv", dest, str(os.path.getsize(image)), str(channels), packet],
-                child_env({}))
-            port = receiver.wait_line("listening on", args.timeout).rsplit(":", 1)[1]
-            sender = Child(work, "sender", [binary, "send", image, port, str(channels), packet],
-                           child_env({}))
-            if sender.wait(args.timeout):
-                raise BenchError(f"tcp-floor: the sender failed: {sender.errors()}")
-            if receiver.wait(args.timeout):
-                raise BenchError(f"tcp-floor: the receiver failed: {receiver.errors()}")
-            s, r = sender.json(), receiver.json()
-            dest_alloc = allocated_mib(dest)
-            verified = verify and same_files(image, dest)
-            if verify and not verified:
-                raise BenchError("tcp-floor: the destination differs from the image")
-        finally:
-            for child in (sender, receiver):
-                if child is not None:
-                    child.kill()
-            if os.path.exists(dest):
-                os.unlink(dest)
-    return {"time-s": s["time-s"], "send-cpu-s": s["cpu-s"], "recv-cpu-s": r["cpu-s"],
-            "dest-alloc-MiB": dest_alloc, "verified": float(verified)}
+    pair = Pair(args, "tcp-floor", image, dest, verify,
+                [binary, "recv", dest, str(os.path.getsize(image)), str(channels), packet], {},
+                lambda port: [binary, "send", image, port, str(channels), packet], {})
+    return {"time-s": pair.sent["time-s"], "send-cpu-s": pair.sent["cpu-s"],
+            "recv-cpu-s": pair.received["cpu-s"], "dest-alloc-MiB": pair.dest_alloc_mib,
+            "verified": float(pair.verified)}
 
 
 # -- QEMU ---------------------------------------------------------------------------------
