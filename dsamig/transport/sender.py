@@ -747,7 +747,11 @@ class Sender:
             await self._race(self._refresh_exchange())
             await self._race(self._live_rounds())
             return
-        chunks = self.core.plan(self.source.data_ranges())
+        # SEEK_DATA/SEEK_HOLE walks a tmpfs file's page cache, about 1 s per
+        # 100 GiB: not on the loop, which serves other jobs and the control API.
+        ranges = await self._race(asyncio.get_running_loop().run_in_executor(
+            None, self.source.data_ranges))
+        chunks = self.core.plan(ranges)
         pumps = [asyncio.ensure_future(self._pump(ch, chunks)) for ch in self.channels]
         try:
             await self._race(asyncio.gather(*pumps))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 
 import pytest
 
+from dsamig.pages import PageSource
 from tests.conftest import read_bytes
 from tests.integration.helpers import transfer_in_process
 
@@ -79,6 +82,29 @@ async def test_sparse_source_holes_are_not_scanned(tmp_path) -> None:
     # The engine saw only the chunk holding data, not the 256 MiB of holes.
     assert sent.engine["pages"] <= 8 * 128
     assert read_bytes(output) == image.read_bytes()
+
+
+async def test_finding_the_holes_does_not_block_the_loop(tmp_path, image_factory,
+                                                        monkeypatch) -> None:
+    # SEEK_DATA/SEEK_HOLE over a large tmpfs image takes about 1 s per 100 GiB.
+    # Here it waits until the loop has run a callback it scheduled: on the
+    # loop, it would wait out its bound and the job would fail.
+    image, _, _ = image_factory(4 * 1024 * 1024, seed=12, zero_every=3)
+    loop = asyncio.get_running_loop()
+    served = threading.Event()
+    find_ranges = PageSource.data_ranges
+
+    def data_ranges(self: PageSource) -> list[tuple[int, int]]:
+        loop.call_soon_threadsafe(served.set)
+        if not served.wait(10):
+            raise AssertionError("the event loop stood still while the holes were found")
+        return find_ranges(self)
+
+    monkeypatch.setattr(PageSource, "data_ranges", data_ranges)
+    output = str(tmp_path / "out.img")
+    await transfer_in_process(image, output, channels=2)
+    assert served.is_set()
+    assert read_bytes(output) == read_bytes(image)
 
 
 @pytest.mark.parametrize("packet_size,page_size", [(64 * 1024, 4096), (1024 * 1024, 8192),
