@@ -18,6 +18,7 @@ from dsamig.logs import LEVELS, configure, get_logger
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_ENGINE,
+    DEFAULT_PACKET_SIZE_TEXT,
     DEFAULT_PAGE_SIZE,
     DEFAULT_ZERO_RATIO,
     ENGINE_NAMES,
@@ -27,10 +28,7 @@ from dsamig.settings import (
     EXIT_TRANSFER,
     EXIT_USAGE,
     RETRY_FOR_S,
-    ROUNDS_PACKET_SIZE,
     SNAPSHOT_PACKET_SIZE,
-    KiB,
-    MiB,
     Timeouts,
     parse_channels,
 )
@@ -120,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--dsa-timeout", type=float, default=1.0, metavar="S",
                       help="a DSA descriptor not done in S seconds goes to the CPU (default 1)")
     send.add_argument("--packet-size", type=_size, default=None, metavar="SIZE",
-                      help=f"bytes per packet (default {SNAPSHOT_PACKET_SIZE // MiB}MiB; "
-                           f"{ROUNDS_PACKET_SIZE // KiB}KiB with --live or --refresh)")
+                      help=f"bytes per packet (default {DEFAULT_PACKET_SIZE_TEXT})")
     send.add_argument("--page-size", type=_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
                       help="page size, e.g. 4KiB (default)")
     send.add_argument("--name", default="",
@@ -196,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--packet-size", type=_size, default=SNAPSHOT_PACKET_SIZE,
                         metavar="SIZE",
                         help=f"packet size of the job digest: the job's (default "
-                             f"{SNAPSHOT_PACKET_SIZE // MiB}MiB, a snapshot's; a live or "
-                             f"refresh job's is {ROUNDS_PACKET_SIZE // KiB}KiB)")
+                             f"{DEFAULT_PACKET_SIZE_TEXT})")
 
     dsa = _command(sub, "dsa", "Intel DSA work queues", _examples(
         "dsamig dsa list", "dsamig dsa list --json"))

@@ -38,9 +38,15 @@ SNAPSHOT_PACKET_SIZE: Final = 2 * MiB
 ROUNDS_PACKET_SIZE: Final = 128 * DEFAULT_PAGE_SIZE
 
 
+#: The packet-size default as help texts give it.
+DEFAULT_PACKET_SIZE_TEXT: Final = (f"{SNAPSHOT_PACKET_SIZE // MiB}MiB; "
+                                   f"{ROUNDS_PACKET_SIZE // KiB}KiB for live and refresh jobs")
+
+
 def default_packet_size(page_size: int, *, rounds: bool) -> int:
     """The packet size of a job that sets none: SNAPSHOT_PACKET_SIZE, or
-    ROUNDS_PACKET_SIZE for a job in rounds; at least one page."""
+    ROUNDS_PACKET_SIZE for a job in rounds; at least one page, so that it
+    fits every valid page size."""
     return max(page_size, ROUNDS_PACKET_SIZE if rounds else SNAPSHOT_PACKET_SIZE)
 
 

@@ -41,18 +41,16 @@ from dsamig.security import SecurityConfig
 from dsamig.settings import (
     DEFAULT_CHANNELS,
     DEFAULT_ENGINE,
+    DEFAULT_PACKET_SIZE_TEXT,
     DEFAULT_PAGE_SIZE,
     DEFAULT_PORT,
     ENGINE_NAMES,
     MAX_PAGE_SIZE,
     MIN_PAGE_SIZE,
     RETRY_FOR_S,
-    ROUNDS_PACKET_SIZE,
-    SNAPSHOT_PACKET_SIZE,
     WIRE_MAX_IMAGE_SIZE,
     ReceiverLimits,
     Timeouts,
-    default_packet_size,
     geometry_problem,
 )
 
@@ -406,9 +404,7 @@ JOB_SCHEMA = mapping((
     Key("channels", channel_count(), default=DEFAULT_CHANNELS,
         help="parallel TCP channels, or auto: one per core of the sending host, 4..16"),
     Key("packet_size", optional(size(MIN_PAGE_SIZE, 64 * 1024 * 1024)), default=None,
-        help=f"bytes per packet, a whole number of pages (default "
-             f"{SNAPSHOT_PACKET_SIZE >> 20}MiB; {ROUNDS_PACKET_SIZE >> 10}KiB for live "
-             "and refresh jobs)"),
+        help=f"bytes per packet, a whole number of pages (default {DEFAULT_PACKET_SIZE_TEXT})"),
     Key("page_size", size(MIN_PAGE_SIZE, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,
         help="the image's page size, a power of two"),
     Key("engine", mapping(ENGINE_KEYS), default=None, help="zero-page detection"),
@@ -520,9 +516,10 @@ class JobSpec:
             if live.pause_cmd is not None and not live.resume_cmd:
                 doc.root.child("live").fail("pause_cmd needs resume_cmd: a guest must never "
                                             "stay paused after a failure")
-        packet_size = spec.packet_size or default_packet_size(
-            spec.page_size, rounds=spec.live is not None or spec.refresh)
-        problem = geometry_problem(spec.page_size, packet_size=packet_size)
+        # Unset, the packet is a default that fits every valid page size: only
+        # the page size is left to check.
+        problem = (geometry_problem(spec.page_size, packet_pages=1) if spec.packet_size is None
+                   else geometry_problem(spec.page_size, packet_size=spec.packet_size))
         if problem is not None:
             doc.root.child(problem.key).fail(problem.text)
         return spec

@@ -199,12 +199,17 @@ class SendOptions:
     refresh: bool = False
 
     @property
+    def rounds(self) -> bool:
+        """Whether the job sends in rounds: live, or a refresh (which sends its
+        changes as a live job's rounds do)."""
+        return self.live is not None or self.refresh
+
+    @property
     def packet_bytes(self) -> int:
         """The job's packet size: as set, or the default for a job of its kind."""
         if self.packet_size is not None:
             return self.packet_size
-        return default_packet_size(self.page_size,
-                                   rounds=self.live is not None or self.refresh)
+        return default_packet_size(self.page_size, rounds=self.rounds)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -588,8 +593,7 @@ class Sender:
             page_size=options.page_size,
             packet_pages=options.packet_bytes // options.page_size,
         )
-        # A refresh sends its changes as a live job's rounds do.
-        rounds = options.live is not None or options.refresh
+        rounds = options.rounds
         self.core = SendJobCore(self.manifest, live=rounds)
         #: A job in rounds: its change detection (fingerprints of what was
         #: sent) and its iteration policy.
