@@ -7,7 +7,15 @@ import random
 
 import pytest
 
+from dsamig.native import native
+
 PAGE = 4096
+
+#: A test of the extension's own code (its threads, its implementations).
+#: CI's second run sets DSAMIG_NO_EXTENSIONS, where the pure-Python twin has
+#: none of it to test.
+requires_extension = pytest.mark.skipif(
+    native is None, reason="DSAMIG_NO_EXTENSIONS: the pure-Python twin has no native code")
 
 
 def write_image(path: str, size: int, *, seed: int = 0, zero_every: int = 3,

@@ -20,7 +20,7 @@ from dsamig.checksum import crc32c
 from dsamig.native import impl
 from dsamig.proto import encode_packet_header
 from dsamig.settings import EXIT_TRANSFER
-from tests.conftest import read_bytes
+from tests.conftest import read_bytes, requires_extension
 from tests.fault.test_bad_input import assert_one_line_error
 from tests.integration.helpers import Receiver, dsamig
 
@@ -117,8 +117,7 @@ def events_until_stopped(pump, timeout_s: float = 10.0) -> list[tuple]:
     return events
 
 
-@pytest.mark.skipif(not hasattr(impl, "RecvPump"),
-                    reason="the receiving threads are native; the twin has none")
+@requires_extension
 def test_a_full_disk_on_one_channel_leaves_no_other_waiting_to_write(small_fs) -> None:
     """A job's receiving threads write one packet at a time (the job's write
     lock). ENOSPC in the middle of one's writes must release the lock: every

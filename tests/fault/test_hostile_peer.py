@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from dsamig.native import impl
 from dsamig.pages import PageSink
 from dsamig.proto import (
     FEATURE_ACKS,
@@ -35,7 +34,7 @@ from dsamig.proto import (
 from dsamig.settings import MiB, ReceiverLimits
 from dsamig.transport.common import Timeouts
 from dsamig.transport.receiver import ReceiverJob, ReceiverServer
-from tests.conftest import read_bytes
+from tests.conftest import read_bytes, requires_extension
 from tests.integration.helpers import transfer_in_process
 from tests.raw_peer import RawChannel, RawJob
 
@@ -440,12 +439,7 @@ MUTATED_HEADERS = {
 }
 
 
-#: The pure-Python twin has no native receiving threads to compare with.
-NATIVE_PUMPS = pytest.mark.skipif(not hasattr(impl, "RecvPump"),
-                                  reason="native pumps need the extension")
-
-
-@NATIVE_PUMPS
+@requires_extension
 @pytest.mark.parametrize("case", MUTATED_HEADERS)
 async def test_native_and_loop_receivers_refuse_a_header_alike(tmp_path, case: str) -> None:
     manifest = Manifest(image_size=7 * 128 * 4096 + 4 * 4096, page_size=4096, packet_pages=128)
@@ -464,7 +458,7 @@ async def test_native_and_loop_receivers_refuse_a_header_alike(tmp_path, case: s
     assert answers[0] == answers[1]
 
 
-@NATIVE_PUMPS
+@requires_extension
 async def test_a_packet_twice_is_refused_alike_on_both_paths(tmp_path) -> None:
     manifest = Manifest(image_size=4 * 128 * 4096, page_size=4096, packet_pages=128)
     zero = _packet(1, bitmap=b"\xff" * 16)  # an all-zero packet: no payload

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dsamig import _pure
 from dsamig.native import native
+from tests.conftest import requires_extension
 
 IMPLS = [_pure] + ([native] if native is not None else [])
 
@@ -21,9 +22,6 @@ def test_known_vectors(impl) -> None:
     assert impl.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
     assert impl.crc32c(b"\xff" * 32) == 0x62A8AB43  # RFC 3720 B.4: 32 bytes of ones
 
-
-#: Under DSAMIG_NO_EXTENSIONS (CI's twin run) there are no native paths to compare.
-NATIVE = pytest.mark.skipif(native is None, reason="compares the extension's own paths")
 
 # Every implementation the extension has (taken from it, not listed twice).
 NATIVE_IMPLS = native.CRC32C_IMPLS if native is not None else ("table",)
@@ -52,12 +50,12 @@ def _force(name: str) -> None:
     native.crc32c_force(name)
 
 
-@NATIVE
+@requires_extension
 def test_every_implementation_has_its_cpu_needs_listed() -> None:
     assert set(NATIVE_IMPLS) == set(NEEDS)
 
 
-@NATIVE
+@requires_extension
 @pytest.mark.parametrize("name", NATIVE_IMPLS)
 @pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 127, 128, 129, 191, 192,
                                     4095, 4096, 12287, 12288, 12289, 70001])
@@ -74,7 +72,7 @@ def test_native_matches_twin(name: str, length: int, misalign: int) -> None:
         native.crc32c_force(None)
 
 
-@NATIVE
+@requires_extension
 @pytest.mark.parametrize("name", NATIVE_IMPLS)
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=3000), cut=st.integers(min_value=0, max_value=3000),
@@ -89,7 +87,7 @@ def test_every_implementation_chains(name: str, data: bytes, cut: int, seed: int
         native.crc32c_force(None)
 
 
-@NATIVE
+@requires_extension
 def test_unknown_implementation_is_refused() -> None:
     assert native is not None
     before = native.crc32c_impl()
@@ -98,7 +96,7 @@ def test_unknown_implementation_is_refused() -> None:
     assert native.crc32c_impl() == before
 
 
-@NATIVE
+@requires_extension
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=30000), st.integers(min_value=0, max_value=30000))
 def test_chaining(data: bytes, cut: int) -> None:
